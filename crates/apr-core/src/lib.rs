@@ -1,0 +1,20 @@
+//! The thread protocol of Adaptive Parallel Reasoning (APR, arXiv 2504.15466).
+//!
+//! * [`grammar`]: the spawn and join blocks, byte-exact with the reference traces, with a strict
+//!   parser that returns typed errors for any input.
+//! * [`stop`]: streaming detection of stop markers while a thread decodes.
+//! * [`task`]: what the protocol asks of a task (child prompts, join messages, answers, reward).
+//!
+//! This crate depends on no machine-learning crate.
+#![warn(missing_docs)]
+
+pub mod grammar;
+pub mod stop;
+pub mod task;
+
+pub use grammar::{
+    ends_with_spawn, join_context, split_spawn, Conditioning, GrammarError, JoinBlock, JoinEntry,
+    NodeId, SpawnBlock, SpawnSplit,
+};
+pub use stop::{StopDetector, StopHit};
+pub use task::{Task, TaskError};
