@@ -203,7 +203,9 @@ impl SpawnBlock {
                 let rest: Vec<&str> = lines.collect();
                 // Only a single trailing newline may follow the closing line.
                 if !(rest.is_empty() || rest == [""]) {
-                    return Err(GrammarError::TrailingText(truncate_for_error(&rest.join("\n"))));
+                    return Err(GrammarError::TrailingText(truncate_for_error(
+                        &rest.join("\n"),
+                    )));
                 }
                 if children.is_empty() {
                     return Err(GrammarError::EmptySpawn);
@@ -315,7 +317,9 @@ impl JoinBlock {
             if line == JOIN_CLOSE {
                 let rest: Vec<&str> = lines.collect();
                 if !(rest.is_empty() || rest == [""]) {
-                    return Err(GrammarError::TrailingText(truncate_for_error(&rest.join("\n"))));
+                    return Err(GrammarError::TrailingText(truncate_for_error(
+                        &rest.join("\n"),
+                    )));
                 }
                 return Ok(JoinBlock {
                     level: level.unwrap_or(1),
@@ -324,7 +328,11 @@ impl JoinBlock {
             }
             if is_entry {
                 let goal = line.starts_with(GOAL_PREFIX);
-                let prefix = if goal { GOAL_PREFIX } else { NO_SOLUTION_PREFIX };
+                let prefix = if goal {
+                    GOAL_PREFIX
+                } else {
+                    NO_SOLUTION_PREFIX
+                };
                 let (index, line_level, tail) = parse_indexed(line, prefix, " at Node #", n)?;
                 check_index(index, entries.len())?;
                 check_level(&mut level, line_level)?;

@@ -95,14 +95,24 @@ mod tests {
         assert_eq!(d.push("abc\n<Sub"), None);
         assert_eq!(d.push(" Sear"), None);
         let hit = d.push("ches>\nmore").unwrap();
-        assert_eq!(hit, StopHit { marker: 0, start: 4 });
+        assert_eq!(
+            hit,
+            StopHit {
+                marker: 0,
+                start: 4
+            }
+        );
         assert_eq!(d.push("x"), Some(hit));
     }
 
     #[test]
     fn calling_block_is_not_a_join_marker() {
         let mut d = StopDetector::new(&["<Sub Searches>"]);
-        for piece in ["<Calling Sub Searches>\n", "<End Calling Sub Searches>\n", "<End Sub Searches>"] {
+        for piece in [
+            "<Calling Sub Searches>\n",
+            "<End Calling Sub Searches>\n",
+            "<End Sub Searches>",
+        ] {
             assert_eq!(d.push(piece), None);
         }
     }

@@ -12,7 +12,8 @@ fn node_id() -> impl Strategy<Value = NodeId> {
 
 /// Returned paths: lines of trace-like text that never start with `<`.
 fn path() -> impl Strategy<Value = String> {
-    prop::collection::vec("[A-Za-z0-9#:,\\[\\]'= +*/-]{1,40}", 1..6).prop_map(|lines| lines.join("\n"))
+    prop::collection::vec("[A-Za-z0-9#:,\\[\\]'= +*/-]{1,40}", 1..6)
+        .prop_map(|lines| lines.join("\n"))
 }
 
 proptest! {

@@ -1,0 +1,201 @@
+//! Countdown arithmetic, the reference's operation order, the multiply heuristic, and the exact
+//! text forms of numbers, lists and operations (spec §2.1, §3.1).
+
+/// Largest supported count of starting numbers.
+pub const MAX_NUMS: usize = 6;
+
+/// One binary operation as the traces write it: `{a}{op}{b}={result}`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Op {
+    /// Left operand as written.
+    pub a: i64,
+    /// The operator: `+`, `*`, `-` or `/`.
+    pub kind: u8,
+    /// Right operand as written.
+    pub b: i64,
+    /// The result.
+    pub result: i64,
+}
+
+impl Op {
+    /// Appends `a+b=r` (no quotes).
+    pub fn write(&self, out: &mut String) {
+        push_int(out, self.a);
+        out.push(self.kind as char);
+        push_int(out, self.b);
+        out.push('=');
+        push_int(out, self.result);
+    }
+
+    /// The text `a+b=r`.
+    pub fn text(&self) -> String {
+        let mut s = String::with_capacity(12);
+        self.write(&mut s);
+        s
+    }
+}
+
+/// The successors of the pair `(a, b)` in the reference's order (`combine_nums`): `a+b`, `a*b`,
+/// then the subtraction of the smaller from the larger and, when exact, the division of the
+/// larger by the smaller. Returns how many of `out` were filled.
+#[inline]
+pub fn combine(a: i64, b: i64, out: &mut [Op; 4]) -> usize {
+    out[0] = Op {
+        a,
+        kind: b'+',
+        b,
+        result: a + b,
+    };
+    out[1] = Op {
+        a,
+        kind: b'*',
+        b,
+        result: a * b,
+    };
+    let (big, small) = if a <= b { (b, a) } else { (a, b) };
+    out[2] = Op {
+        a: big,
+        kind: b'-',
+        b: small,
+        result: big - small,
+    };
+    if small != 0 && big % small == 0 {
+        out[3] = Op {
+            a: big,
+            kind: b'/',
+            b: small,
+            result: big / small,
+        };
+        4
+    } else {
+        3
+    }
+}
+
+/// The factors `2..=target` of the target, the anchor points of [`mult_heuristic`].
+pub fn target_factors(target: i64) -> Vec<i64> {
+    (2..=target.max(2)).filter(|f| target % f == 0).collect()
+}
+
+/// `Σ_n min_f |n − f|` over the factors `f` of the target (lower is better). This is what the
+/// reference code computes (the paper's formula differs; spec §3.1 says follow the code).
+#[inline]
+pub fn mult_heuristic(nums: &[i64], factors: &[i64]) -> i64 {
+    nums.iter()
+        .map(|&n| {
+            factors
+                .iter()
+                .map(|&f| (n - f).abs())
+                .min()
+                .unwrap_or(n.abs())
+        })
+        .sum()
+}
+
+/// Appends a decimal integer.
+#[inline]
+pub fn push_int(out: &mut String, n: i64) {
+    let mut buf = [0u8; 20];
+    let mut i = buf.len();
+    let neg = n < 0;
+    let mut v = n.unsigned_abs();
+    loop {
+        i -= 1;
+        buf[i] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
+    if neg {
+        out.push('-');
+    }
+    // SAFETY-free: ASCII digits are valid UTF-8.
+    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+}
+
+/// Appends a Python list of integers: `[22, 26, 31, 53]`.
+#[inline]
+pub fn push_list(out: &mut String, nums: &[i64]) {
+    out.push('[');
+    for (i, &n) in nums.iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        push_int(out, n);
+    }
+    out.push(']');
+}
+
+/// Appends a Python list of quoted operations: `['53-22=31', '31/31=1']`, or `[]`.
+pub fn push_op_list<'a>(out: &mut String, ops: impl IntoIterator<Item = &'a Op>) {
+    out.push('[');
+    for (i, op) in ops.into_iter().enumerate() {
+        if i > 0 {
+            out.push_str(", ");
+        }
+        out.push('\'');
+        op.write(out);
+        out.push('\'');
+    }
+    out.push(']');
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn combine_follows_the_reference_order() {
+        let mut ops = [Op {
+            a: 0,
+            kind: 0,
+            b: 0,
+            result: 0,
+        }; 4];
+        let n = combine(31, 31, &mut ops);
+        let texts: Vec<String> = ops[..n].iter().map(Op::text).collect();
+        assert_eq!(texts, ["31+31=62", "31*31=961", "31-31=0", "31/31=1"]);
+        let n = combine(53, 22, &mut ops);
+        let texts: Vec<String> = ops[..n].iter().map(Op::text).collect();
+        assert_eq!(texts, ["53+22=75", "53*22=1166", "53-22=31"]);
+        let n = combine(0, 5, &mut ops);
+        assert_eq!(n, 3, "no division by zero");
+    }
+
+    #[test]
+    fn heuristic_matches_the_reference_formula() {
+        // target 27: factors 3, 9, 27.
+        let f = target_factors(27);
+        assert_eq!(f, [3, 9, 27]);
+        assert_eq!(mult_heuristic(&[22, 26, 31, 53], &f), 5 + 1 + 4 + 26);
+        assert_eq!(target_factors(13), [13]);
+    }
+
+    #[test]
+    fn python_list_forms() {
+        let mut s = String::new();
+        push_list(&mut s, &[22, 26, 31, 53]);
+        s.push(' ');
+        push_op_list(
+            &mut s,
+            &[
+                Op {
+                    a: 53,
+                    kind: b'-',
+                    b: 22,
+                    result: 31,
+                },
+                Op {
+                    a: 31,
+                    kind: b'/',
+                    b: 31,
+                    result: 1,
+                },
+            ],
+        );
+        s.push(' ');
+        push_op_list(&mut s, &[]);
+        assert_eq!(s, "[22, 26, 31, 53] ['53-22=31', '31/31=1'] []");
+    }
+}

@@ -1,0 +1,339 @@
+//! Countdown problems (spec §1.2): N numbers in `1..max_target`, a target in
+//! `10..=max_target`, solvable by construction, each problem drawn from its own seeded stream.
+
+use std::collections::HashSet;
+
+use rayon::prelude::*;
+use serde::{Deserialize, Serialize};
+
+use crate::arith::{combine, push_list, Op, MAX_NUMS};
+use crate::pyrand::{derive_seed, PyRandom};
+
+/// Smallest target.
+pub const MIN_TARGET: i64 = 10;
+/// Fewest starting numbers supported.
+pub const MIN_NUMS: usize = 3;
+
+/// One problem, with the reference's field names.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Problem {
+    /// Starting numbers.
+    pub nums: Vec<i64>,
+    /// Target.
+    pub target: i64,
+    /// A solution found by exhaustive search, as operation strings.
+    #[serde(default)]
+    pub solution: Vec<String>,
+    /// The reference's "no-backtrack" path text for that solution.
+    #[serde(default)]
+    pub optimal_path: String,
+    /// Number of starting numbers.
+    #[serde(default)]
+    pub start_size: usize,
+}
+
+/// Why a problem is not acceptable.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum ProblemError {
+    /// Too few or too many numbers.
+    #[error("a problem needs {MIN_NUMS} to {MAX_NUMS} numbers, got {0}")]
+    Count(usize),
+    /// A number is not positive.
+    #[error("numbers must be positive integers, got {0}")]
+    NonPositive(i64),
+    /// The target is not positive.
+    #[error("the target must be a positive integer, got {0}")]
+    Target(i64),
+}
+
+impl Problem {
+    /// Checks the shape of a problem read from outside (numbers and target positive, 3–6
+    /// numbers). Solvability is not required: evaluation sets may hold unsolvable problems.
+    pub fn validate(&self) -> Result<(), ProblemError> {
+        if !(MIN_NUMS..=MAX_NUMS).contains(&self.nums.len()) {
+            return Err(ProblemError::Count(self.nums.len()));
+        }
+        if let Some(&n) = self.nums.iter().find(|&&n| n <= 0) {
+            return Err(ProblemError::NonPositive(n));
+        }
+        if self.target <= 0 {
+            return Err(ProblemError::Target(self.target));
+        }
+        Ok(())
+    }
+
+    /// A problem with its solution and optimal path filled in, or `None` if unsolvable.
+    pub fn solved(nums: Vec<i64>, target: i64) -> Option<Problem> {
+        let ops = solve(&nums, target)?;
+        let solution: Vec<String> = ops.iter().map(Op::text).collect();
+        let optimal_path = optimal_path(target, &nums, &solution);
+        Some(Problem {
+            start_size: nums.len(),
+            nums,
+            target,
+            solution,
+            optimal_path,
+        })
+    }
+
+    /// The de-duplication key: sorted numbers and target.
+    pub fn key(&self) -> (Vec<i64>, i64) {
+        let mut nums = self.nums.clone();
+        nums.sort_unstable();
+        (nums, self.target)
+    }
+}
+
+/// Exhaustive DFS in the reference's order (pairs `i<j`, `combine` order); the first solution.
+pub fn solve(nums: &[i64], target: i64) -> Option<Vec<Op>> {
+    let mut buf = [0i64; MAX_NUMS];
+    buf[..nums.len()].copy_from_slice(nums);
+    let mut ops = Vec::with_capacity(MAX_NUMS);
+    dfs(&buf[..nums.len()], target, &mut ops).then_some(ops)
+}
+
+fn dfs(nums: &[i64], target: i64, ops: &mut Vec<Op>) -> bool {
+    if nums.len() == 1 {
+        return nums[0] == target;
+    }
+    let mut succ = [Op {
+        a: 0,
+        kind: 0,
+        b: 0,
+        result: 0,
+    }; 4];
+    let mut next = [0i64; MAX_NUMS];
+    for i in 0..nums.len() {
+        for j in i + 1..nums.len() {
+            let mut k = 0;
+            for (m, &n) in nums.iter().enumerate() {
+                if m != i && m != j {
+                    next[k] = n;
+                    k += 1;
+                }
+            }
+            let count = combine(nums[i], nums[j], &mut succ);
+            for op in &succ[..count] {
+                next[k] = op.result;
+                ops.push(*op);
+                if dfs(&next[..=k], target, ops) {
+                    return true;
+                }
+                ops.pop();
+            }
+        }
+    }
+    false
+}
+
+/// The reference's `convert_to_path`, quirks included (it removes operands by value, so
+/// repeated numbers can vanish together; its node numbering starts at 2).
+pub fn optimal_path(target: i64, nums: &[i64], solution: &[String]) -> String {
+    let mut out = String::with_capacity(256);
+    let mut nums: Vec<i64> = nums.to_vec();
+    out.push_str("Current State: ");
+    out.push_str(&target.to_string());
+    out.push(':');
+    push_list(&mut out, &nums);
+    out.push_str(", Operations: []\n");
+    let mut node_index = 1;
+    let mut explored: Vec<&str> = Vec::new();
+    for op in solution {
+        let Some((lhs, _)) = op.split_once('=') else {
+            continue;
+        };
+        let parsed = ['+', '-', '*', '/'].iter().find_map(|&sym| {
+            let (a, b) = lhs.split_once(sym)?;
+            Some((sym, a.parse::<i64>().ok()?, b.parse::<i64>().ok()?))
+        });
+        let Some((sym, a, b)) = parsed else { continue };
+        let result = match sym {
+            '+' => a + b,
+            '-' => a - b,
+            '*' => a * b,
+            _ if b != 0 => a / b,
+            _ => continue,
+        };
+        nums = nums
+            .iter()
+            .copied()
+            .filter(|&n| n != a && n != b)
+            .chain([result])
+            .collect();
+        out.push_str("Exploring Operation: ");
+        out.push_str(op);
+        out.push_str(", Resulting Numbers: ");
+        push_list(&mut out, &nums);
+        out.push('\n');
+        if nums.len() == 1 {
+            out.push_str(&format!("{},{} equal: Goal Reached\n", nums[0], target));
+        } else {
+            node_index += 1;
+            out.push_str(&format!("Generated Node #{node_index}: "));
+            push_list(&mut out, &nums);
+            out.push_str(&format!(" from Operation: {op}\n"));
+            explored.push(op);
+            out.push_str(&format!("Current State: {target}:"));
+            push_list(&mut out, &nums);
+            out.push_str(", Operations: [");
+            for (i, e) in explored.iter().enumerate() {
+                if i > 0 {
+                    out.push_str(", ");
+                }
+                out.push('\'');
+                out.push_str(e);
+                out.push('\'');
+            }
+            out.push_str("]\n");
+        }
+    }
+    out
+}
+
+/// How to draw problems.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProblemSpec {
+    /// Starting numbers per problem (3–6).
+    pub numbers: usize,
+    /// Largest target; inputs are drawn from `1..max_target`.
+    pub max_target: i64,
+}
+
+impl Default for ProblemSpec {
+    fn default() -> Self {
+        ProblemSpec {
+            numbers: 4,
+            max_target: 100,
+        }
+    }
+}
+
+impl ProblemSpec {
+    /// Checks the parameters.
+    pub fn validate(&self) -> Result<(), String> {
+        if !(MIN_NUMS..=MAX_NUMS).contains(&self.numbers) {
+            return Err(format!(
+                "--numbers must be between {MIN_NUMS} and {MAX_NUMS}, got {}",
+                self.numbers
+            ));
+        }
+        if self.max_target < MIN_TARGET {
+            return Err(format!(
+                "--max-target must be at least {MIN_TARGET}, got {}",
+                self.max_target
+            ));
+        }
+        Ok(())
+    }
+
+    /// Draws problem `index` of the stream `seed`: the same problem whatever the thread count.
+    /// `stream` separates splits (train, validation) drawn from the same seed.
+    pub fn draw(&self, seed: u64, stream: u64, index: u64) -> Problem {
+        let mut rng = PyRandom::new(derive_seed(seed, stream, index));
+        self.draw_with(&mut rng)
+    }
+
+    fn draw_with(&self, rng: &mut PyRandom) -> Problem {
+        let span = (self.max_target - MIN_TARGET + 1) as usize;
+        let target = MIN_TARGET + rng.choice_index(span) as i64;
+        loop {
+            let nums: Vec<i64> = (0..self.numbers)
+                .map(|_| rng.randint(1, (self.max_target - 1) as u32) as i64)
+                .collect();
+            if let Some(problem) = Problem::solved(nums, target) {
+                return problem;
+            }
+        }
+    }
+
+    /// `count` problems, drawn in parallel; problems whose key is in `exclude` are redrawn from
+    /// the same stream until they are not.
+    pub fn generate(
+        &self,
+        count: usize,
+        seed: u64,
+        stream: u64,
+        exclude: &HashSet<(Vec<i64>, i64)>,
+    ) -> Vec<Problem> {
+        (0..count as u64)
+            .into_par_iter()
+            .map(|i| {
+                let mut rng = PyRandom::new(derive_seed(seed, stream, i));
+                loop {
+                    let p = self.draw_with(&mut rng);
+                    if exclude.is_empty() || !exclude.contains(&p.key()) {
+                        return p;
+                    }
+                }
+            })
+            .collect()
+    }
+}
+
+/// Stream ids that keep splits drawn from one seed independent.
+pub mod streams {
+    /// Training problems.
+    pub const TRAIN: u64 = 1;
+    /// Validation / test problems.
+    pub const VAL: u64 = 2;
+    /// Solver randomness (beam sizes, shuffles, spawn decisions).
+    pub const SOLVER: u64 = 3;
+}
+
+/// Draws a training split and a validation split that shares no (sorted numbers, target) key
+/// with it.
+pub fn train_val_split(
+    spec: &ProblemSpec,
+    train: usize,
+    val: usize,
+    seed: u64,
+) -> (Vec<Problem>, Vec<Problem>) {
+    let train_set = spec.generate(train, seed, streams::TRAIN, &HashSet::new());
+    let keys: HashSet<_> = train_set.iter().map(Problem::key).collect();
+    let val_set = spec.generate(val, seed, streams::VAL, &keys);
+    (train_set, val_set)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn solution_and_optimal_path_match_the_reference() {
+        // CountDown().search([22, 26, 31, 53], 27) and convert_to_path, run with CPython.
+        let p = Problem::solved(vec![22, 26, 31, 53], 27).unwrap();
+        assert_eq!(p.solution, ["22+31=53", "53/53=1", "26+1=27"]);
+        assert_eq!(
+            p.optimal_path,
+            "Current State: 27:[22, 26, 31, 53], Operations: []\nExploring Operation: 22+31=53, Resulting Numbers: [26, 53, 53]\nGenerated Node #2: [26, 53, 53] from Operation: 22+31=53\nCurrent State: 27:[26, 53, 53], Operations: ['22+31=53']\nExploring Operation: 53/53=1, Resulting Numbers: [26, 1]\nGenerated Node #3: [26, 1] from Operation: 53/53=1\nCurrent State: 27:[26, 1], Operations: ['22+31=53', '53/53=1']\nExploring Operation: 26+1=27, Resulting Numbers: [27]\n27,27 equal: Goal Reached\n"
+        );
+        assert_eq!(solve(&[5, 5, 5, 3], 24), None);
+        assert!(crate::verify::replay(&p.nums, p.target, &p.solution));
+    }
+
+    #[test]
+    fn generation_is_seeded_per_problem() {
+        let spec = ProblemSpec::default();
+        let a = spec.generate(50, 7, streams::TRAIN, &HashSet::new());
+        let b: Vec<Problem> = (0..50).map(|i| spec.draw(7, streams::TRAIN, i)).collect();
+        assert_eq!(a, b);
+        for p in &a {
+            assert_eq!(p.nums.len(), 4);
+            assert!(p.nums.iter().all(|&n| (1..100).contains(&n)));
+            assert!((10..=100).contains(&p.target));
+            assert!(solve(&p.nums, p.target).is_some());
+        }
+    }
+
+    #[test]
+    fn validation_split_shares_no_key_with_train() {
+        let spec = ProblemSpec {
+            numbers: 3,
+            max_target: 12,
+        };
+        // A tiny space forces collisions, so the redraw path is exercised.
+        let (train, val) = train_val_split(&spec, 200, 30, 1);
+        let keys: HashSet<_> = train.iter().map(Problem::key).collect();
+        assert!(val.iter().all(|p| !keys.contains(&p.key())));
+    }
+}
