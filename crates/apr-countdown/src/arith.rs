@@ -92,26 +92,85 @@ pub fn mult_heuristic(nums: &[i64], factors: &[i64]) -> i64 {
         .sum()
 }
 
+/// [`mult_heuristic`] by table: the distance of every value up to the target to its nearest
+/// factor. Values above the target are nearest to the target itself, its largest factor.
+#[derive(Clone, Debug)]
+pub struct Heuristic {
+    /// The largest factor (the target itself), if the target has any factor ≥ 2.
+    largest_factor: Option<i64>,
+    below: Vec<i64>,
+}
+
+impl Heuristic {
+    /// The table for a target.
+    pub fn new(target: i64) -> Self {
+        let factors = target_factors(target);
+        let below = (0..=target.max(0))
+            .map(|n| mult_heuristic(&[n], &factors))
+            .collect();
+        Heuristic {
+            largest_factor: factors.last().copied(),
+            below,
+        }
+    }
+
+    /// The heuristic of a list of numbers.
+    #[inline]
+    pub fn of(&self, nums: &[i64]) -> i64 {
+        nums.iter().map(|&n| self.one(n)).sum()
+    }
+
+    #[inline]
+    fn one(&self, n: i64) -> i64 {
+        match usize::try_from(n) {
+            Ok(i) if i < self.below.len() => self.below[i],
+            // Above the target (or negative, which never happens in Countdown).
+            _ => self.largest_factor.map_or(n.abs(), |f| (n - f).abs()),
+        }
+    }
+}
+
+/// "000" … "999": every number below 1,000 as three digits, so small numbers are appended as
+/// one slice instead of digit by digit (number formatting dominates trace writing).
+const THREE_DIGITS: &str = match std::str::from_utf8(&three_digit_table()) {
+    Ok(s) => s,
+    Err(_) => panic!("ASCII digits"),
+};
+
+const fn three_digit_table() -> [u8; 3000] {
+    let mut table = [0u8; 3000];
+    let mut i = 0;
+    while i < 1000 {
+        table[3 * i] = b'0' + (i / 100) as u8;
+        table[3 * i + 1] = b'0' + (i / 10 % 10) as u8;
+        table[3 * i + 2] = b'0' + (i % 10) as u8;
+        i += 1;
+    }
+    table
+}
+
 /// Appends a decimal integer.
 #[inline]
 pub fn push_int(out: &mut String, n: i64) {
-    let mut buf = [0u8; 20];
-    let mut i = buf.len();
-    let neg = n < 0;
-    let mut v = n.unsigned_abs();
-    loop {
-        i -= 1;
-        buf[i] = b'0' + (v % 10) as u8;
-        v /= 10;
-        if v == 0 {
-            break;
-        }
-    }
-    if neg {
+    if n < 0 {
         out.push('-');
     }
-    // SAFETY-free: ASCII digits are valid UTF-8.
-    out.push_str(std::str::from_utf8(&buf[i..]).unwrap_or_default());
+    let v = n.unsigned_abs();
+    if v < 1000 {
+        let digits = if v < 10 {
+            1
+        } else if v < 100 {
+            2
+        } else {
+            3
+        };
+        let end = 3 * v as usize + 3;
+        out.push_str(&THREE_DIGITS[end - digits..end]);
+    } else {
+        push_int(out, (v / 1000) as i64);
+        let end = 3 * (v % 1000) as usize + 3;
+        out.push_str(&THREE_DIGITS[end - 3..end]);
+    }
 }
 
 /// Appends a Python list of integers: `[22, 26, 31, 53]`.
@@ -170,6 +229,36 @@ mod tests {
         assert_eq!(f, [3, 9, 27]);
         assert_eq!(mult_heuristic(&[22, 26, 31, 53], &f), 5 + 1 + 4 + 26);
         assert_eq!(target_factors(13), [13]);
+        for target in 10..=100 {
+            let table = Heuristic::new(target);
+            let f = target_factors(target);
+            for n in 0..20_000 {
+                assert_eq!(table.of(&[n]), mult_heuristic(&[n], &f), "{target} {n}");
+            }
+        }
+    }
+
+    #[test]
+    fn integers_format_like_display() {
+        for n in [
+            0,
+            7,
+            10,
+            99,
+            100,
+            999,
+            1000,
+            1001,
+            123_456,
+            1_000_000,
+            -5,
+            i64::MAX,
+            i64::MIN + 1,
+        ] {
+            let mut s = String::new();
+            push_int(&mut s, n);
+            assert_eq!(s, n.to_string());
+        }
     }
 
     #[test]

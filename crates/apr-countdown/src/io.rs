@@ -143,6 +143,14 @@ impl JsonlWriter {
         Ok(())
     }
 
+    /// Appends bytes that already hold whole JSON lines (each ending in `\n`).
+    pub fn write_raw(&mut self, lines: &[u8]) -> Result<(), DataError> {
+        let out = self.out.as_mut().expect("writer used after finish");
+        out.write_all(lines).map_err(io_err(&self.tmp))?;
+        self.bytes += lines.len() as u64;
+        Ok(())
+    }
+
     /// Uncompressed bytes written so far.
     pub fn bytes(&self) -> u64 {
         self.bytes

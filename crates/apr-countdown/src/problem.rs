@@ -84,8 +84,78 @@ impl Problem {
     }
 }
 
+/// Can `target` be reached using every number exactly once? Exhaustive over all expression
+/// trees by dynamic programming on subsets, several times cheaper than [`solve`]'s DFS, which
+/// only runs once a draw is known to be solvable.
+pub fn solvable(nums: &[i64], target: i64) -> bool {
+    let n = nums.len();
+    if n == 0 || n > MAX_NUMS {
+        return false;
+    }
+    let full = (1usize << n) - 1;
+    // Reuse the per-subset value lists across calls: allocation dominated this function.
+    thread_local! {
+        static VALUES: std::cell::RefCell<Vec<Vec<i64>>> = const { std::cell::RefCell::new(Vec::new()) };
+    }
+    VALUES.with(|cell| {
+        let mut values = cell.borrow_mut();
+        if values.len() <= full {
+            values.resize(full + 1, Vec::new());
+        }
+        values.iter_mut().for_each(Vec::clear);
+        solvable_with(nums, target, &mut values)
+    })
+}
+
+fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
+    let n = nums.len();
+    let full = (1usize << n) - 1;
+    let mut ops = [Op {
+        a: 0,
+        kind: 0,
+        b: 0,
+        result: 0,
+    }; 4];
+    // Masks in increasing order visit every proper submask before its supermask.
+    for mask in 1..=full {
+        if mask.count_ones() == 1 {
+            values[mask].push(nums[mask.trailing_zeros() as usize]);
+            continue;
+        }
+        let mut out = std::mem::take(&mut values[mask]);
+        let low = mask & mask.wrapping_neg();
+        // Splits (A, B) with A holding the lowest element, so each split is seen once.
+        let mut a = (mask - 1) & mask;
+        while a > 0 {
+            if a & low != 0 {
+                let b = mask ^ a;
+                for &x in &values[a] {
+                    for &y in &values[b] {
+                        let count = combine(x, y, &mut ops);
+                        if mask == full {
+                            if ops[..count].iter().any(|op| op.result == target) {
+                                return true;
+                            }
+                        } else {
+                            out.extend(ops[..count].iter().map(|op| op.result));
+                        }
+                    }
+                }
+            }
+            a = (a - 1) & mask;
+        }
+        out.sort_unstable();
+        out.dedup();
+        values[mask] = out;
+    }
+    n == 1 && nums[0] == target
+}
+
 /// Exhaustive DFS in the reference's order (pairs `i<j`, `combine` order); the first solution.
 pub fn solve(nums: &[i64], target: i64) -> Option<Vec<Op>> {
+    if !solvable(nums, target) {
+        return None;
+    }
     let mut buf = [0i64; MAX_NUMS];
     buf[..nums.len()].copy_from_slice(nums);
     let mut ops = Vec::with_capacity(MAX_NUMS);
@@ -322,6 +392,19 @@ mod tests {
             assert!(p.nums.iter().all(|&n| (1..100).contains(&n)));
             assert!((10..=100).contains(&p.target));
             assert!(solve(&p.nums, p.target).is_some());
+        }
+    }
+
+    #[test]
+    fn subset_dp_agrees_with_the_dfs() {
+        let mut rng = PyRandom::new(5);
+        for _ in 0..3000 {
+            let n = 3 + rng.below(2) as usize;
+            let nums: Vec<i64> = (0..n).map(|_| rng.randint(1, 30) as i64).collect();
+            let target = rng.randint(1, 60) as i64;
+            let mut buf = Vec::new();
+            let by_dfs = dfs(&nums, target, &mut buf);
+            assert_eq!(solvable(&nums, target), by_dfs, "{nums:?} -> {target}");
         }
     }
 

@@ -54,7 +54,17 @@ impl PyRandom {
     }
 
     fn init_by_array(&mut self, key: &[u32]) {
-        self.init_genrand(19_650_218);
+        // Every seed starts from the same `init_genrand(19650218)` state: compute it once.
+        static BASE: std::sync::OnceLock<[u32; N]> = std::sync::OnceLock::new();
+        self.state = *BASE.get_or_init(|| {
+            let mut base = PyRandom {
+                state: [0; N],
+                index: N,
+            };
+            base.init_genrand(19_650_218);
+            base.state
+        });
+        self.index = N;
         let mut i = 1;
         let mut j = 0;
         for _ in 0..N.max(key.len()) {

@@ -22,9 +22,18 @@ pub struct CharCounter;
 
 impl TokenCounter for CharCounter {
     fn sequence(&self, text: &str) -> usize {
-        text.chars().count()
+        chars(text)
     }
     fn piece(&self, text: &str) -> usize {
+        chars(text)
+    }
+}
+
+/// Characters; traces are ASCII, where that is the byte length.
+fn chars(text: &str) -> usize {
+    if text.is_ascii() {
+        text.len()
+    } else {
         text.chars().count()
     }
 }
@@ -260,11 +269,18 @@ impl TokenStats {
         }
         let is_root = |c: &&str| c.starts_with("Moving to Node #0\n");
         let mut roots: Vec<&str> = calls.iter().copied().filter(is_root).collect();
-        let subs: Vec<&str> = calls.iter().copied().filter(|c| !is_root(c)).collect();
-        let lengths: Vec<usize> = calls.iter().map(|c| counter.sequence(c)).collect();
-        let total: usize = lengths.iter().sum();
-        let longest = lengths.iter().copied().max().unwrap_or(0);
-        let sub_total: usize = subs.iter().map(|c| counter.sequence(c)).sum();
+        let sub_count = calls.len() - roots.len();
+        let mut total = 0;
+        let mut longest = 0;
+        let mut sub_total = 0;
+        for call in calls {
+            let n = counter.sequence(call);
+            total += n;
+            longest = longest.max(n);
+            if !is_root(call) {
+                sub_total += n;
+            }
+        }
         roots.sort_by_key(|c| c.len());
         let redundant: usize = roots
             .windows(2)
@@ -282,12 +298,12 @@ impl TokenStats {
             total,
             longest,
             avg_seq: total as f64 / calls.len() as f64,
-            avg_sub_seq: if subs.is_empty() {
+            avg_sub_seq: if sub_count == 0 {
                 0.0
             } else {
-                sub_total as f64 / subs.len() as f64
+                sub_total as f64 / sub_count as f64
             },
-            sub_call_count: subs.len() as f64 / (roots.len().max(2) - 1) as f64,
+            sub_call_count: sub_count as f64 / (roots.len().max(2) - 1) as f64,
         }
     }
 }
@@ -414,4 +430,65 @@ pub fn trace_for(
 ) -> TraceRecord {
     let mut rng = PyRandom::new(derive_seed(seed, streams::SOLVER, index as u64));
     solve_problem(problem, solver, &mut rng, counter)
+}
+
+/// What [`write_traces`] did.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct WriteReport {
+    /// Records written.
+    pub records: usize,
+    /// Records whose search reached the goal.
+    pub solved: usize,
+    /// Uncompressed JSON bytes.
+    pub bytes: u64,
+    /// Seconds spent solving.
+    pub solve_seconds: f64,
+    /// Seconds in all (solving, serialising, compressing, writing).
+    pub total_seconds: f64,
+}
+
+/// Solves `problems` in chunks and streams the records to `path` as JSON Lines (zstd when it ends
+/// in `.zst`), so memory stays bounded for any count. `progress` is called with the number of
+/// records done after each chunk. Output is identical for any thread count.
+pub fn write_traces(
+    problems: &[Problem],
+    solver: &SolverConfig,
+    seed: u64,
+    counter: &dyn TokenCounter,
+    path: &std::path::Path,
+    progress: &(dyn Fn(usize) + Sync),
+) -> Result<WriteReport, crate::io::DataError> {
+    const CHUNK: usize = 8192;
+    let start = std::time::Instant::now();
+    let mut writer = crate::io::JsonlWriter::create(path)?;
+    let mut report = WriteReport::default();
+    let mut solve = std::time::Duration::ZERO;
+    for (c, chunk) in problems.chunks(CHUNK).enumerate() {
+        let t = std::time::Instant::now();
+        let records: Vec<TraceRecord> = chunk
+            .par_iter()
+            .enumerate()
+            .map(|(i, p)| trace_for(p, c * CHUNK + i, solver, seed, counter))
+            .collect();
+        solve += t.elapsed();
+        report.solved += records.iter().filter(|r| r.solved()).count();
+        let lines: Vec<Vec<u8>> = records
+            .par_iter()
+            .map(|r| {
+                let mut line = serde_json::to_vec(r).expect("records serialise");
+                line.push(b'\n');
+                line
+            })
+            .collect();
+        for line in &lines {
+            writer.write_raw(line)?;
+        }
+        report.records += chunk.len();
+        progress(report.records);
+    }
+    report.bytes = writer.bytes();
+    writer.finish()?;
+    report.solve_seconds = solve.as_secs_f64();
+    report.total_seconds = start.elapsed().as_secs_f64();
+    Ok(report)
 }

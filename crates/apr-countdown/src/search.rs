@@ -11,7 +11,7 @@
 //! * after an APR spawn whose children all fail, the reference's loop variable is shadowed, so
 //!   the `Moving to Node` line that follows names `batch[children]` (or is missing).
 
-use crate::arith::{combine, mult_heuristic, push_int, push_list, push_op_list, Op, MAX_NUMS};
+use crate::arith::{combine, push_int, push_list, push_op_list, Heuristic, Op, MAX_NUMS};
 use crate::pyrand::PyRandom;
 use apr_core::{JoinBlock, JoinEntry, NodeId, SpawnBlock};
 use serde::{Deserialize, Serialize};
@@ -80,11 +80,11 @@ impl TraceDict {
 /// Scratch state of one search, reused across problems to avoid allocation.
 pub struct Searcher {
     target: i64,
-    factors: Vec<i64>,
+    heuristic: Heuristic,
     arena: Vec<Node>,
     rng: PyRandom,
-    /// Expansion scratch: (heuristic, arena index).
-    generated: Vec<(i64, u32)>,
+    /// Expansion scratch: (heuristic, operation, operand indices).
+    generated: Vec<(i64, Op, u8, u8)>,
     ops_scratch: Vec<Op>,
 }
 
@@ -93,7 +93,7 @@ impl Searcher {
     pub fn new(target: i64, rng: PyRandom) -> Self {
         Searcher {
             target,
-            factors: crate::arith::target_factors(target),
+            heuristic: Heuristic::new(target),
             arena: Vec::with_capacity(1024),
             rng,
             generated: Vec::with_capacity(64),
@@ -117,7 +117,7 @@ impl Searcher {
             h: 0,
         };
         node.nums[..nums.len()].copy_from_slice(nums);
-        node.h = mult_heuristic(nums, &self.factors);
+        node.h = self.heuristic.of(nums);
         self.arena.push(node);
         (self.arena.len() - 1) as u32
     }
@@ -221,43 +221,51 @@ impl Searcher {
             b: 0,
             result: 0,
         }; 4];
+        // Successors are scored without building them: the heuristic is a sum over numbers, so
+        // a successor's is the parent's minus its two operands' plus the result's.
+        let base = parent.h;
         for i in 0..nums.len() {
             for j in i + 1..nums.len() {
                 let count = combine(nums[i], nums[j], &mut ops);
+                let rest = base - self.heuristic.of(&[nums[i], nums[j]]);
                 for op in &ops[..count] {
-                    let mut child = Node {
-                        nums: [0; MAX_NUMS],
-                        len: (nums.len() - 1) as u8,
-                        op: Some(*op),
-                        parent: node,
-                        id: parent.id,
-                        id_len: parent.id_len + 1,
-                        h: 0,
-                    };
-                    let mut k = 0;
-                    for (m, &n) in nums.iter().enumerate() {
-                        if m != i && m != j {
-                            child.nums[k] = n;
-                            k += 1;
-                        }
-                    }
-                    child.nums[k] = op.result;
-                    child.h = mult_heuristic(child.nums(), &self.factors);
-                    self.arena.push(child);
-                    self.generated
-                        .push((child.h, (self.arena.len() - 1) as u32));
+                    let h = rest + self.heuristic.of(&[op.result]);
+                    self.generated.push((h, *op, i as u8, j as u8));
                 }
             }
         }
         // Stable sort by heuristic, keep the best `beam`, then shuffle (spec §3.1).
-        self.generated.sort_by_key(|&(h, _)| h);
+        self.generated.sort_by_key(|g| g.0);
         self.generated.truncate(beam);
         let mut kept = std::mem::take(&mut self.generated);
         self.rng.shuffle(&mut kept);
+        let mut kept_nodes = Vec::with_capacity(kept.len());
+        for &(h, op, i, j) in &kept {
+            let mut child = Node {
+                nums: [0; MAX_NUMS],
+                len: (nums.len() - 1) as u8,
+                op: Some(op),
+                parent: node,
+                id: parent.id,
+                id_len: parent.id_len + 1,
+                h,
+            };
+            let mut k = 0;
+            for (m, &n) in nums.iter().enumerate() {
+                if m != i as usize && m != j as usize {
+                    child.nums[k] = n;
+                    k += 1;
+                }
+            }
+            child.nums[k] = op.result;
+            self.arena.push(child);
+            kept_nodes.push((self.arena.len() - 1) as u32);
+        }
+        self.generated = kept;
         let mut next_index: u16 = 0;
-        let mut to_explore = Vec::with_capacity(kept.len());
+        let mut to_explore = Vec::with_capacity(kept_nodes.len());
         let mut goal = None;
-        for &(_, idx) in &kept {
+        for &idx in &kept_nodes {
             let child = &mut self.arena[idx as usize];
             child.id[child.id_len as usize - 1] = next_index;
             let child = *child;
@@ -292,7 +300,6 @@ impl Searcher {
                 to_explore.push(idx);
             }
         }
-        self.generated = kept;
         match goal {
             Some(g) => Expansion::Goal(g),
             None => {

@@ -2,7 +2,12 @@
 
 use serde::Serialize;
 
-use crate::record::TraceRecord;
+use std::time::Instant;
+
+use rayon::prelude::*;
+
+use crate::problem::{streams, ProblemSpec};
+use crate::record::{trace_for, CharCounter, SolverConfig, TraceRecord};
 
 /// Mean, median and maximum of a quantity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -53,25 +58,112 @@ pub struct TraceStats {
     pub total_length: Summary,
 }
 
-impl TraceStats {
-    /// Computes the statistics.
-    pub fn of(records: &[TraceRecord]) -> Self {
-        let n = records.len().max(1) as f64;
-        let mut rounds = [0.0; 4];
-        for r in records {
-            rounds[r.spawn_rounds().min(3)] += 1.0 / n;
-        }
-        TraceStats {
-            records: records.len(),
-            success_rate: records.iter().filter(|r| r.solved()).count() as f64 / n,
-            spawn_rounds: rounds,
-            children_per_problem: Summary::of(
-                records.iter().map(|r| r.children() as f64).collect(),
-            ),
-            longest_thread: Summary::of(
-                records.iter().map(|r| r.longest_seq_token_count).collect(),
-            ),
-            total_length: Summary::of(records.iter().map(|r| r.token_count).collect()),
+/// The per-record quantities the statistics need, so that large generated sets can be summarised
+/// without keeping their text.
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
+pub struct RecordFacts {
+    /// Reached the goal.
+    pub solved: bool,
+    /// Spawn rounds.
+    pub spawn_rounds: usize,
+    /// Child threads.
+    pub children: usize,
+    /// Longest call.
+    pub longest: f64,
+    /// Total length.
+    pub total: f64,
+}
+
+impl RecordFacts {
+    /// The facts of one record.
+    pub fn of(r: &TraceRecord) -> Self {
+        RecordFacts {
+            solved: r.solved(),
+            spawn_rounds: r.spawn_rounds(),
+            children: r.children(),
+            longest: r.longest_seq_token_count,
+            total: r.token_count,
         }
     }
+}
+
+impl TraceStats {
+    /// Computes the statistics of records.
+    pub fn of(records: &[TraceRecord]) -> Self {
+        Self::of_facts(&records.iter().map(RecordFacts::of).collect::<Vec<_>>())
+    }
+
+    /// Computes the statistics from per-record facts.
+    pub fn of_facts(facts: &[RecordFacts]) -> Self {
+        let n = facts.len().max(1) as f64;
+        let mut rounds = [0.0; 4];
+        for f in facts {
+            rounds[f.spawn_rounds.min(3)] += 1.0;
+        }
+        TraceStats {
+            records: facts.len(),
+            success_rate: facts.iter().filter(|f| f.solved).count() as f64 / n,
+            spawn_rounds: rounds.map(|r| r / n),
+            children_per_problem: Summary::of(facts.iter().map(|f| f.children as f64).collect()),
+            longest_thread: Summary::of(facts.iter().map(|f| f.longest).collect()),
+            total_length: Summary::of(facts.iter().map(|f| f.total).collect()),
+        }
+    }
+}
+
+/// Timing of [`generate_facts`].
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct GenerationTiming {
+    /// Worker threads.
+    pub threads: usize,
+    /// Seconds drawing problems.
+    pub problem_seconds: f64,
+    /// Seconds solving them (records built, lengths counted).
+    pub trace_seconds: f64,
+    /// Wall seconds in all.
+    pub total_seconds: f64,
+    /// Problems with their traces per second.
+    pub problems_and_traces_per_second: f64,
+}
+
+/// Draws `count` problems and solves them in memory, chunk by chunk, keeping only each record's
+/// [`RecordFacts`] (the text of 500,000 APR records would not fit in memory). Timed.
+pub fn generate_facts(
+    spec: &ProblemSpec,
+    solver: &SolverConfig,
+    count: usize,
+    seed: u64,
+    progress: &(dyn Fn(usize) + Sync),
+) -> (Vec<RecordFacts>, GenerationTiming) {
+    const CHUNK: usize = 16_384;
+    let start = Instant::now();
+    let mut facts = Vec::with_capacity(count);
+    let mut problem_seconds = 0.0;
+    let mut trace_seconds = 0.0;
+    for first in (0..count).step_by(CHUNK) {
+        let n = CHUNK.min(count - first);
+        let t = Instant::now();
+        let problems: Vec<_> = (first..first + n)
+            .into_par_iter()
+            .map(|i| spec.draw(seed, streams::TRAIN, i as u64))
+            .collect();
+        problem_seconds += t.elapsed().as_secs_f64();
+        let t = Instant::now();
+        facts.par_extend(
+            problems.par_iter().enumerate().map(|(i, p)| {
+                RecordFacts::of(&trace_for(p, first + i, solver, seed, &CharCounter))
+            }),
+        );
+        trace_seconds += t.elapsed().as_secs_f64();
+        progress(first + n);
+    }
+    let total = start.elapsed().as_secs_f64();
+    let timing = GenerationTiming {
+        threads: rayon::current_num_threads(),
+        problem_seconds,
+        trace_seconds,
+        total_seconds: total,
+        problems_and_traces_per_second: count as f64 / total.max(1e-9),
+    };
+    (facts, timing)
 }

@@ -120,28 +120,56 @@ fn parse_ops(s: &str) -> Option<Vec<&str>> {
         .collect()
 }
 
-/// Finds a node's state in a parent's text the way the reference runtime does
-/// (`get_subsearch_info`): the last `Moving to Node #id` line followed by its `Current State`
-/// line, else the first `Generated Node #id: T:[..] Operation: op` line, whose operations are
-/// its parent's plus `op`.
+/// Finds a node's state in a parent's text.
+///
+/// A node is defined by the line that generated it, `Generated Node #id: T:[..] Operation: op`
+/// (its operations are its parent's plus `op`); the root, which no line generates, by the first
+/// `Moving to Node #id` line followed by a `Current State` line (the prompt).
+///
+/// The reference runtime (`get_subsearch_info`) prefers the *last* `Moving to Node` +
+/// `Current State` pair instead. The two agree on consistent text, but the reference solver
+/// itself writes a mislabelled `Moving to Node` line after a spawn whose children all fail (its
+/// loop variable is shadowed), in about 0.04% of APR records; the reference runtime would then
+/// hand the child another node's state, while the solver's child (what the model was trained on)
+/// got the generated state. We follow the generating line.
 fn lookup<'a>(text: &'a str, node: &NodeId, depth: usize) -> Result<NodeState<'a>, TaskError> {
     let malformed = |reason: &str| TaskError::MalformedNode {
         node: node.clone(),
         reason: reason.to_owned(),
     };
+    let generated = format!("Generated Node #{node}: ");
+    if let Some(line) = text
+        .lines()
+        .find_map(|l| l.find(&generated).map(|p| &l[p + generated.len()..]))
+    {
+        let (target, nums, rest) =
+            parse_state(line).ok_or_else(|| malformed("unreadable Generated Node line"))?;
+        let op = rest
+            .strip_prefix(" Operation: ")
+            .map(str::trim)
+            .filter(|op| parse_ops(&format!("['{op}']")).is_some())
+            .ok_or_else(|| malformed("unreadable operation"))?;
+        // Ids are a few components deep; the bound keeps hostile text from recursing far.
+        let parent = node
+            .parent()
+            .filter(|_| depth < 16)
+            .ok_or_else(|| malformed("generated node without a parent id"))?;
+        let mut ops = lookup(text, &parent, depth + 1)?.ops;
+        ops.push(op);
+        return Ok(NodeState { target, nums, ops });
+    }
     let moving = format!("Moving to Node #{node}");
-    let mut found: Option<&str> = None;
     let mut lines = text.lines().peekable();
     while let Some(line) = lines.next() {
-        if let Some(pos) = line.find(&moving) {
-            if line[pos + moving.len()..].trim().is_empty() {
-                if let Some(next) = lines.peek().filter(|l| l.contains("Current State:")) {
-                    found = Some(next);
-                }
-            }
+        let Some(pos) = line.find(&moving) else {
+            continue;
+        };
+        if !line[pos + moving.len()..].trim().is_empty() {
+            continue;
         }
-    }
-    if let Some(state_line) = found {
+        let Some(state_line) = lines.peek().filter(|l| l.contains("Current State:")) else {
+            continue;
+        };
         let after = state_line
             .split_once("Current State:")
             .map(|(_, a)| a.trim_start())
@@ -154,26 +182,7 @@ fn lookup<'a>(text: &'a str, node: &NodeId, depth: usize) -> Result<NodeState<'a
             .ok_or_else(|| malformed("unreadable operation list"))?;
         return Ok(NodeState { target, nums, ops });
     }
-    let generated = format!("Generated Node #{node}: ");
-    let line = text
-        .lines()
-        .find_map(|l| l.find(&generated).map(|p| &l[p + generated.len()..]))
-        .ok_or_else(|| TaskError::UnknownNode(node.clone()))?;
-    let (target, nums, rest) =
-        parse_state(line).ok_or_else(|| malformed("unreadable Generated Node line"))?;
-    let op = rest
-        .strip_prefix(" Operation: ")
-        .map(str::trim)
-        .filter(|op| parse_ops(&format!("['{op}']")).is_some())
-        .ok_or_else(|| malformed("unreadable operation"))?;
-    // Ids are at most a few components deep; the bound keeps hostile text from recursing far.
-    let parent = node
-        .parent()
-        .filter(|_| depth < 16)
-        .ok_or_else(|| TaskError::UnknownNode(node.clone()))?;
-    let mut ops = lookup(text, &parent, depth + 1)?.ops;
-    ops.push(op);
-    Ok(NodeState { target, nums, ops })
+    Err(TaskError::UnknownNode(node.clone()))
 }
 
 impl Task for CountdownTask {

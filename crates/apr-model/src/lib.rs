@@ -1,1 +1,2 @@
-//! apr-model
+//! apr-model (under construction).
+pub use burn;

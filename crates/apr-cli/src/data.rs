@@ -1,0 +1,283 @@
+//! `apr data …`: problems, traces, validation, statistics and SFT views.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Instant;
+
+use anyhow::{bail, Context, Result};
+use apr_countdown::io::{read_items, write_items, JsonlWriter};
+use apr_countdown::problem::{streams, Problem, ProblemSpec};
+use apr_countdown::record::{
+    write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TraceRecord,
+};
+use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::stats::{generate_facts, TraceStats};
+use apr_countdown::validate::validate;
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::progress::bar;
+
+#[derive(Subcommand)]
+pub enum DataCommand {
+    /// Draw solvable Countdown problems (JSONL; `.zst` compresses).
+    Problems(ProblemsArgs),
+    /// Run a symbolic solver on problems and write its trace records.
+    Traces(TracesArgs),
+    /// Replay a trace file through our grammar; exit 1 on any inconsistency.
+    Validate {
+        /// Trace file: ours (JSONL) or the reference's JSON array.
+        file: PathBuf,
+    },
+    /// Success rate, spawn rounds, children, thread lengths of a trace file, or of traces
+    /// generated in memory with `--generate N` (timed).
+    Stats(StatsArgs),
+    /// Write supervised fine-tuning sequences (`{"text", "prompt_len"}` per line).
+    Sft(SftArgs),
+}
+
+#[derive(Args)]
+pub struct ProblemsArgs {
+    /// Starting numbers per problem (3–6).
+    #[arg(long, default_value_t = 4)]
+    numbers: usize,
+    /// Largest target; inputs are drawn from 1..max-target.
+    #[arg(long, default_value_t = 100)]
+    max_target: i64,
+    /// How many problems.
+    #[arg(long)]
+    count: usize,
+    /// Base seed; problem i is drawn from its own stream of this seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+    /// Draw a held-out split: a separate stream, redrawing any problem whose (sorted numbers,
+    /// target) occurs in this file.
+    #[arg(long)]
+    exclude: Option<PathBuf>,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum SolverArg {
+    /// Adaptive Parallel Reasoning (beam 1–10, sub-beam beam–15, spawn p 0.9).
+    Apr,
+    /// Stream of Search+ (beam 1–5, sub-search p 0.5).
+    Sosp,
+}
+
+impl SolverArg {
+    fn config(self) -> SolverConfig {
+        match self {
+            SolverArg::Apr => SolverConfig::Apr(AprSolverConfig::default()),
+            SolverArg::Sosp => SolverConfig::Sosp(SospSolverConfig::default()),
+        }
+    }
+}
+
+#[derive(Args)]
+pub struct TracesArgs {
+    /// Which solver.
+    #[arg(long, value_enum)]
+    solver: SolverArg,
+    /// Problem file (JSONL or the reference's JSON array).
+    #[arg(long)]
+    problems: PathBuf,
+    /// Output file (`.jsonl`, or `.jsonl.zst` to compress).
+    #[arg(long)]
+    out: PathBuf,
+    /// Base seed of the solver's random streams (one per problem).
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Args)]
+pub struct StatsArgs {
+    /// Trace file to summarise.
+    file: Option<PathBuf>,
+    /// Instead of a file: draw this many problems and solve them in memory, timed.
+    #[arg(long, conflicts_with = "file")]
+    generate: Option<usize>,
+    /// With --generate: the solver.
+    #[arg(long, value_enum, default_value = "apr")]
+    solver: SolverArg,
+    /// With --generate: starting numbers per problem.
+    #[arg(long, default_value_t = 4)]
+    numbers: usize,
+    /// With --generate: the seed.
+    #[arg(long, default_value_t = 42)]
+    seed: u64,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum ViewArg {
+    /// Every call its own sequence.
+    Apr,
+    /// One sequence per trace.
+    Sosp,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// Which view.
+    #[arg(long, value_enum)]
+    view: ViewArg,
+    /// Trace file.
+    #[arg(long)]
+    traces: PathBuf,
+    /// Output file.
+    #[arg(long)]
+    out: PathBuf,
+    /// Prefix APR parent calls with `Sub Call Budget: N `.
+    #[arg(long)]
+    sub_call_budget: bool,
+    /// Prefix SoS+ traces with `Token Budget: B `.
+    #[arg(long)]
+    token_budget: bool,
+}
+
+pub fn run(cmd: DataCommand) -> Result<ExitCode> {
+    match cmd {
+        DataCommand::Problems(args) => problems(args),
+        DataCommand::Traces(args) => traces(args),
+        DataCommand::Validate { file } => validate_file(file),
+        DataCommand::Stats(args) => stats(args),
+        DataCommand::Sft(args) => sft(args),
+    }
+}
+
+/// Reads a problem file and checks every problem's shape.
+pub fn load_problems(path: &PathBuf) -> Result<Vec<Problem>> {
+    let problems: Vec<Problem> = read_items(path)?;
+    for (i, p) in problems.iter().enumerate() {
+        p.validate()
+            .with_context(|| format!("{}: problem {}", path.display(), i + 1))?;
+    }
+    Ok(problems)
+}
+
+fn problems(args: ProblemsArgs) -> Result<ExitCode> {
+    let spec = ProblemSpec {
+        numbers: args.numbers,
+        max_target: args.max_target,
+    };
+    spec.validate().map_err(anyhow::Error::msg)?;
+    let (stream, exclude) = match &args.exclude {
+        Some(path) => {
+            let keys: HashSet<_> = load_problems(path)?.iter().map(Problem::key).collect();
+            (streams::VAL, keys)
+        }
+        None => (streams::TRAIN, HashSet::new()),
+    };
+    let start = Instant::now();
+    let problems = spec.generate(args.count, args.seed, stream, &exclude);
+    let gen = start.elapsed().as_secs_f64();
+    let bytes = write_items(&args.out, &problems)?;
+    println!(
+        "{}",
+        json!({
+            "problems": problems.len(),
+            "out": args.out,
+            "seconds": gen,
+            "problems_per_second": problems.len() as f64 / gen.max(1e-9),
+            "bytes": bytes,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn traces(args: TracesArgs) -> Result<ExitCode> {
+    let problems = load_problems(&args.problems)?;
+    let progress = bar(problems.len() as u64, "traces");
+    let report = write_traces(
+        &problems,
+        &args.solver.config(),
+        args.seed,
+        &CharCounter,
+        &args.out,
+        &|done| progress.set_position(done as u64),
+    )?;
+    progress.finish_and_clear();
+    println!(
+        "{}",
+        json!({
+            "records": report.records,
+            "solved": report.solved,
+            "success_rate": report.solved as f64 / report.records.max(1) as f64,
+            "out": args.out,
+            "json_bytes": report.bytes,
+            "solve_seconds": report.solve_seconds,
+            "total_seconds": report.total_seconds,
+            "traces_per_second": report.records as f64 / report.solve_seconds.max(1e-9),
+            "write_mb_per_second": report.bytes as f64 / 1e6 / report.total_seconds.max(1e-9),
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}
+
+fn validate_file(file: PathBuf) -> Result<ExitCode> {
+    let records: Vec<TraceRecord> = read_items(&file)?;
+    let summary = validate(&records);
+    println!("{}", serde_json::to_string_pretty(&summary)?);
+    Ok(if summary.inconsistent == 0 {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::from(1)
+    })
+}
+
+fn stats(args: StatsArgs) -> Result<ExitCode> {
+    let (stats, timing) = match (&args.file, args.generate) {
+        (Some(file), _) => (TraceStats::of(&read_items::<TraceRecord>(file)?), None),
+        (None, Some(count)) => {
+            let spec = ProblemSpec {
+                numbers: args.numbers,
+                ..ProblemSpec::default()
+            };
+            spec.validate().map_err(anyhow::Error::msg)?;
+            let progress = bar(count as u64, "solving");
+            let (facts, timing) =
+                generate_facts(&spec, &args.solver.config(), count, args.seed, &|done| {
+                    progress.set_position(done as u64)
+                });
+            progress.finish_and_clear();
+            let timing = serde_json::to_value(timing)?;
+            (TraceStats::of_facts(&facts), Some(timing))
+        }
+        (None, None) => bail!("give a trace file or --generate N"),
+    };
+    let mut out = serde_json::to_value(stats)?;
+    if let Some(timing) = timing {
+        out["timing"] = timing;
+    }
+    println!("{}", serde_json::to_string_pretty(&out)?);
+    Ok(ExitCode::SUCCESS)
+}
+
+fn sft(args: SftArgs) -> Result<ExitCode> {
+    let records: Vec<TraceRecord> = read_items(&args.traces)?;
+    let view = match args.view {
+        ViewArg::Apr => SftView::Apr,
+        ViewArg::Sosp => SftView::Sosp,
+    };
+    let options = SftOptions {
+        sub_call_budget: args.sub_call_budget,
+        token_budget: args.token_budget,
+    };
+    let mut writer = JsonlWriter::create(&args.out)?;
+    let mut count = 0;
+    for record in &records {
+        for seq in sequences(record, view, options, &CharCounter) {
+            writer.write(&seq)?;
+            count += 1;
+        }
+    }
+    writer.finish()?;
+    println!(
+        "{}",
+        json!({"records": records.len(), "sequences": count, "out": args.out})
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,195 @@
+//! The `apr data` commands end to end: outputs, and one-line errors on bad input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn apr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_apr"))
+        .args(args)
+        .output()
+        .expect("run apr")
+}
+
+fn stderr_line(out: &Output) -> String {
+    let text = String::from_utf8_lossy(&out.stderr).into_owned();
+    assert_eq!(
+        text.trim_end().lines().count(),
+        1,
+        "expected one line, got: {text}"
+    );
+    text
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn problems_traces_validate_stats_round_trip() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = dir.path().join("p.jsonl");
+    let val = dir.path().join("val.jsonl");
+    let traces = dir.path().join("t.jsonl.zst");
+    let out = apr(&[
+        "data",
+        "problems",
+        "--count",
+        "60",
+        "--seed",
+        "3",
+        "--out",
+        s(&problems),
+    ]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let out = apr(&[
+        "data",
+        "problems",
+        "--count",
+        "20",
+        "--seed",
+        "3",
+        "--exclude",
+        s(&problems),
+        "--out",
+        s(&val),
+    ]);
+    assert!(out.status.success());
+    for solver in ["apr", "sosp"] {
+        let out = apr(&[
+            "--threads",
+            "1",
+            "data",
+            "traces",
+            "--solver",
+            solver,
+            "--problems",
+            s(&problems),
+            "--out",
+            s(&traces),
+        ]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(report["records"], 60);
+        let out = apr(&["data", "validate", s(&traces)]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stdout)
+        );
+        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(summary["consistent"], 60);
+        assert_eq!(summary["solved"], summary["verified"]);
+        let out = apr(&["data", "stats", s(&traces)]);
+        assert!(out.status.success());
+        let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(stats["records"], 60);
+    }
+}
+
+#[test]
+fn validate_fails_on_an_altered_record() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = dir.path().join("p.jsonl");
+    let traces = dir.path().join("t.jsonl");
+    assert!(apr(&[
+        "data",
+        "problems",
+        "--count",
+        "40",
+        "--seed",
+        "5",
+        "--out",
+        s(&problems)
+    ])
+    .status
+    .success());
+    assert!(apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--problems",
+        s(&problems),
+        "--out",
+        s(&traces)
+    ])
+    .status
+    .success());
+    let text = std::fs::read_to_string(&traces).unwrap();
+    // Break the first join block of the file by one character.
+    let altered = text.replacen("at level 1 at Node #0,", "at level 1 at Node #0;", 1);
+    assert_ne!(altered, text, "the test data has a join block");
+    std::fs::write(&traces, altered).unwrap();
+    let out = apr(&["data", "validate", s(&traces)]);
+    assert_eq!(out.status.code(), Some(1));
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(summary["inconsistent"], 1);
+    assert!(summary["mismatches"][0]
+        .as_str()
+        .unwrap()
+        .contains("differs"));
+}
+
+#[test]
+fn bad_input_gives_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = apr(&[
+        "data",
+        "problems",
+        "--numbers",
+        "1",
+        "--count",
+        "5",
+        "--out",
+        s(&dir.path().join("x.jsonl")),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("--numbers must be between 3 and 6"));
+
+    let bad_json = dir.path().join("bad.jsonl");
+    std::fs::write(
+        &bad_json,
+        "{\"nums\": [1, 2, 3], \"target\": 6}\nnot json\n",
+    )
+    .unwrap();
+    let out = apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--problems",
+        s(&bad_json),
+        "--out",
+        s(&dir.path().join("t.jsonl")),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("bad.jsonl:2:"));
+
+    let negative = dir.path().join("neg.jsonl");
+    std::fs::write(&negative, "{\"nums\": [1, -2, 3, 4], \"target\": 6}\n").unwrap();
+    let out = apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--problems",
+        s(&negative),
+        "--out",
+        s(&dir.path().join("t.jsonl")),
+    ]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("numbers must be positive integers, got -2"));
+    assert!(!dir.path().join("t.jsonl").exists(), "no partial output");
+
+    let out = apr(&["data", "validate", s(&dir.path().join("missing.jsonl"))]);
+    assert!(!out.status.success());
+    assert!(stderr_line(&out).contains("missing.jsonl"));
+}
