@@ -8,10 +8,12 @@
 //! This crate depends on no machine-learning crate.
 #![warn(missing_docs)]
 
+pub mod decoder;
 pub mod grammar;
 pub mod stop;
 pub mod task;
 
+pub use decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput, TextCodec};
 pub use grammar::{
     ends_with_spawn, join_context, split_spawn, Conditioning, GrammarError, JoinBlock, JoinEntry,
     NodeId, SpawnBlock, SpawnSplit,

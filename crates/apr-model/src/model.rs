@@ -1,0 +1,684 @@
+//! The Llama-2 decoder (spec §4.2) in one file: embedding; blocks of RMSNorm → causal multi-head
+//! attention with RoPE → residual, RMSNorm → SwiGLU MLP → residual; final RMSNorm; untied head.
+//!
+//! Parameters are named and laid out as in Hugging Face's `LlamaForCausalLM`, and RoPE rotates
+//! *halves* of each head (HF's `rotate_half`), so a checkpoint is an HF checkpoint up to the
+//! transposition of linear weights (burn stores them `[in, out]`).
+
+use std::collections::BTreeMap;
+
+use burn::module::{Module, Param};
+use burn::nn::{Embedding, Linear, RmsNorm};
+use burn::tensor::activation::{log_softmax, silu, softmax};
+use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+
+use crate::config::ModelConfig;
+
+/// A tensor on the host: row-major `f32` values and a shape, in HF layout.
+#[derive(Clone, Debug, PartialEq)]
+pub struct HostTensor {
+    /// Dimensions.
+    pub shape: Vec<usize>,
+    /// Values, row-major.
+    pub data: Vec<f32>,
+}
+
+impl HostTensor {
+    fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+}
+
+/// Named weights in HF layout (`[out, in]` for linear layers).
+pub type Weights = BTreeMap<String, HostTensor>;
+
+/// Multi-head self-attention.
+#[derive(Module, Debug)]
+pub struct Attention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+}
+
+/// SwiGLU feed-forward: `down(silu(gate(x)) * up(x))`.
+#[derive(Module, Debug)]
+pub struct Mlp {
+    gate_proj: Linear,
+    up_proj: Linear,
+    down_proj: Linear,
+}
+
+/// One decoder block.
+#[derive(Module, Debug)]
+pub struct Block {
+    input_layernorm: RmsNorm,
+    self_attn: Attention,
+    post_attention_layernorm: RmsNorm,
+    mlp: Mlp,
+}
+
+/// The decoder's parameters.
+#[derive(Module, Debug)]
+pub struct Llama {
+    embed_tokens: Embedding,
+    layers: Vec<Block>,
+    norm: RmsNorm,
+    lm_head: Linear,
+}
+
+/// RoPE tables (`cos`, `sin`: `[max_seq_len, head_dim]`), HF's half-rotation convention.
+#[derive(Clone, Debug)]
+pub struct Rope {
+    cos: Tensor<2>,
+    sin: Tensor<2>,
+    head_dim: usize,
+}
+
+impl Rope {
+    /// Tables for positions `0..max_seq_len`.
+    pub fn new(config: &ModelConfig, device: &Device) -> Self {
+        let hd = config.head_dim();
+        let half = hd / 2;
+        let n = config.max_seq_len;
+        let mut cos = Vec::with_capacity(n * hd);
+        let mut sin = Vec::with_capacity(n * hd);
+        for pos in 0..n {
+            for i in 0..hd {
+                let inv_freq = 1.0 / config.rope_theta.powf((2 * (i % half)) as f64 / hd as f64);
+                let angle = pos as f64 * inv_freq;
+                cos.push(angle.cos() as f32);
+                sin.push(angle.sin() as f32);
+            }
+        }
+        Rope {
+            cos: Tensor::from_data(TensorData::new(cos, [n, hd]), device),
+            sin: Tensor::from_data(TensorData::new(sin, [n, hd]), device),
+            head_dim: hd,
+        }
+    }
+
+    /// Rotates `x: [b, h, s, hd]` at `positions: [b, s]`.
+    fn apply(&self, x: Tensor<4>, positions: &Tensor<2, Int>) -> Tensor<4> {
+        let [b, s] = positions.dims();
+        let flat = positions.clone().reshape([b * s]);
+        let cos = self
+            .cos
+            .clone()
+            .select(0, flat.clone())
+            .reshape([b, 1, s, self.head_dim]);
+        let sin = self
+            .sin
+            .clone()
+            .select(0, flat)
+            .reshape([b, 1, s, self.head_dim]);
+        self.rotate(x, cos, sin)
+    }
+
+    /// Rotates `x: [b, h, s, hd]` at positions `0..s` (training).
+    fn apply_prefix(&self, x: Tensor<4>) -> Tensor<4> {
+        let s = x.dims()[2];
+        let cos = self
+            .cos
+            .clone()
+            .slice([0..s])
+            .reshape([1, 1, s, self.head_dim]);
+        let sin = self
+            .sin
+            .clone()
+            .slice([0..s])
+            .reshape([1, 1, s, self.head_dim]);
+        self.rotate(x, cos, sin)
+    }
+
+    fn rotate(&self, x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+        let [b, h, s, hd] = x.dims();
+        let half = hd / 2;
+        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+        let x2 = x.clone().slice([0..b, 0..h, 0..s, half..hd]);
+        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+        x * cos + rotated * sin
+    }
+}
+
+/// Per-layer key/value caches of a slot pool: `[slots, heads, max_len, head_dim]` each.
+#[derive(Clone, Debug)]
+pub struct KvCache {
+    layers: Vec<(Tensor<4>, Tensor<4>)>,
+}
+
+impl KvCache {
+    /// Zeroed caches for `slots` slots of `max_len` positions.
+    pub fn new(config: &ModelConfig, slots: usize, max_len: usize, device: &Device) -> Self {
+        let shape = [slots, config.n_heads, max_len, config.head_dim()];
+        KvCache {
+            layers: (0..config.n_layers)
+                .map(|_| (Tensor::zeros(shape, device), Tensor::zeros(shape, device)))
+                .collect(),
+        }
+    }
+}
+
+/// Where a batch row of a cached forward writes and reads.
+#[derive(Clone, Debug)]
+pub struct CachedBatch {
+    /// Slot of each row.
+    pub slots: Vec<usize>,
+    /// Position of each row's first new token (= the slot's cached length).
+    pub starts: Vec<usize>,
+    /// New tokens per row (rows are right-padded to the longest).
+    pub lens: Vec<usize>,
+    /// Keys attended over: at least `max(start + len)`; a bucketed value keeps shapes few.
+    pub kv_len: usize,
+}
+
+fn linear_from(weight: &HostTensor, device: &Device) -> Linear {
+    // HF stores [out, in]; burn's row layout is [in, out].
+    let (out_dim, in_dim) = (weight.shape[0], weight.shape[1]);
+    let t: Tensor<2> = Tensor::from_data(
+        TensorData::new(weight.data.clone(), [out_dim, in_dim]),
+        device,
+    );
+    Linear {
+        weight: Param::from_tensor(t.transpose()),
+        bias: None,
+    }
+}
+
+fn norm_from(weight: &HostTensor, eps: f64, device: &Device) -> RmsNorm {
+    RmsNorm {
+        gamma: Param::from_tensor(Tensor::from_data(
+            TensorData::new(weight.data.clone(), [weight.shape[0]]),
+            device,
+        )),
+        epsilon: eps,
+    }
+}
+
+fn host(t: Tensor<2>) -> HostTensor {
+    let dims = t.dims();
+    HostTensor {
+        shape: dims.to_vec(),
+        data: t
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default(),
+    }
+}
+
+fn host1(t: Tensor<1>) -> HostTensor {
+    let dims = t.dims();
+    HostTensor {
+        shape: dims.to_vec(),
+        data: t
+            .into_data()
+            .convert::<f32>()
+            .try_to_vec::<f32>()
+            .unwrap_or_default(),
+    }
+}
+
+/// Why weights do not fit a configuration.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum WeightsError {
+    /// A tensor the model needs is absent.
+    #[error("missing tensor {0}")]
+    Missing(String),
+    /// A tensor has another shape than the configuration implies.
+    #[error("tensor {name} has shape {found:?}, the configuration needs {expected:?}")]
+    Shape {
+        /// Tensor name.
+        name: String,
+        /// Shape the config implies.
+        expected: Vec<usize>,
+        /// Shape found.
+        found: Vec<usize>,
+    },
+}
+
+/// The HF names and shapes of every parameter of a configuration.
+pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (d, f, v) = (config.d_model, config.d_ff, config.vocab_size);
+    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, d])];
+    for i in 0..config.n_layers {
+        let p = format!("model.layers.{i}");
+        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
+        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
+            out.push((format!("{p}.self_attn.{proj}.weight"), vec![d, d]));
+        }
+        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
+        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
+        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
+    }
+    out.push(("model.norm.weight".to_owned(), vec![d]));
+    out.push(("lm_head.weight".to_owned(), vec![v, d]));
+    out
+}
+
+/// Fresh weights: normal(0, `init_std`) everywhere, norms at one. Every tensor draws from its own
+/// stream of `seed` (by name), so initialisation is the same on every backend and thread count.
+pub fn init_weights(config: &ModelConfig, seed: u64) -> Weights {
+    parameter_shapes(config)
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let data = if name.ends_with("norm.weight") {
+                vec![1.0; n]
+            } else {
+                let mut rng = NormalRng::new(seed ^ fnv1a(name.as_bytes()));
+                (0..n)
+                    .map(|_| (rng.next() * config.init_std) as f32)
+                    .collect()
+            };
+            (name, HostTensor { shape, data })
+        })
+        .collect()
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ b as u64).wrapping_mul(0x0000_0100_0000_01b3)
+    })
+}
+
+/// SplitMix64 uniforms turned normal by Box–Muller.
+struct NormalRng {
+    state: u64,
+    spare: Option<f64>,
+}
+
+impl NormalRng {
+    fn new(seed: u64) -> Self {
+        NormalRng {
+            state: seed,
+            spare: None,
+        }
+    }
+
+    fn uniform(&mut self) -> f64 {
+        self.state = self.state.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.state;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^= z >> 31;
+        ((z >> 11) as f64 + 0.5) / (1u64 << 53) as f64
+    }
+
+    fn next(&mut self) -> f64 {
+        if let Some(s) = self.spare.take() {
+            return s;
+        }
+        let (u1, u2) = (self.uniform(), self.uniform());
+        let r = (-2.0 * u1.ln()).sqrt();
+        let theta = std::f64::consts::TAU * u2;
+        self.spare = Some(r * theta.sin());
+        r * theta.cos()
+    }
+}
+
+impl Llama {
+    /// Builds the module from named HF-layout weights, checking every shape.
+    pub fn from_weights(
+        config: &ModelConfig,
+        weights: &Weights,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        for (name, expected) in parameter_shapes(config) {
+            let t = weights
+                .get(&name)
+                .ok_or_else(|| WeightsError::Missing(name.clone()))?;
+            if t.shape != expected || t.data.len() != t.numel() {
+                return Err(WeightsError::Shape {
+                    name,
+                    expected,
+                    found: t.shape.clone(),
+                });
+            }
+        }
+        let w = |name: &str| &weights[name];
+        let eps = config.norm_eps;
+        let embed = w("model.embed_tokens.weight");
+        let layers = (0..config.n_layers)
+            .map(|i| {
+                let p = format!("model.layers.{i}");
+                Block {
+                    input_layernorm: norm_from(
+                        w(&format!("{p}.input_layernorm.weight")),
+                        eps,
+                        device,
+                    ),
+                    self_attn: Attention {
+                        q_proj: linear_from(w(&format!("{p}.self_attn.q_proj.weight")), device),
+                        k_proj: linear_from(w(&format!("{p}.self_attn.k_proj.weight")), device),
+                        v_proj: linear_from(w(&format!("{p}.self_attn.v_proj.weight")), device),
+                        o_proj: linear_from(w(&format!("{p}.self_attn.o_proj.weight")), device),
+                    },
+                    post_attention_layernorm: norm_from(
+                        w(&format!("{p}.post_attention_layernorm.weight")),
+                        eps,
+                        device,
+                    ),
+                    mlp: Mlp {
+                        gate_proj: linear_from(w(&format!("{p}.mlp.gate_proj.weight")), device),
+                        up_proj: linear_from(w(&format!("{p}.mlp.up_proj.weight")), device),
+                        down_proj: linear_from(w(&format!("{p}.mlp.down_proj.weight")), device),
+                    },
+                }
+            })
+            .collect();
+        Ok(Llama {
+            embed_tokens: Embedding {
+                weight: Param::from_tensor(Tensor::from_data(
+                    TensorData::new(embed.data.clone(), [embed.shape[0], embed.shape[1]]),
+                    device,
+                )),
+            },
+            layers,
+            norm: norm_from(w("model.norm.weight"), eps, device),
+            lm_head: linear_from(w("lm_head.weight"), device),
+        })
+    }
+
+    /// The weights, named and laid out as HF's `LlamaForCausalLM`.
+    pub fn to_weights(&self) -> Weights {
+        let lin = |l: &Linear| host(l.weight.val().transpose());
+        let mut out = Weights::new();
+        out.insert(
+            "model.embed_tokens.weight".into(),
+            host(self.embed_tokens.weight.val()),
+        );
+        for (i, b) in self.layers.iter().enumerate() {
+            let p = format!("model.layers.{i}");
+            out.insert(
+                format!("{p}.input_layernorm.weight"),
+                host1(b.input_layernorm.gamma.val()),
+            );
+            out.insert(
+                format!("{p}.self_attn.q_proj.weight"),
+                lin(&b.self_attn.q_proj),
+            );
+            out.insert(
+                format!("{p}.self_attn.k_proj.weight"),
+                lin(&b.self_attn.k_proj),
+            );
+            out.insert(
+                format!("{p}.self_attn.v_proj.weight"),
+                lin(&b.self_attn.v_proj),
+            );
+            out.insert(
+                format!("{p}.self_attn.o_proj.weight"),
+                lin(&b.self_attn.o_proj),
+            );
+            out.insert(
+                format!("{p}.post_attention_layernorm.weight"),
+                host1(b.post_attention_layernorm.gamma.val()),
+            );
+            out.insert(format!("{p}.mlp.gate_proj.weight"), lin(&b.mlp.gate_proj));
+            out.insert(format!("{p}.mlp.up_proj.weight"), lin(&b.mlp.up_proj));
+            out.insert(format!("{p}.mlp.down_proj.weight"), lin(&b.mlp.down_proj));
+        }
+        out.insert("model.norm.weight".into(), host1(self.norm.gamma.val()));
+        out.insert("lm_head.weight".into(), lin(&self.lm_head));
+        out
+    }
+
+    /// Full causal forward: `tokens: [b, s]` → logits `[b, s, vocab]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>, rope: &Rope, n_heads: usize) -> Tensor<3> {
+        let mut x = self.embed_tokens.forward(tokens);
+        for block in &self.layers {
+            x = block.forward_full(x, rope, n_heads);
+        }
+        self.lm_head.forward(self.norm.forward(x))
+    }
+
+    /// Per-token log-probabilities of `targets` (`[b, s]`) under the logits of `tokens`
+    /// (`[b, s]`, the inputs shifted by one): `[b, s]`.
+    pub fn token_logprobs(
+        &self,
+        tokens: Tensor<2, Int>,
+        targets: Tensor<2, Int>,
+        rope: &Rope,
+        n_heads: usize,
+    ) -> Tensor<2> {
+        let logits = self.forward(tokens, rope, n_heads);
+        let [b, s, _] = logits.dims();
+        let logp = log_softmax(logits, 2);
+        logp.gather(2, targets.reshape([b, s, 1])).reshape([b, s])
+    }
+
+    /// Cached forward of new tokens (`tokens`, `positions`: `[b, l]`, right-padded) for the rows
+    /// of `batch`; writes their keys/values into `cache` and returns the logits at each row's
+    /// last new token: `[b, vocab]`.
+    pub fn forward_cached(
+        &self,
+        tokens: Tensor<2, Int>,
+        positions: Tensor<2, Int>,
+        batch: &CachedBatch,
+        cache: &mut KvCache,
+        rope: &Rope,
+        n_heads: usize,
+    ) -> Tensor<2> {
+        let device = tokens.device();
+        let [b, l] = tokens.dims();
+        let slots = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                batch.slots.iter().map(|&s| s as i64).collect::<Vec<_>>(),
+                [b],
+            ),
+            &device,
+        );
+        // mask[r, i, j] = key j is after query i's position (so hidden).
+        let key_pos =
+            Tensor::<1, Int>::arange(0..batch.kv_len as i64, &device).reshape([1, 1, batch.kv_len]);
+        let mask: Tensor<4, Bool> = key_pos
+            .greater(positions.clone().reshape([b, l, 1]))
+            .reshape([b, 1, l, batch.kv_len]);
+        let mut x = self.embed_tokens.forward(tokens);
+        for (layer, block) in self.layers.iter().enumerate() {
+            x = block.forward_cached(
+                x,
+                &positions,
+                &mask,
+                &slots,
+                batch,
+                &mut cache.layers[layer],
+                rope,
+                n_heads,
+            );
+        }
+        // The hidden state at each row's last new token.
+        let d = x.dims()[2];
+        let last = Tensor::<1, Int>::from_data(
+            TensorData::new(
+                batch
+                    .lens
+                    .iter()
+                    .map(|&n| n.max(1) as i64 - 1)
+                    .collect::<Vec<_>>(),
+                [b],
+            ),
+            &device,
+        )
+        .reshape([b, 1, 1])
+        .expand([b, 1, d]);
+        let h = x.gather(1, last).reshape([b, d]);
+        let _ = l;
+        self.lm_head.forward(self.norm.forward(h))
+    }
+}
+
+impl Block {
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope, n_heads: usize) -> Tensor<3> {
+        let h = self
+            .self_attn
+            .forward_full(self.input_layernorm.forward(x.clone()), rope, n_heads);
+        let x = x + h;
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        positions: &Tensor<2, Int>,
+        mask: &Tensor<4, Bool>,
+        slots: &Tensor<1, Int>,
+        batch: &CachedBatch,
+        cache: &mut (Tensor<4>, Tensor<4>),
+        rope: &Rope,
+        n_heads: usize,
+    ) -> Tensor<3> {
+        let h = self.self_attn.forward_cached(
+            self.input_layernorm.forward(x.clone()),
+            positions,
+            mask,
+            slots,
+            batch,
+            cache,
+            rope,
+            n_heads,
+        );
+        let x = x + h;
+        let h = self
+            .mlp
+            .forward(self.post_attention_layernorm.forward(x.clone()));
+        x + h
+    }
+}
+
+impl Mlp {
+    fn forward(&self, x: Tensor<3>) -> Tensor<3> {
+        self.down_proj
+            .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
+    }
+}
+
+impl Attention {
+    /// `[b, s, d]` → q, k, v as `[b, h, s, hd]`.
+    fn qkv(&self, x: Tensor<3>, n_heads: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+        let [b, s, d] = x.dims();
+        let hd = d / n_heads;
+        let split = |t: Tensor<3>| t.reshape([b, s, n_heads, hd]).swap_dims(1, 2);
+        (
+            split(self.q_proj.forward(x.clone())),
+            split(self.k_proj.forward(x.clone())),
+            split(self.v_proj.forward(x)),
+        )
+    }
+
+    fn merge(&self, out: Tensor<4>) -> Tensor<3> {
+        let [b, h, s, hd] = out.dims();
+        self.o_proj
+            .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
+    }
+
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope, n_heads: usize) -> Tensor<3> {
+        let (q, k, v) = self.qkv(x, n_heads);
+        let (q, k) = (rope.apply_prefix(q), rope.apply_prefix(k));
+        let s = q.dims()[2];
+        let device = q.device();
+        let mask = Tensor::<2, Bool>::triu_mask([s, s], 1, &device).reshape([1, 1, s, s]);
+        self.merge(scaled_attention(q, k, v, mask))
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn forward_cached(
+        &self,
+        x: Tensor<3>,
+        positions: &Tensor<2, Int>,
+        mask: &Tensor<4, Bool>,
+        slots: &Tensor<1, Int>,
+        batch: &CachedBatch,
+        cache: &mut (Tensor<4>, Tensor<4>),
+        rope: &Rope,
+        n_heads: usize,
+    ) -> Tensor<3> {
+        let (q, k, v) = self.qkv(x, n_heads);
+        let (q, k) = (rope.apply(q, positions), rope.apply(k, positions));
+        let [_, h, _, hd] = k.dims();
+        for (row, ((&slot, &start), &len)) in batch
+            .slots
+            .iter()
+            .zip(&batch.starts)
+            .zip(&batch.lens)
+            .enumerate()
+        {
+            if len == 0 {
+                continue;
+            }
+            let range = [slot..slot + 1, 0..h, start..start + len, 0..hd];
+            let src = [row..row + 1, 0..h, 0..len, 0..hd];
+            cache.0 = cache
+                .0
+                .clone()
+                .slice_assign(range.clone(), k.clone().slice(src.clone()));
+            cache.1 = cache.1.clone().slice_assign(range, v.clone().slice(src));
+        }
+        let b = batch.slots.len();
+        let keys =
+            cache
+                .0
+                .clone()
+                .select(0, slots.clone())
+                .slice([0..b, 0..h, 0..batch.kv_len, 0..hd]);
+        let values =
+            cache
+                .1
+                .clone()
+                .select(0, slots.clone())
+                .slice([0..b, 0..h, 0..batch.kv_len, 0..hd]);
+        self.merge(scaled_attention(q, keys, values, mask.clone()))
+    }
+}
+
+/// softmax(q kᵀ / √d + mask) v, with `mask` true where a key is hidden.
+fn scaled_attention(q: Tensor<4>, k: Tensor<4>, v: Tensor<4>, mask: Tensor<4, Bool>) -> Tensor<4> {
+    let hd = q.dims()[3];
+    let scores = q.matmul(k.swap_dims(2, 3)) / (hd as f64).sqrt();
+    let [b, h, s, t] = scores.dims();
+    let scores = scores.mask_fill(mask.expand([b, h, s, t]), f32::NEG_INFINITY);
+    softmax(scores, 3).matmul(v)
+}
+
+/// The model ready to run: configuration, parameters, RoPE tables.
+#[derive(Clone, Debug)]
+pub struct Model {
+    /// Shape.
+    pub config: ModelConfig,
+    /// Parameters.
+    pub llama: Llama,
+    /// RoPE tables.
+    pub rope: Rope,
+}
+
+impl Model {
+    /// Builds a model from weights on a device.
+    pub fn new(
+        config: ModelConfig,
+        weights: &Weights,
+        device: &Device,
+    ) -> Result<Self, WeightsError> {
+        let llama = Llama::from_weights(&config, weights, device)?;
+        let rope = Rope::new(&config, device);
+        Ok(Model {
+            config,
+            llama,
+            rope,
+        })
+    }
+
+    /// The device the model lives on.
+    pub fn rope_device(&self) -> Device {
+        self.rope.cos.device()
+    }
+
+    /// Logits of a full batch `[b, s]` → `[b, s, vocab]`.
+    pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
+        self.llama.forward(tokens, &self.rope, self.config.n_heads)
+    }
+}
