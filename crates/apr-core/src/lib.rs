@@ -10,6 +10,8 @@
 
 pub mod decoder;
 pub mod grammar;
+pub mod runtime;
+pub mod scripted;
 pub mod stop;
 pub mod task;
 

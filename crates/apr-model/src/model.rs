@@ -121,12 +121,12 @@ impl Rope {
         let cos = self
             .cos
             .clone()
-            .slice([0..s])
+            .narrow(0, 0, s)
             .reshape([1, 1, s, self.head_dim]);
         let sin = self
             .sin
             .clone()
-            .slice([0..s])
+            .narrow(0, 0, s)
             .reshape([1, 1, s, self.head_dim]);
         self.rotate(x, cos, sin)
     }

@@ -104,8 +104,8 @@ fn batched_decode_equals_single_slot_decodes() {
     let mut single = Engine::new(tiny_model(2), 3, 256, 0);
     let inputs: Vec<StepInput> = (0..3).map(|i| input(i, &seqs[i][..5])).collect();
     batched.step_logits(&inputs).unwrap();
-    for i in 0..3 {
-        single.step_logits(&[input(i, &seqs[i][..5])]).unwrap();
+    for (i, seq) in seqs.iter().enumerate() {
+        single.step_logits(&[input(i, &seq[..5])]).unwrap();
     }
     for k in 5..9 {
         let inputs: Vec<StepInput> = (0..3).map(|i| input(i, &seqs[i][k..k + 1])).collect();
