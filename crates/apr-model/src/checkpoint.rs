@@ -1,0 +1,307 @@
+//! Checkpoints: a directory that is at once an HF `LlamaForCausalLM` export and our training
+//! state.
+//!
+//! ```text
+//! apr.json            our model configuration and metadata (step, what trained it)
+//! config.json         HF config (LlamaForCausalLM)
+//! model.safetensors   weights with HF names and layout, f32
+//! tokenizer.json      HF tokenizer
+//! …                   extra files of the trainer (optimizer state, data cursor)
+//! ```
+//!
+//! Writes are atomic: everything goes to `DIR.partial`, which then replaces `DIR`.
+
+use std::collections::BTreeMap;
+use std::fs;
+use std::path::{Path, PathBuf};
+
+use safetensors::tensor::{Dtype, TensorView};
+use safetensors::SafeTensors;
+use serde::{Deserialize, Serialize};
+
+use crate::config::ModelConfig;
+use crate::model::{parameter_shapes, HostTensor, Weights};
+use crate::tokenizer::AprTokenizer;
+
+/// A checkpoint that cannot be read or written.
+#[derive(Debug, thiserror::Error)]
+pub enum CheckpointError {
+    /// File system.
+    #[error("{path}: {source}")]
+    Io {
+        /// The path.
+        path: PathBuf,
+        /// The cause.
+        source: std::io::Error,
+    },
+    /// A file's content is not what it should be.
+    #[error("{path}: {message}")]
+    Format {
+        /// The path.
+        path: PathBuf,
+        /// What is wrong.
+        message: String,
+    },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> CheckpointError + '_ {
+    move |source| CheckpointError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
+fn format_err(path: &Path, message: impl std::fmt::Display) -> CheckpointError {
+    CheckpointError::Format {
+        path: path.to_owned(),
+        message: message.to_string(),
+    }
+}
+
+/// `apr.json`.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct CheckpointMeta {
+    /// Model shape.
+    pub model: ModelConfig,
+    /// Free-form metadata (step, trainer, data…).
+    #[serde(default)]
+    pub info: serde_json::Value,
+}
+
+/// A loaded checkpoint.
+#[derive(Debug)]
+pub struct Checkpoint {
+    /// `apr.json`.
+    pub meta: CheckpointMeta,
+    /// Weights (HF names and layout).
+    pub weights: Weights,
+    /// Tokenizer.
+    pub tokenizer: AprTokenizer,
+    /// Where it was read from.
+    pub dir: PathBuf,
+}
+
+/// Encodes named f32 tensors as safetensors bytes.
+pub fn safetensors_bytes(tensors: &BTreeMap<String, HostTensor>) -> Result<Vec<u8>, String> {
+    let bytes: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .map(|(name, t)| {
+            let raw: Vec<u8> = t.data.iter().flat_map(|x| x.to_le_bytes()).collect();
+            (name.clone(), t.shape.clone(), raw)
+        })
+        .collect();
+    let views: Vec<(String, TensorView)> = bytes
+        .iter()
+        .map(|(name, shape, raw)| {
+            TensorView::new(Dtype::F32, shape.clone(), raw)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| e.to_string())
+        })
+        .collect::<Result<_, _>>()?;
+    safetensors::serialize(views, None).map_err(|e| e.to_string())
+}
+
+/// Decodes safetensors bytes (f32, bf16 or f16) into named f32 tensors.
+pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, CheckpointError> {
+    let bytes = fs::read(path).map_err(io(path))?;
+    let st = SafeTensors::deserialize(&bytes).map_err(|e| format_err(path, e))?;
+    let mut out = BTreeMap::new();
+    for (name, view) in st.tensors() {
+        let raw = view.data();
+        let data: Vec<f32> = match view.dtype() {
+            Dtype::F32 => raw
+                .chunks_exact(4)
+                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .collect(),
+            Dtype::BF16 => raw
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            Dtype::F16 => raw
+                .chunks_exact(2)
+                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .collect(),
+            other => return Err(format_err(path, format!("tensor {name}: unsupported dtype {other:?}"))),
+        };
+        out.insert(
+            name,
+            HostTensor {
+                shape: view.shape().to_vec(),
+                data,
+            },
+        );
+    }
+    Ok(out)
+}
+
+/// The HF `config.json` of a model.
+pub fn hf_config(config: &ModelConfig, tokenizer: &AprTokenizer) -> serde_json::Value {
+    serde_json::json!({
+        "architectures": ["LlamaForCausalLM"],
+        "model_type": "llama",
+        "vocab_size": config.vocab_size,
+        "hidden_size": config.d_model,
+        "intermediate_size": config.d_ff,
+        "num_hidden_layers": config.n_layers,
+        "num_attention_heads": config.n_heads,
+        "num_key_value_heads": config.n_heads,
+        "max_position_embeddings": config.max_seq_len,
+        "rms_norm_eps": config.norm_eps,
+        "rope_theta": config.rope_theta,
+        "hidden_act": "silu",
+        "tie_word_embeddings": false,
+        "attention_bias": false,
+        "mlp_bias": false,
+        "initializer_range": config.init_std,
+        "bos_token_id": tokenizer.bos_id(),
+        "eos_token_id": tokenizer.eos_id(),
+        "pad_token_id": tokenizer.pad_id(),
+        "torch_dtype": "float32",
+    })
+}
+
+/// A model configuration from an HF `config.json` (Llama with as many KV heads as heads).
+pub fn config_from_hf(path: &Path) -> Result<ModelConfig, CheckpointError> {
+    let text = fs::read_to_string(path).map_err(io(path))?;
+    let v: serde_json::Value = serde_json::from_str(&text).map_err(|e| format_err(path, e))?;
+    let get = |k: &str| {
+        v.get(k)
+            .and_then(serde_json::Value::as_u64)
+            .map(|x| x as usize)
+            .ok_or_else(|| format_err(path, format!("missing integer field {k}")))
+    };
+    let heads = get("num_attention_heads")?;
+    if v.get("num_key_value_heads").and_then(serde_json::Value::as_u64).is_some_and(|kv| kv as usize != heads) {
+        return Err(format_err(path, "grouped-query attention is not supported"));
+    }
+    Ok(ModelConfig {
+        vocab_size: get("vocab_size")?,
+        d_model: get("hidden_size")?,
+        n_layers: get("num_hidden_layers")?,
+        n_heads: heads,
+        d_ff: get("intermediate_size")?,
+        max_seq_len: get("max_position_embeddings")?,
+        rope_theta: v.get("rope_theta").and_then(serde_json::Value::as_f64).unwrap_or(10_000.0),
+        norm_eps: v.get("rms_norm_eps").and_then(serde_json::Value::as_f64).unwrap_or(1e-6),
+        init_std: v.get("initializer_range").and_then(serde_json::Value::as_f64).unwrap_or(0.02),
+    })
+}
+
+/// Writes `bytes` to `path` through a temporary file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), CheckpointError> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(".tmp");
+    let tmp = PathBuf::from(tmp);
+    fs::write(&tmp, bytes).map_err(io(&tmp))?;
+    fs::rename(&tmp, path).map_err(io(path))
+}
+
+/// Saves a checkpoint directory atomically. `extra` files (name, bytes) go in too.
+pub fn save(
+    dir: &Path,
+    meta: &CheckpointMeta,
+    weights: &Weights,
+    tokenizer: &AprTokenizer,
+    extra: &[(&str, Vec<u8>)],
+) -> Result<(), CheckpointError> {
+    let mut partial = dir.as_os_str().to_owned();
+    partial.push(".partial");
+    let partial = PathBuf::from(partial);
+    if partial.exists() {
+        fs::remove_dir_all(&partial).map_err(io(&partial))?;
+    }
+    fs::create_dir_all(&partial).map_err(io(&partial))?;
+    let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
+    fs::write(partial.join("apr.json"), json(&serde_json::to_value(meta).unwrap_or_default()))
+        .map_err(io(&partial))?;
+    fs::write(partial.join("config.json"), json(&hf_config(&meta.model, tokenizer)))
+        .map_err(io(&partial))?;
+    let bytes = safetensors_bytes(weights).map_err(|e| format_err(dir, e))?;
+    fs::write(partial.join("model.safetensors"), bytes).map_err(io(&partial))?;
+    tokenizer
+        .save(&partial.join("tokenizer.json"))
+        .map_err(|e| format_err(dir, e))?;
+    for (name, bytes) in extra {
+        fs::write(partial.join(name), bytes).map_err(io(&partial))?;
+    }
+    // Swap the finished directory into place; the old one is removed only afterwards, so a
+    // crash leaves either the old or the new checkpoint complete.
+    let mut old = dir.as_os_str().to_owned();
+    old.push(".old");
+    let old = PathBuf::from(old);
+    if dir.exists() {
+        if old.exists() {
+            fs::remove_dir_all(&old).map_err(io(&old))?;
+        }
+        fs::rename(dir, &old).map_err(io(dir))?;
+    }
+    fs::rename(&partial, dir).map_err(io(dir))?;
+    if old.exists() {
+        fs::remove_dir_all(&old).map_err(io(&old))?;
+    }
+    Ok(())
+}
+
+/// Loads a checkpoint: ours (`apr.json`) or a plain HF Llama directory (`config.json`). The
+/// weights must match the configuration's shapes.
+pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    if !dir.is_dir() {
+        // A crash between the two renames of `save` leaves the previous checkpoint as DIR.old.
+        return Err(format_err(dir, "no such checkpoint directory"));
+    }
+    let meta = match fs::read_to_string(dir.join("apr.json")) {
+        Ok(text) => serde_json::from_str(&text).map_err(|e| format_err(&dir.join("apr.json"), e))?,
+        Err(_) => CheckpointMeta {
+            model: config_from_hf(&dir.join("config.json"))?,
+            info: serde_json::json!({"imported": "hf"}),
+        },
+    };
+    meta.model
+        .validate()
+        .map_err(|e| format_err(&dir.join("apr.json"), e))?;
+    let weights = read_safetensors(&dir.join("model.safetensors"))?;
+    for (name, shape) in parameter_shapes(&meta.model) {
+        match weights.get(&name) {
+            None => return Err(format_err(&dir.join("model.safetensors"), format!("missing tensor {name}"))),
+            Some(t) if t.shape != shape => {
+                return Err(format_err(
+                    &dir.join("model.safetensors"),
+                    format!("tensor {name} has shape {:?} but the configuration needs {shape:?}", t.shape),
+                ))
+            }
+            Some(_) => {}
+        }
+    }
+    let tokenizer = AprTokenizer::from_file(&dir.join("tokenizer.json"))
+        .map_err(|e| format_err(&dir.join("tokenizer.json"), e))?;
+    if tokenizer.vocab_size() > meta.model.vocab_size {
+        return Err(format_err(
+            dir,
+            format!(
+                "tokenizer has {} tokens but the model only {}",
+                tokenizer.vocab_size(),
+                meta.model.vocab_size
+            ),
+        ));
+    }
+    Ok(Checkpoint {
+        meta,
+        weights,
+        tokenizer,
+        dir: dir.to_owned(),
+    })
+}
+
+/// Writes an HF export (`config.json`, `model.safetensors`, `tokenizer.json`) of a checkpoint.
+pub fn export_hf(checkpoint: &Checkpoint, out: &Path) -> Result<(), CheckpointError> {
+    fs::create_dir_all(out).map_err(io(out))?;
+    let json = serde_json::to_vec_pretty(&hf_config(&checkpoint.meta.model, &checkpoint.tokenizer))
+        .unwrap_or_default();
+    write_atomic(&out.join("config.json"), &json)?;
+    let bytes = safetensors_bytes(&checkpoint.weights).map_err(|e| format_err(out, e))?;
+    write_atomic(&out.join("model.safetensors"), &bytes)?;
+    checkpoint
+        .tokenizer
+        .save(&out.join("tokenizer.json"))
+        .map_err(|e| format_err(out, e))
+}
