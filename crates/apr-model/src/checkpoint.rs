@@ -121,7 +121,12 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Che
                 .chunks_exact(2)
                 .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
                 .collect(),
-            other => return Err(format_err(path, format!("tensor {name}: unsupported dtype {other:?}"))),
+            other => {
+                return Err(format_err(
+                    path,
+                    format!("tensor {name}: unsupported dtype {other:?}"),
+                ))
+            }
         };
         out.insert(
             name,
@@ -171,7 +176,10 @@ pub fn config_from_hf(path: &Path) -> Result<ModelConfig, CheckpointError> {
             .ok_or_else(|| format_err(path, format!("missing integer field {k}")))
     };
     let heads = get("num_attention_heads")?;
-    if v.get("num_key_value_heads").and_then(serde_json::Value::as_u64).is_some_and(|kv| kv as usize != heads) {
+    if v.get("num_key_value_heads")
+        .and_then(serde_json::Value::as_u64)
+        .is_some_and(|kv| kv as usize != heads)
+    {
         return Err(format_err(path, "grouped-query attention is not supported"));
     }
     Ok(ModelConfig {
@@ -181,9 +189,18 @@ pub fn config_from_hf(path: &Path) -> Result<ModelConfig, CheckpointError> {
         n_heads: heads,
         d_ff: get("intermediate_size")?,
         max_seq_len: get("max_position_embeddings")?,
-        rope_theta: v.get("rope_theta").and_then(serde_json::Value::as_f64).unwrap_or(10_000.0),
-        norm_eps: v.get("rms_norm_eps").and_then(serde_json::Value::as_f64).unwrap_or(1e-6),
-        init_std: v.get("initializer_range").and_then(serde_json::Value::as_f64).unwrap_or(0.02),
+        rope_theta: v
+            .get("rope_theta")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(10_000.0),
+        norm_eps: v
+            .get("rms_norm_eps")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(1e-6),
+        init_std: v
+            .get("initializer_range")
+            .and_then(serde_json::Value::as_f64)
+            .unwrap_or(0.02),
     })
 }
 
@@ -212,10 +229,16 @@ pub fn save(
     }
     fs::create_dir_all(&partial).map_err(io(&partial))?;
     let json = |v: &serde_json::Value| serde_json::to_vec_pretty(v).unwrap_or_default();
-    fs::write(partial.join("apr.json"), json(&serde_json::to_value(meta).unwrap_or_default()))
-        .map_err(io(&partial))?;
-    fs::write(partial.join("config.json"), json(&hf_config(&meta.model, tokenizer)))
-        .map_err(io(&partial))?;
+    fs::write(
+        partial.join("apr.json"),
+        json(&serde_json::to_value(meta).unwrap_or_default()),
+    )
+    .map_err(io(&partial))?;
+    fs::write(
+        partial.join("config.json"),
+        json(&hf_config(&meta.model, tokenizer)),
+    )
+    .map_err(io(&partial))?;
     let bytes = safetensors_bytes(weights).map_err(|e| format_err(dir, e))?;
     fs::write(partial.join("model.safetensors"), bytes).map_err(io(&partial))?;
     tokenizer
@@ -250,7 +273,9 @@ pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
         return Err(format_err(dir, "no such checkpoint directory"));
     }
     let meta = match fs::read_to_string(dir.join("apr.json")) {
-        Ok(text) => serde_json::from_str(&text).map_err(|e| format_err(&dir.join("apr.json"), e))?,
+        Ok(text) => {
+            serde_json::from_str(&text).map_err(|e| format_err(&dir.join("apr.json"), e))?
+        }
         Err(_) => CheckpointMeta {
             model: config_from_hf(&dir.join("config.json"))?,
             info: serde_json::json!({"imported": "hf"}),
@@ -262,11 +287,19 @@ pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     let weights = read_safetensors(&dir.join("model.safetensors"))?;
     for (name, shape) in parameter_shapes(&meta.model) {
         match weights.get(&name) {
-            None => return Err(format_err(&dir.join("model.safetensors"), format!("missing tensor {name}"))),
+            None => {
+                return Err(format_err(
+                    &dir.join("model.safetensors"),
+                    format!("missing tensor {name}"),
+                ))
+            }
             Some(t) if t.shape != shape => {
                 return Err(format_err(
                     &dir.join("model.safetensors"),
-                    format!("tensor {name} has shape {:?} but the configuration needs {shape:?}", t.shape),
+                    format!(
+                        "tensor {name} has shape {:?} but the configuration needs {shape:?}",
+                        t.shape
+                    ),
                 ))
             }
             Some(_) => {}

@@ -582,7 +582,13 @@ impl Attention {
         let (q, k) = (rope.apply_prefix(q), rope.apply_prefix(k));
         let s = q.dims()[2];
         let device = q.device();
-        let mask = Tensor::<2, Bool>::triu_mask([s, s], 1, &device).reshape([1, 1, s, s]);
+        // mask[i, j] = key j comes after query i.
+        let pos = Tensor::<1, Int>::arange(0..s as i64, &device);
+        let mask = pos
+            .clone()
+            .reshape([1, s])
+            .greater(pos.reshape([s, 1]))
+            .reshape([1, 1, s, s]);
         self.merge(scaled_attention(q, k, v, mask))
     }
 
@@ -670,6 +676,16 @@ impl Model {
             llama,
             rope,
         })
+    }
+
+    /// A copy for inference: parameters without autodiff tracking, on the plain device.
+    pub fn valid(&self) -> Model {
+        let device = self.rope_device().inner();
+        Model {
+            config: self.config.clone(),
+            llama: self.llama.valid(),
+            rope: Rope::new(&self.config, &device),
+        }
     }
 
     /// The device the model lives on.

@@ -9,9 +9,19 @@ fn save_load_round_trip_and_shape_mismatch() {
     let tok = AprTokenizer::domain();
     let config = ModelConfig::preset(Preset::Tiny, tok.vocab_size());
     let weights = init_weights(&config, 5);
-    let meta = CheckpointMeta { model: config.clone(), info: serde_json::json!({"step": 3}) };
+    let meta = CheckpointMeta {
+        model: config.clone(),
+        info: serde_json::json!({"step": 3}),
+    };
     let path = dir.path().join("ckpt");
-    save(&path, &meta, &weights, &tok, &[("extra.bin", vec![1, 2, 3])]).unwrap();
+    save(
+        &path,
+        &meta,
+        &weights,
+        &tok,
+        &[("extra.bin", vec![1, 2, 3])],
+    )
+    .unwrap();
     // Saving again replaces it atomically.
     save(&path, &meta, &weights, &tok, &[("extra.bin", vec![4])]).unwrap();
     let ck = load(&path).unwrap();
@@ -25,7 +35,12 @@ fn save_load_round_trip_and_shape_mismatch() {
     wrong.model.n_heads = 4;
     save(&dir.path().join("bad"), &wrong, &weights, &tok, &[]).unwrap();
     let err = load(&dir.path().join("bad")).unwrap_err().to_string();
-    assert!(err.contains("model.embed_tokens.weight has shape [57, 64] but the configuration needs [57, 128]"), "{err}");
+    assert!(
+        err.contains(
+            "model.embed_tokens.weight has shape [57, 64] but the configuration needs [57, 128]"
+        ),
+        "{err}"
+    );
     let err = load(&dir.path().join("missing")).unwrap_err().to_string();
     assert!(err.contains("no such checkpoint directory"), "{err}");
 }

@@ -1,0 +1,272 @@
+//! AdamW with global-norm gradient clipping and gradient accumulation, over any burn module.
+//!
+//! Parameters are addressed by their visiting order, which is fixed by the module's structure,
+//! so the optimizer state can be saved next to the weights and restored bit for bit (burn's own
+//! optimizer records are keyed by run-time parameter ids).
+
+use std::collections::BTreeMap;
+
+use apr_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use apr_model::burn::tensor::Gradients;
+use apr_model::burn::tensor::{Tensor, TensorData};
+use apr_model::HostTensor;
+use serde::{Deserialize, Serialize};
+
+/// AdamW hyper-parameters (PyTorch semantics: decoupled weight decay `p -= lr·wd·p`).
+#[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
+pub struct AdamWConfig {
+    /// β₁.
+    pub beta1: f64,
+    /// β₂.
+    pub beta2: f64,
+    /// ε.
+    pub eps: f64,
+    /// Weight decay.
+    pub weight_decay: f64,
+    /// Clip the global gradient norm to this (0: off).
+    pub clip_norm: f64,
+}
+
+impl Default for AdamWConfig {
+    fn default() -> Self {
+        AdamWConfig {
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.01,
+            clip_norm: 1.0,
+        }
+    }
+}
+
+/// Why an update was refused.
+#[derive(Clone, Debug, PartialEq, thiserror::Error)]
+pub enum OptimError {
+    /// NaN or infinite gradients: the step is not applied.
+    #[error("non-finite gradient norm ({0}); the update was not applied")]
+    NonFinite(f64),
+    /// Nothing was accumulated.
+    #[error("no gradients accumulated")]
+    Empty,
+}
+
+/// Optimizer state: step count and the two moments of every parameter (flattened).
+pub struct AdamW {
+    config: AdamWConfig,
+    step: u64,
+    m: Vec<Tensor<1>>,
+    v: Vec<Tensor<1>>,
+    /// Accumulated gradients (flattened, visiting order) and how many micro-batches.
+    acc: Vec<Tensor<1>>,
+    acc_count: usize,
+}
+
+struct CollectGrads<'a> {
+    grads: &'a Gradients,
+    out: Vec<Tensor<1>>,
+}
+
+impl ModuleVisitor for CollectGrads<'_> {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let value = param.val();
+        let n = value.shape().num_elements();
+        // A parameter the loss does not reach has a zero gradient.
+        let grad = match value.grad(self.grads) {
+            Some(g) => g.reshape([n]),
+            None => value.inner().reshape([n]).zeros_like(),
+        };
+        self.out.push(grad);
+    }
+}
+
+struct Apply<'a> {
+    updates: &'a [Tensor<1>],
+    index: usize,
+}
+
+impl ModuleMapper for Apply<'_> {
+    fn map_float<const D: usize>(&mut self, param: Param<Tensor<D>>) -> Param<Tensor<D>> {
+        let (id, tensor, mapper) = param.consume();
+        let i = self.index;
+        self.index += 1;
+        let dims = tensor.dims();
+        let inner = tensor.inner();
+        let updated = inner - self.updates[i].clone().reshape(dims);
+        Param::from_mapped_value(id, Tensor::from_inner(updated).require_grad(), mapper)
+    }
+}
+
+/// Counts float parameters (to size the state).
+struct Count(usize);
+impl ModuleVisitor for Count {
+    fn visit_float<const D: usize>(&mut self, _param: &Param<Tensor<D>>) {
+        self.0 += 1;
+    }
+}
+
+impl AdamW {
+    /// A fresh optimizer.
+    pub fn new(config: AdamWConfig) -> Self {
+        AdamW {
+            config,
+            step: 0,
+            m: Vec::new(),
+            v: Vec::new(),
+            acc: Vec::new(),
+            acc_count: 0,
+        }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Adds the gradients of one micro-batch (`grads` from `loss.backward()` on `module`).
+    pub fn accumulate<M: Module>(&mut self, module: &M, grads: &Gradients) {
+        let mut collect = CollectGrads {
+            grads,
+            out: Vec::new(),
+        };
+        module.visit(&mut collect);
+        if self.acc.is_empty() {
+            self.acc = collect.out;
+        } else {
+            for (acc, g) in self.acc.iter_mut().zip(collect.out) {
+                *acc = acc.clone() + g;
+            }
+        }
+        self.acc_count += 1;
+    }
+
+    /// Applies one update from the accumulated gradients (averaged over micro-batches) and
+    /// returns the pre-clipping global gradient norm.
+    pub fn step<M: Module>(&mut self, module: M, lr: f64) -> Result<(M, f64), (M, OptimError)> {
+        if self.acc_count == 0 {
+            return Err((module, OptimError::Empty));
+        }
+        let scale = 1.0 / self.acc_count as f64;
+        let grads: Vec<Tensor<1>> = std::mem::take(&mut self.acc)
+            .into_iter()
+            .map(|g| g * scale)
+            .collect();
+        self.acc_count = 0;
+        // One host read for the global norm.
+        let sq: Vec<Tensor<1>> = grads
+            .iter()
+            .map(|g| g.clone().powi_scalar(2).sum())
+            .collect();
+        let norm = Tensor::cat(sq, 0)
+            .sum()
+            .into_data()
+            .iter::<f64>()
+            .next()
+            .unwrap_or(f64::NAN)
+            .sqrt();
+        if !norm.is_finite() {
+            return Err((module, OptimError::NonFinite(norm)));
+        }
+        let clip = if self.config.clip_norm > 0.0 && norm > self.config.clip_norm {
+            self.config.clip_norm / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let c = &self.config;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        if self.m.is_empty() {
+            self.m = grads.iter().map(|g| g.zeros_like()).collect();
+            self.v = grads.iter().map(|g| g.zeros_like()).collect();
+        }
+        let params = current_params(&module);
+        let mut updates = Vec::with_capacity(grads.len());
+        for (i, g) in grads.into_iter().enumerate() {
+            let g = g * clip;
+            let m = self.m[i].clone() * c.beta1 + g.clone() * (1.0 - c.beta1);
+            let v = self.v[i].clone() * c.beta2 + g.powi_scalar(2) * (1.0 - c.beta2);
+            let m_hat = m.clone() / bias1;
+            let v_hat = v.clone() / bias2;
+            let adam = m_hat / (v_hat.sqrt() + c.eps);
+            let decay = params[i].clone() * (c.weight_decay);
+            updates.push((adam + decay) * lr);
+            self.m[i] = m;
+            self.v[i] = v;
+        }
+        let module = module.map(&mut Apply {
+            updates: &updates,
+            index: 0,
+        });
+        Ok((module, norm))
+    }
+
+    /// The state as named host tensors (`m.i`, `v.i`) plus the step count.
+    pub fn state(&self) -> (u64, BTreeMap<String, HostTensor>) {
+        let mut out = BTreeMap::new();
+        for (name, list) in [("m", &self.m), ("v", &self.v)] {
+            for (i, t) in list.iter().enumerate() {
+                let data: Vec<f32> = t
+                    .clone()
+                    .into_data()
+                    .convert::<f32>()
+                    .try_to_vec()
+                    .unwrap_or_default();
+                out.insert(
+                    format!("{name}.{i:04}"),
+                    HostTensor {
+                        shape: vec![data.len()],
+                        data,
+                    },
+                );
+            }
+        }
+        (self.step, out)
+    }
+
+    /// Restores a state saved by [`AdamW::state`] for `module`'s parameters on its device.
+    pub fn restore<M: Module>(
+        &mut self,
+        module: &M,
+        device: &apr_model::burn::tensor::Device,
+        step: u64,
+        tensors: &BTreeMap<String, HostTensor>,
+    ) -> Result<(), String> {
+        let mut count = Count(0);
+        module.visit(&mut count);
+        let load = |name: &str| -> Result<Vec<Tensor<1>>, String> {
+            (0..count.0)
+                .map(|i| {
+                    let key = format!("{name}.{i:04}");
+                    let t = tensors
+                        .get(&key)
+                        .ok_or_else(|| format!("optimizer state lacks {key}"))?;
+                    Ok(Tensor::from_data(
+                        TensorData::new(t.data.clone(), [t.data.len()]),
+                        device,
+                    ))
+                })
+                .collect()
+        };
+        if step > 0 {
+            self.m = load("m")?;
+            self.v = load("v")?;
+        }
+        self.step = step;
+        Ok(())
+    }
+}
+
+struct Values(Vec<Tensor<1>>);
+impl ModuleVisitor for Values {
+    fn visit_float<const D: usize>(&mut self, param: &Param<Tensor<D>>) {
+        let v = param.val();
+        let n = v.shape().num_elements();
+        self.0.push(v.inner().reshape([n]));
+    }
+}
+
+fn current_params<M: Module>(module: &M) -> Vec<Tensor<1>> {
+    let mut values = Values(Vec::new());
+    module.visit(&mut values);
+    values.0
+}

@@ -1,0 +1,436 @@
+//! Supervised fine-tuning on solver traces (spec §4.3): `BOS + text + EOS`, loss on every
+//! non-pad token (optionally not on the prompt), length-bucketed micro-batches, AdamW with
+//! warmup-cosine and clipping, accumulation, seeded order, atomic checkpoints, exact resume.
+
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use apr_countdown::pyrand::{derive_seed, PyRandom};
+use apr_countdown::sft::SftSequence;
+use apr_model::burn::tensor::activation::log_softmax;
+use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
+use apr_model::checkpoint::{self, CheckpointMeta};
+use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
+use serde::{Deserialize, Serialize};
+
+use crate::optim::{AdamW, AdamWConfig};
+use crate::schedule::WarmupCosine;
+
+/// One tokenized training sequence.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Example {
+    /// `BOS + text + EOS`, truncated to the context + 1.
+    pub tokens: Vec<u32>,
+    /// Targets before this index carry no loss (prompt masking; 1 = loss on everything).
+    pub loss_from: usize,
+}
+
+/// Tokenizes SFT sequences; text the tokenizer cannot encode is an error naming the sequence.
+pub fn tokenize(
+    sequences: &[SftSequence],
+    tokenizer: &AprTokenizer,
+    context: usize,
+    mask_prompt: bool,
+) -> Result<Vec<Example>, String> {
+    sequences
+        .iter()
+        .enumerate()
+        .map(|(i, seq)| {
+            let mut tokens = vec![tokenizer.bos_id()];
+            tokens.extend(
+                tokenizer
+                    .encode(&seq.text)
+                    .map_err(|e| format!("sequence {i}: {e}"))?,
+            );
+            tokens.push(tokenizer.eos_id());
+            tokens.truncate(context + 1);
+            let loss_from = if mask_prompt {
+                let prompt = seq.text.get(..seq.prompt_len).unwrap_or(&seq.text);
+                1 + tokenizer.encode(prompt).map(|t| t.len()).unwrap_or(0)
+            } else {
+                1
+            };
+            Ok(Example {
+                loss_from: loss_from.min(tokens.len()),
+                tokens,
+            })
+        })
+        .collect()
+}
+
+/// Micro-batches of example indices for one epoch: a seeded shuffle, then windows of examples
+/// sorted by length and packed while `rows × longest ≤ batch_tokens`, then the batches shuffled.
+pub fn epoch_batches(
+    lengths: &[usize],
+    batch_tokens: usize,
+    seed: u64,
+    epoch: u64,
+) -> Vec<Vec<usize>> {
+    let mut rng = PyRandom::new(derive_seed(seed, 11, epoch));
+    let mut order: Vec<usize> = (0..lengths.len()).collect();
+    rng.shuffle(&mut order);
+    let mut batches = Vec::new();
+    for window in order.chunks(1024) {
+        let mut w = window.to_vec();
+        w.sort_by_key(|&i| lengths[i]);
+        let mut batch: Vec<usize> = Vec::new();
+        let mut longest = 0;
+        for i in w {
+            let l = lengths[i].max(longest);
+            if !batch.is_empty() && (batch.len() + 1) * l > batch_tokens {
+                batches.push(std::mem::take(&mut batch));
+                longest = 0;
+            }
+            longest = longest.max(lengths[i]);
+            batch.push(i);
+        }
+        if !batch.is_empty() {
+            batches.push(batch);
+        }
+    }
+    rng.shuffle(&mut batches);
+    batches
+}
+
+/// Pads a batch: `(inputs [b, L], targets [b, L], mask [b, L])`, L = longest − 1.
+pub fn pad_batch(
+    examples: &[&Example],
+    pad: u32,
+    device: &Device,
+) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
+    let b = examples.len();
+    let l = examples
+        .iter()
+        .map(|e| e.tokens.len())
+        .max()
+        .unwrap_or(2)
+        .max(2)
+        - 1;
+    let mut inputs = Vec::with_capacity(b * l);
+    let mut targets = Vec::with_capacity(b * l);
+    let mut mask = Vec::with_capacity(b * l);
+    for e in examples {
+        for i in 0..l {
+            inputs.push(e.tokens.get(i).copied().unwrap_or(pad) as i64);
+            let target = e.tokens.get(i + 1).copied();
+            targets.push(target.unwrap_or(pad) as i64);
+            mask.push((target.is_some() && i + 1 >= e.loss_from) as u8 as f32);
+        }
+    }
+    (
+        Tensor::from_data(TensorData::new(inputs, [b, l]), device),
+        Tensor::from_data(TensorData::new(targets, [b, l]), device),
+        Tensor::from_data(TensorData::new(mask, [b, l]), device),
+    )
+}
+
+/// Mean negative log-likelihood of the masked targets.
+pub fn masked_nll(
+    model: &Model,
+    inputs: Tensor<2, Int>,
+    targets: Tensor<2, Int>,
+    mask: Tensor<2>,
+) -> Tensor<1> {
+    let logits = model.forward(inputs);
+    let [b, l, _] = logits.dims();
+    let logp = log_softmax(logits, 2)
+        .gather(2, targets.reshape([b, l, 1]))
+        .reshape([b, l]);
+    let count = mask.clone().sum().clamp_min(1.0);
+    -(logp * mask).sum() / count
+}
+
+/// SFT settings.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct SftConfig {
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Tokens (rows × padded length) per micro-batch.
+    pub batch_tokens: usize,
+    /// Micro-batches per step.
+    pub accum: usize,
+    /// Peak learning rate.
+    pub peak_lr: f64,
+    /// Final learning rate.
+    pub min_lr: f64,
+    /// Warmup steps.
+    pub warmup: usize,
+    /// Optimizer.
+    pub adamw: AdamWConfig,
+    /// Sequence length limit (per thread).
+    pub context: usize,
+    /// Seed of the data order.
+    pub seed: u64,
+    /// Checkpoint every this many steps (and at the end).
+    pub checkpoint_every: usize,
+    /// Validation loss every this many steps (0: never).
+    pub eval_every: usize,
+}
+
+/// One line of `metrics.jsonl`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct StepMetrics {
+    /// Step (1-based).
+    pub step: usize,
+    /// Training loss of the step (mean over its micro-batches).
+    pub loss: f64,
+    /// Learning rate used.
+    pub lr: f64,
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    /// Training tokens (non-pad) per second in this step.
+    pub tokens_per_s: f64,
+    /// Validation loss, when measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_loss: Option<f64>,
+    /// Validation accuracy, when measured.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub val_accuracy: Option<f64>,
+}
+
+/// `train_state.json`: where a run is.
+#[derive(Clone, Debug, Default, Serialize, Deserialize)]
+pub struct TrainState {
+    /// Optimizer steps done.
+    pub step: usize,
+    /// Micro-batches consumed in all (the data cursor).
+    pub batches_consumed: usize,
+}
+
+/// A training run in progress.
+pub struct SftTrainer {
+    /// Settings.
+    pub config: SftConfig,
+    /// The model (on an autodiff device).
+    pub model: Model,
+    /// Tokenizer.
+    pub tokenizer: AprTokenizer,
+    optim: AdamW,
+    schedule: WarmupCosine,
+    examples: Vec<Example>,
+    val: Vec<Example>,
+    state: TrainState,
+    out: PathBuf,
+    device: Device,
+    /// Batches of the current epoch, cached.
+    epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
+}
+
+/// Failure of a training run.
+#[derive(Debug, thiserror::Error)]
+pub enum TrainError {
+    /// Checkpoint I/O.
+    #[error(transparent)]
+    Checkpoint(#[from] checkpoint::CheckpointError),
+    /// Anything else (with its own message).
+    #[error("{0}")]
+    Other(String),
+}
+
+impl SftTrainer {
+    /// A new run from fresh or given weights, or the continuation of the run in `out` when
+    /// `resume` is set and a checkpoint exists there.
+    #[allow(clippy::too_many_arguments)]
+    pub fn new(
+        config: SftConfig,
+        model_config: ModelConfig,
+        init: Weights,
+        tokenizer: AprTokenizer,
+        examples: Vec<Example>,
+        val: Vec<Example>,
+        out: &Path,
+        device: &Device,
+        resume: bool,
+    ) -> Result<Self, TrainError> {
+        let train_device = device.clone().autodiff();
+        let ckpt_dir = out.join("checkpoint");
+        let mut optim = AdamW::new(config.adamw);
+        let mut state = TrainState::default();
+        let (model_config, weights) = if resume && ckpt_dir.exists() {
+            let ck = checkpoint::load(&ckpt_dir)?;
+            let text = std::fs::read_to_string(ckpt_dir.join("train_state.json"))
+                .map_err(|e| TrainError::Other(format!("{}: {e}", ckpt_dir.display())))?;
+            state = serde_json::from_str(&text).map_err(|e| TrainError::Other(e.to_string()))?;
+            (ck.meta.model, ck.weights)
+        } else {
+            (model_config, init)
+        };
+        let model = Model::new(model_config, &weights, &train_device)
+            .map_err(|e| TrainError::Other(e.to_string()))?;
+        if state.step > 0 {
+            let tensors = checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"))?;
+            optim
+                .restore(&model.llama, device, state.step as u64, &tensors)
+                .map_err(TrainError::Other)?;
+        }
+        let schedule = WarmupCosine {
+            peak: config.peak_lr,
+            min: config.min_lr,
+            warmup: config.warmup,
+            total: config.steps,
+        };
+        std::fs::create_dir_all(out)
+            .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
+        Ok(SftTrainer {
+            config,
+            model,
+            tokenizer,
+            optim,
+            schedule,
+            examples,
+            val,
+            state,
+            out: out.to_owned(),
+            device: device.clone(),
+            epoch_cache: None,
+        })
+    }
+
+    /// Steps done so far.
+    pub fn step(&self) -> usize {
+        self.state.step
+    }
+
+    fn batch(&mut self, index: usize) -> Vec<usize> {
+        let lengths: Vec<usize> = self.examples.iter().map(|e| e.tokens.len()).collect();
+        let mut epoch = 0u64;
+        let mut offset = index;
+        loop {
+            if self.epoch_cache.as_ref().is_none_or(|(e, _)| *e != epoch) {
+                let batches =
+                    epoch_batches(&lengths, self.config.batch_tokens, self.config.seed, epoch);
+                self.epoch_cache = Some((epoch, batches));
+            }
+            let n = self.epoch_cache.as_ref().map_or(0, |(_, b)| b.len());
+            if n == 0 {
+                return Vec::new();
+            }
+            if offset < n {
+                return self
+                    .epoch_cache
+                    .as_ref()
+                    .map(|(_, b)| b[offset].clone())
+                    .unwrap_or_default();
+            }
+            offset -= n;
+            epoch += 1;
+        }
+    }
+
+    /// One optimizer step over `accum` micro-batches.
+    pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let start = Instant::now();
+        let train_device = self.device.clone().autodiff();
+        let mut loss_sum = 0.0;
+        let mut tokens = 0.0;
+        for _ in 0..self.config.accum.max(1) {
+            let idx = self.batch(self.state.batches_consumed);
+            self.state.batches_consumed += 1;
+            let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+            if batch.is_empty() {
+                return Err(TrainError::Other("no training examples".into()));
+            }
+            let (inputs, targets, mask) = pad_batch(&batch, self.tokenizer.pad_id(), &train_device);
+            tokens += mask
+                .clone()
+                .sum()
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(0.0);
+            let loss = masked_nll(&self.model, inputs, targets, mask);
+            let value = loss
+                .clone()
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(f64::NAN);
+            if !value.is_finite() {
+                return Err(TrainError::Other(format!(
+                    "non-finite loss ({value}) at step {}",
+                    self.state.step + 1
+                )));
+            }
+            loss_sum += value;
+            let grads = loss.backward();
+            self.optim.accumulate(&self.model.llama, &grads);
+        }
+        let lr = self.schedule.lr(self.state.step);
+        // Parameters are reference-counted tensors: the clone is cheap and is replaced below.
+        match self.optim.step(self.model.llama.clone(), lr) {
+            Ok((llama, norm)) => {
+                self.model.llama = llama;
+                self.state.step += 1;
+                Ok(StepMetrics {
+                    step: self.state.step,
+                    loss: loss_sum / self.config.accum.max(1) as f64,
+                    lr,
+                    grad_norm: norm,
+                    tokens_per_s: tokens / start.elapsed().as_secs_f64().max(1e-9),
+                    val_loss: None,
+                    val_accuracy: None,
+                })
+            }
+            Err((llama, e)) => {
+                self.model.llama = llama;
+                Err(TrainError::Other(format!(
+                    "step {}: {e}",
+                    self.state.step + 1
+                )))
+            }
+        }
+    }
+
+    /// Mean loss over the validation examples (no gradients).
+    pub fn val_loss(&self) -> f64 {
+        if self.val.is_empty() {
+            return f64::NAN;
+        }
+        let model = self.model.valid();
+        let lengths: Vec<usize> = self.val.iter().map(|e| e.tokens.len()).collect();
+        let batches = epoch_batches(&lengths, self.config.batch_tokens, 0, 0);
+        let (mut sum, mut count) = (0.0, 0.0);
+        for idx in batches {
+            let batch: Vec<&Example> = idx.iter().map(|&i| &self.val[i]).collect();
+            let (inputs, targets, mask) = pad_batch(&batch, self.tokenizer.pad_id(), &self.device);
+            let n = mask
+                .clone()
+                .sum()
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(0.0);
+            let loss = masked_nll(&model, inputs, targets, mask)
+                .into_data()
+                .iter::<f64>()
+                .next()
+                .unwrap_or(f64::NAN);
+            sum += loss * n;
+            count += n;
+        }
+        sum / count.max(1.0)
+    }
+
+    /// Writes the checkpoint (weights, tokenizer, optimizer state, data cursor) atomically.
+    pub fn save(&self, info: serde_json::Value) -> Result<PathBuf, TrainError> {
+        let dir = self.out.join("checkpoint");
+        let (_, opt) = self.optim.state();
+        let opt_bytes = checkpoint::safetensors_bytes(&opt).map_err(TrainError::Other)?;
+        let state = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
+        let meta = CheckpointMeta {
+            model: self.model.config.clone(),
+            info,
+        };
+        checkpoint::save(
+            &dir,
+            &meta,
+            &self.model.llama.to_weights(),
+            &self.tokenizer,
+            &[
+                ("optimizer.safetensors", opt_bytes),
+                ("train_state.json", state),
+            ],
+        )?;
+        Ok(dir)
+    }
+}

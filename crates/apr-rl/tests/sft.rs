@@ -1,0 +1,114 @@
+//! SFT learns (loss falls) and a resumed run continues bit-identically on the CPU backend.
+
+use std::collections::HashSet;
+
+use apr_countdown::problem::{streams, ProblemSpec};
+use apr_countdown::record::{generate_traces, AprSolverConfig, CharCounter, SolverConfig};
+use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_model::backend::Backend;
+use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
+use apr_rl::optim::AdamWConfig;
+use apr_rl::sft::{tokenize, Example, SftConfig, SftTrainer};
+
+fn data(tok: &AprTokenizer) -> Vec<Example> {
+    let spec = ProblemSpec {
+        numbers: 3,
+        max_target: 100,
+    };
+    let problems = spec.generate(24, 1, streams::TRAIN, &HashSet::new());
+    let traces = generate_traces(
+        &problems,
+        &SolverConfig::Apr(AprSolverConfig::default()),
+        1,
+        &CharCounter,
+    );
+    let seqs: Vec<_> = traces
+        .iter()
+        .flat_map(|r| sequences(r, SftView::Apr, SftOptions::default(), &CharCounter))
+        .collect();
+    tokenize(&seqs, tok, 512, false).unwrap()
+}
+
+fn config(steps: usize) -> SftConfig {
+    SftConfig {
+        steps,
+        batch_tokens: 2048,
+        accum: 2,
+        peak_lr: 3e-3,
+        min_lr: 3e-4,
+        warmup: 2,
+        adamw: AdamWConfig::default(),
+        context: 512,
+        seed: 7,
+        checkpoint_every: 3,
+        eval_every: 0,
+    }
+}
+
+#[test]
+fn loss_falls_and_resume_is_bit_identical() {
+    let tok = AprTokenizer::domain();
+    let examples = data(&tok);
+    let model_config = ModelConfig {
+        max_seq_len: 512,
+        ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
+    };
+    let init = init_weights(&model_config, 3);
+    let device = Backend::Cpu.device(0).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+
+    let mut straight = SftTrainer::new(
+        config(6),
+        model_config.clone(),
+        init.clone(),
+        tok.clone(),
+        examples.clone(),
+        vec![],
+        &dir.path().join("a"),
+        &device,
+        false,
+    )
+    .unwrap();
+    let losses: Vec<f64> = (0..6)
+        .map(|_| straight.train_step().unwrap().loss)
+        .collect();
+    assert!(losses[5] < losses[0] * 0.9, "loss should fall: {losses:?}");
+
+    let b = dir.path().join("b");
+    let mut first = SftTrainer::new(
+        config(6),
+        model_config.clone(),
+        init.clone(),
+        tok.clone(),
+        examples.clone(),
+        vec![],
+        &b,
+        &device,
+        false,
+    )
+    .unwrap();
+    for _ in 0..3 {
+        first.train_step().unwrap();
+    }
+    first.save(serde_json::json!({})).unwrap();
+    drop(first); // the "kill"
+    let mut resumed = SftTrainer::new(
+        config(6),
+        model_config.clone(),
+        init,
+        tok,
+        examples,
+        vec![],
+        &b,
+        &device,
+        true,
+    )
+    .unwrap();
+    assert_eq!(resumed.step(), 3);
+    let resumed_losses: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
+    assert_eq!(resumed_losses, losses[3..].to_vec());
+    assert_eq!(
+        resumed.model.llama.to_weights(),
+        straight.model.llama.to_weights()
+    );
+}
