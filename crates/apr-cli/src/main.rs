@@ -6,7 +6,10 @@ use std::process::ExitCode;
 use clap::{Parser, Subcommand};
 
 mod data;
+mod eval;
+mod model;
 mod progress;
+mod train;
 
 /// Adaptive Parallel Reasoning in Rust: data, models, training and evaluation on Countdown.
 #[derive(Parser)]
@@ -24,6 +27,40 @@ enum Command {
     /// Make problems and solver traces, validate and summarise datasets.
     #[command(subcommand)]
     Data(data::DataCommand),
+    /// Create model checkpoints.
+    #[command(subcommand)]
+    Model(model::ModelCommand),
+    /// Generate text from a checkpoint (raw, through the engine).
+    Generate(model::GenerateArgs),
+    /// Export a checkpoint (Hugging Face format).
+    Export(model::ExportArgs),
+    /// Train: supervised fine-tuning, GRPO.
+    #[command(subcommand)]
+    Train(train::TrainCommand),
+    /// Evaluate a checkpoint: APR, serial, or sampled (pass@n, cons@n).
+    Eval(eval::EvalArgs),
+}
+
+/// Which compute backend and device to run on.
+#[derive(clap::Args, Clone, Debug)]
+pub struct DeviceArgs {
+    /// Compute backend: cpu, wgpu or cuda (must be compiled in).
+    #[arg(long, default_value = "cpu")]
+    backend: String,
+    /// GPU index.
+    #[arg(long = "device", default_value_t = 0)]
+    device_index: usize,
+}
+
+impl DeviceArgs {
+    /// The device, or a one-line error.
+    pub fn device(&self) -> anyhow::Result<apr_model::burn::tensor::Device> {
+        let backend: apr_model::backend::Backend =
+            self.backend.parse().map_err(anyhow::Error::msg)?;
+        backend
+            .device(self.device_index)
+            .map_err(anyhow::Error::msg)
+    }
 }
 
 fn main() -> ExitCode {
@@ -47,6 +84,11 @@ fn main() -> ExitCode {
     }
     let result = match cli.command {
         Command::Data(cmd) => data::run(cmd),
+        Command::Model(cmd) => model::run(cmd),
+        Command::Generate(args) => model::generate(args),
+        Command::Export(args) => model::export(args),
+        Command::Train(cmd) => train::run(cmd),
+        Command::Eval(args) => eval::run(args),
     };
     match result {
         Ok(code) => code,

@@ -3,6 +3,7 @@
 #![warn(missing_docs)]
 
 pub mod eval;
+pub mod grpo;
 pub mod optim;
 pub mod schedule;
 pub mod sft;

@@ -434,3 +434,82 @@ impl SftTrainer {
         Ok(dir)
     }
 }
+
+/// Held-out problems for greedy accuracy during training.
+#[derive(Clone, Debug)]
+pub struct ValProblems {
+    /// Problems.
+    pub problems: Vec<apr_countdown::Problem>,
+    /// APR or serial.
+    pub mode: apr_core::runtime::Mode,
+    /// Per-thread context.
+    pub context: usize,
+    /// Engine slots.
+    pub slots: usize,
+}
+
+impl SftTrainer {
+    /// Greedy accuracy on held-out problems through the runtime.
+    pub fn val_accuracy(&self, val: &ValProblems) -> f64 {
+        if val.problems.is_empty() {
+            return f64::NAN;
+        }
+        let config = crate::eval::EvalConfig {
+            runtime: apr_core::runtime::RuntimeConfig {
+                mode: val.mode,
+                context: val.context,
+                ..Default::default()
+            },
+            samples: 1,
+            slots: val.slots,
+            seed: 0,
+        };
+        let (_, summary) = crate::eval::evaluate(
+            &self.model.valid(),
+            &self.tokenizer,
+            &val.problems,
+            &config,
+            &mut |_, _| {},
+        );
+        summary.accuracy
+    }
+
+    /// Trains to `config.steps`: appends one JSON line per step to `OUT/metrics.jsonl`, measures
+    /// validation loss (and accuracy, when `val` is given) every `eval_every` steps, checkpoints
+    /// every `checkpoint_every` steps and at the end. `progress` sees every step's metrics.
+    /// A non-finite loss or gradient stops the run with an error; the last checkpoint stays.
+    pub fn run(
+        &mut self,
+        val: Option<&ValProblems>,
+        progress: &mut dyn FnMut(&StepMetrics),
+    ) -> Result<Vec<StepMetrics>, TrainError> {
+        use std::io::Write;
+        let path = self.out.join("metrics.jsonl");
+        let mut log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&path)
+            .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+        let mut all = Vec::new();
+        while self.state.step < self.config.steps {
+            let mut m = self.train_step()?;
+            let step = m.step;
+            if self.config.eval_every > 0
+                && (step % self.config.eval_every == 0 || step == self.config.steps)
+            {
+                m.val_loss = Some(self.val_loss()).filter(|v| v.is_finite());
+                if let Some(v) = val {
+                    m.val_accuracy = Some(self.val_accuracy(v));
+                }
+            }
+            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
+                .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+            progress(&m);
+            if step % self.config.checkpoint_every.max(1) == 0 || step == self.config.steps {
+                self.save(serde_json::json!({"step": step, "trainer": "sft"}))?;
+            }
+            all.push(m);
+        }
+        Ok(all)
+    }
+}

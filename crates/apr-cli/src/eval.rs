@@ -1,0 +1,131 @@
+//! `apr eval`: APR, serial and sampled evaluation of a checkpoint.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::Duration;
+
+use anyhow::{bail, Result};
+use apr_core::decoder::Sampling;
+use apr_core::grammar::Conditioning;
+use apr_core::runtime::{Mode, RuntimeConfig};
+use apr_countdown::io::JsonlWriter;
+use apr_rl::eval::{evaluate, EvalConfig};
+use clap::{Args, ValueEnum};
+
+use crate::data::load_problems;
+use crate::model::load_model;
+use crate::progress::bar;
+use crate::DeviceArgs;
+
+#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
+pub enum EvalMode {
+    /// Parent and child threads (greedy by default).
+    Apr,
+    /// One thread per problem (SoS+).
+    Serial,
+    /// `--n` samples per problem at `--temperature`, serial: pass@n and cons@n.
+    Sample,
+}
+
+#[derive(Args)]
+pub struct EvalArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Problems (JSONL or the reference's JSON array).
+    #[arg(long)]
+    problems: PathBuf,
+    /// How to solve.
+    #[arg(long, value_enum, default_value = "apr")]
+    mode: EvalMode,
+    /// Samples per problem (sample mode; APR/serial too, for pass@n).
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Sampling temperature (0 = greedy; sample mode defaults to 1.0).
+    #[arg(long)]
+    temperature: Option<f32>,
+    /// Condition APR parents with `Sub Call Budget: N `.
+    #[arg(long)]
+    sub_call_budget: Option<u32>,
+    /// Per-thread context window in tokens.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Tokens per problem in all.
+    #[arg(long, default_value_t = 200_000)]
+    max_total_tokens: usize,
+    /// Wall-clock seconds per problem.
+    #[arg(long)]
+    timeout: Option<f64>,
+    /// Engine slots (threads decoded together).
+    #[arg(long, default_value_t = 64)]
+    slots: usize,
+    /// Evaluate only the first P problems.
+    #[arg(long)]
+    limit: Option<usize>,
+    /// Sampling seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (records.jsonl, summary.json).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(args: EvalArgs) -> Result<ExitCode> {
+    if args.n == 0 || args.slots == 0 || args.context < 2 {
+        bail!("--n and --slots must be positive and --context at least 2");
+    }
+    let temperature = args
+        .temperature
+        .unwrap_or(if args.mode == EvalMode::Sample {
+            1.0
+        } else {
+            0.0
+        });
+    if !temperature.is_finite() || temperature < 0.0 {
+        bail!("--temperature must be a non-negative number");
+    }
+    let mut problems = load_problems(&args.problems)?;
+    if let Some(limit) = args.limit {
+        problems.truncate(limit);
+    }
+    let (model, tok, _) = load_model(&args.model, &args.device)?;
+    let runtime = RuntimeConfig {
+        mode: if args.mode == EvalMode::Apr {
+            Mode::Apr
+        } else {
+            Mode::Serial
+        },
+        context: args.context,
+        max_total_tokens: args.max_total_tokens,
+        timeout: args.timeout.map(Duration::from_secs_f64),
+        sampling: Sampling::temperature(temperature),
+        conditioning: Conditioning {
+            sub_call_budget: args.sub_call_budget,
+            token_budget: None,
+        },
+        ..RuntimeConfig::default()
+    };
+    let config = EvalConfig {
+        runtime,
+        samples: args.n,
+        slots: args.slots,
+        seed: args.seed,
+    };
+    let progress = bar((problems.len() * args.n) as u64, "eval");
+    let (records, summary) = evaluate(&model, &tok, &problems, &config, &mut |done, _| {
+        progress.set_position(done as u64)
+    });
+    progress.finish_and_clear();
+    std::fs::create_dir_all(&args.out)?;
+    let mut writer = JsonlWriter::create(&args.out.join("records.jsonl"))?;
+    for r in &records {
+        writer.write(r)?;
+    }
+    writer.finish()?;
+    let text = serde_json::to_string_pretty(&summary)?;
+    apr_model::checkpoint::write_atomic(&args.out.join("summary.json"), text.as_bytes())?;
+    println!("{text}");
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,213 @@
+//! `apr train sft` (and later `apr train grpo`).
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use anyhow::{bail, Result};
+use apr_core::runtime::Mode;
+use apr_countdown::io::read_items;
+use apr_countdown::record::{CharCounter, TraceRecord};
+use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_model::{checkpoint, init_weights, Preset};
+use apr_rl::optim::AdamWConfig;
+use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
+use clap::{Args, Subcommand, ValueEnum};
+use serde_json::json;
+
+use crate::data::load_problems;
+use crate::model::{model_config, tokenizer};
+use crate::progress::bar;
+use crate::DeviceArgs;
+
+#[derive(Subcommand)]
+pub enum TrainCommand {
+    /// Supervised fine-tuning on solver traces.
+    Sft(SftArgs),
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum View {
+    /// Every APR call its own sequence.
+    Apr,
+    /// One SoS+ trace per sequence.
+    Sosp,
+}
+
+#[derive(Args)]
+pub struct SftArgs {
+    /// Trace file (`apr data traces` output).
+    #[arg(long)]
+    data: PathBuf,
+    /// How to cut traces into sequences.
+    #[arg(long, value_enum, default_value = "apr")]
+    view: View,
+    /// Model size (when not starting from --init).
+    #[arg(long, default_value = "small")]
+    preset: Preset,
+    /// A JSON model configuration instead of a preset.
+    #[arg(long)]
+    config: Option<PathBuf>,
+    /// Start from this checkpoint instead of random weights.
+    #[arg(long)]
+    init: Option<PathBuf>,
+    /// Optimizer steps.
+    #[arg(long, default_value_t = 1000)]
+    steps: usize,
+    /// Tokens (rows × padded length) per micro-batch.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Micro-batches per step (gradient accumulation).
+    #[arg(long, default_value_t = 1)]
+    accum: usize,
+    /// Peak learning rate.
+    #[arg(long, default_value_t = 1e-3)]
+    lr: f64,
+    /// Final learning rate.
+    #[arg(long, default_value_t = 1e-4)]
+    min_lr: f64,
+    /// Warmup steps.
+    #[arg(long, default_value_t = 50)]
+    warmup: usize,
+    /// Longest sequence in tokens (longer ones are truncated).
+    #[arg(long, default_value_t = 2048)]
+    context: usize,
+    /// No loss on prompt tokens (the reference trains on every token).
+    #[arg(long)]
+    mask_prompt: bool,
+    /// Prefix APR parent calls with `Sub Call Budget: N `.
+    #[arg(long)]
+    sub_call_budget: bool,
+    /// Held-out problems for greedy accuracy every --eval-every steps.
+    #[arg(long)]
+    val_problems: Option<PathBuf>,
+    /// How many of them to use.
+    #[arg(long, default_value_t = 100)]
+    val_count: usize,
+    /// Validation every this many steps (0: never).
+    #[arg(long, default_value_t = 0)]
+    eval_every: usize,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 100)]
+    checkpoint_every: usize,
+    /// Seed of data order and initialisation.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Output directory (metrics.jsonl, checkpoint/).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+pub fn run(cmd: TrainCommand) -> Result<ExitCode> {
+    match cmd {
+        TrainCommand::Sft(args) => sft(args),
+    }
+}
+
+fn sft(args: SftArgs) -> Result<ExitCode> {
+    if args.steps == 0 || args.batch_tokens == 0 {
+        bail!("--steps and --batch-tokens must be positive");
+    }
+    let device = args.device.device()?;
+    let records: Vec<TraceRecord> = read_items(&args.data)?;
+    if records.is_empty() {
+        bail!("{}: no trace records", args.data.display());
+    }
+    let (tok, model_config, weights) = match &args.init {
+        Some(dir) => {
+            let ck = checkpoint::load(dir)?;
+            (ck.tokenizer, ck.meta.model, ck.weights)
+        }
+        None => {
+            let tok = tokenizer(None)?;
+            let config = model_config(args.preset, args.config.as_ref(), tok.vocab_size())?;
+            let weights = init_weights(&config, args.seed);
+            (tok, config, weights)
+        }
+    };
+    let context = args.context.min(model_config.max_seq_len);
+    let view = match args.view {
+        View::Apr => SftView::Apr,
+        View::Sosp => SftView::Sosp,
+    };
+    let options = SftOptions {
+        sub_call_budget: args.sub_call_budget,
+        token_budget: false,
+    };
+    // Hold out 2% of sequences (at least one) for validation loss.
+    let seqs: Vec<_> = records
+        .iter()
+        .flat_map(|r| sequences(r, view, options, &CharCounter))
+        .collect();
+    let mut examples =
+        tokenize(&seqs, &tok, context, args.mask_prompt).map_err(anyhow::Error::msg)?;
+    let val_n = (examples.len() / 50)
+        .max(1)
+        .min(examples.len().saturating_sub(1));
+    let val = examples.split_off(examples.len() - val_n);
+    let val_problems = match &args.val_problems {
+        Some(path) => Some(ValProblems {
+            problems: load_problems(path)?
+                .into_iter()
+                .take(args.val_count)
+                .collect(),
+            mode: match args.view {
+                View::Apr => Mode::Apr,
+                View::Sosp => Mode::Serial,
+            },
+            context,
+            slots: 64,
+        }),
+        None => None,
+    };
+    let config = SftConfig {
+        steps: args.steps,
+        batch_tokens: args.batch_tokens,
+        accum: args.accum,
+        peak_lr: args.lr,
+        min_lr: args.min_lr,
+        warmup: args.warmup,
+        adamw: AdamWConfig::default(),
+        context,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+        eval_every: args.eval_every,
+    };
+    let n_examples = examples.len();
+    let mut trainer = SftTrainer::new(
+        config,
+        model_config,
+        weights,
+        tok,
+        examples,
+        val,
+        &args.out,
+        &device,
+        args.resume,
+    )?;
+    let progress = bar(args.steps as u64, "sft");
+    progress.set_position(trainer.step() as u64);
+    let start = std::time::Instant::now();
+    let metrics = trainer.run(val_problems.as_ref(), &mut |m| {
+        progress.set_position(m.step as u64);
+        progress.set_message(format!("loss {:.3}", m.loss));
+    })?;
+    progress.finish_and_clear();
+    let seconds = start.elapsed().as_secs_f64();
+    let last = metrics.last().cloned().unwrap_or_default();
+    let tokens_per_s =
+        metrics.iter().map(|m| m.tokens_per_s).sum::<f64>() / metrics.len().max(1) as f64;
+    println!(
+        "{}",
+        json!({
+            "out": args.out, "steps": trainer.step(), "examples": n_examples, "seconds": seconds,
+            "final_loss": last.loss, "val_loss": metrics.iter().rev().find_map(|m| m.val_loss),
+            "val_accuracy": metrics.iter().rev().find_map(|m| m.val_accuracy), "mean_tokens_per_s": tokens_per_s,
+        })
+    );
+    Ok(ExitCode::SUCCESS)
+}

@@ -1,0 +1,192 @@
+//! GRPO credit assignment: the advantage of a rollout reaches every thread of its tree on the
+//! sampled tokens only, weighted 1/n; equal rewards with β = 0 give a zero gradient.
+
+use apr_core::runtime::{Finish, Metrics, ProblemResult, Role, RuntimeConfig, Segment};
+use apr_model::backend::Backend;
+use apr_model::checkpoint::CheckpointMeta;
+use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
+use apr_rl::grpo::{advantages, policy_sequences, policy_token_weights, GrpoConfig, GrpoTrainer};
+
+const EOS: u32 = 2;
+
+fn segment(
+    role: Role,
+    prompt: &[u32],
+    tokens: &[u32],
+    sampled: &[bool],
+    finish: Finish,
+) -> Segment {
+    Segment {
+        role,
+        round: 0,
+        index: 0,
+        node: None,
+        prompt: String::new(),
+        output: String::new(),
+        finish,
+        prompt_tokens: prompt.to_vec(),
+        tokens: tokens.to_vec(),
+        logprobs: vec![0.0; tokens.len()],
+        sampled: sampled.to_vec(),
+        reused_prefix: 0,
+    }
+}
+
+fn result(id: usize, reward: f32, segments: Vec<Segment>) -> ProblemResult {
+    ProblemResult {
+        id,
+        prompt: String::new(),
+        segments,
+        answer: None,
+        reward,
+        failure: None,
+        metrics: Metrics::default(),
+    }
+}
+
+/// Rollout 0: a parent that spawns (3 sampled tokens + EOS), two children, and a resumed parent
+/// whose first two tokens were injected by the runtime. Rollout 1: one serial thread.
+fn rollouts(r0: f32, r1: f32) -> Vec<ProblemResult> {
+    vec![
+        result(
+            0,
+            r0,
+            vec![
+                segment(
+                    Role::Parent,
+                    &[1, 10, 11],
+                    &[12, 13, 14],
+                    &[true, true, true],
+                    Finish::Spawn,
+                ),
+                segment(Role::Child, &[1, 20], &[21, 22], &[true, true], Finish::Eos),
+                segment(Role::Child, &[1, 30], &[31], &[true], Finish::ContextLimit),
+                segment(
+                    Role::Parent,
+                    &[1, 10, 11, 40, 41],
+                    &[42, 43, 44],
+                    &[false, false, true],
+                    Finish::Eos,
+                ),
+            ],
+        ),
+        result(
+            1,
+            r1,
+            vec![segment(
+                Role::Parent,
+                &[1, 10, 11],
+                &[50, 51],
+                &[true, true],
+                Finish::Eos,
+            )],
+        ),
+    ]
+}
+
+#[test]
+fn advantages_are_group_normalised() {
+    let a = advantages(&[1.0, 0.0, 0.0, 1.0, 1.0, 1.0], 3, true);
+    // Group 1: mean 1/3, population std √2/3.
+    let std = (2.0f64).sqrt() / 3.0;
+    assert!((a[0] as f64 - (2.0 / 3.0) / std).abs() < 1e-5);
+    assert!((a[1] as f64 + (1.0 / 3.0) / std).abs() < 1e-5);
+    assert_eq!(
+        &a[3..],
+        &[0.0, 0.0, 0.0],
+        "equal rewards give zero advantage"
+    );
+    assert_eq!(advantages(&[1.0, 0.0], 2, false), vec![0.5, -0.5]);
+}
+
+#[test]
+fn every_thread_gets_its_rollouts_advantage_on_sampled_tokens_weighted_by_one_over_n() {
+    let res = rollouts(1.0, 0.0);
+    let adv = advantages(&[1.0, 0.0], 2, true);
+    assert!((adv[0] - 1.0).abs() < 1e-6 && (adv[1] + 1.0).abs() < 1e-6);
+    let seqs = policy_sequences(&res, &adv, EOS);
+    assert_eq!(seqs.len(), 5, "four threads of rollout 0, one of rollout 1");
+    let w = policy_token_weights(&seqs);
+    let n = 5.0f32;
+    let a0 = adv[0];
+    let a1 = adv[1];
+    // Rollout 0 has 4 threads: weight 1/4. Parent call 0: prompt [1,10,11] masked; 3 sampled + EOS.
+    let expect = |a: f32, threads: f32, trained: f32, mask: &[bool]| -> Vec<f32> {
+        mask.iter()
+            .map(|&m| if m { a / threads / (trained * n) } else { 0.0 })
+            .collect()
+    };
+    assert_eq!(
+        w[0],
+        expect(a0, 4.0, 4.0, &[false, false, true, true, true, true])
+    );
+    assert_eq!(w[1], expect(a0, 4.0, 3.0, &[false, true, true, true]));
+    // A child cut by the context limit trains its sampled token but gets no EOS.
+    assert_eq!(w[2], expect(a0, 4.0, 1.0, &[false, true]));
+    // The resumed parent: prompt and the two runtime-injected tokens are masked.
+    assert_eq!(
+        w[3],
+        expect(
+            a0,
+            4.0,
+            2.0,
+            &[false, false, false, false, false, false, true, true]
+        )
+    );
+    assert_eq!(
+        w[4],
+        expect(a1, 1.0, 3.0, &[false, false, true, true, true])
+    );
+    assert_eq!(seqs[3].tokens, vec![1, 10, 11, 40, 41, 42, 43, 44, EOS]);
+}
+
+#[test]
+fn equal_rewards_and_no_kl_give_zero_gradient() {
+    let tok = AprTokenizer::domain();
+    let config = ModelConfig {
+        max_seq_len: 64,
+        ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
+    };
+    let weights = init_weights(&config, 1);
+    let meta = CheckpointMeta {
+        model: config,
+        info: serde_json::Value::Null,
+    };
+    let dir = tempfile::tempdir().unwrap();
+    let grpo = |beta: f64| GrpoConfig {
+        steps: 1,
+        prompts: 1,
+        group: 2,
+        lr: 1e-5,
+        clip_eps: 0.2,
+        kl_beta: beta,
+        inner_steps: 1,
+        normalize_std: true,
+        runtime: RuntimeConfig::default(),
+        slots: 4,
+        batch_tokens: 4096,
+        seed: 0,
+        checkpoint_every: 1,
+    };
+    let device = Backend::Cpu.device(0).unwrap();
+    let mut trainer = GrpoTrainer::new(
+        grpo(0.0),
+        &meta,
+        &weights,
+        tok.clone(),
+        vec![],
+        dir.path(),
+        &device,
+    )
+    .unwrap();
+    let res = rollouts(1.0, 1.0);
+    let adv = advantages(&[1.0, 1.0], 2, true);
+    let seqs = policy_sequences(&res, &adv, EOS);
+    let (loss, norm) = trainer.loss_and_grad_norm(&seqs);
+    assert_eq!(loss, 0.0);
+    assert_eq!(norm, 0.0);
+    // With unequal rewards the gradient is not zero.
+    let adv = advantages(&[1.0, 0.0], 2, true);
+    let (_, norm) = trainer.loss_and_grad_norm(&policy_sequences(&res, &adv, EOS));
+    assert!(norm > 0.0);
+}
