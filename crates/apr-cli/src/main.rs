@@ -8,6 +8,7 @@ use clap::{Parser, Subcommand};
 mod data;
 mod eval;
 mod model;
+mod pipeline;
 mod progress;
 mod train;
 
@@ -39,6 +40,8 @@ enum Command {
     Train(train::TrainCommand),
     /// Evaluate a checkpoint: APR, serial, or sampled (pass@n, cons@n).
     Eval(eval::EvalArgs),
+    /// The main job: data, SFT of APR and SoS+, GRPO, evaluation and a report, in one directory.
+    Pipeline(pipeline::PipelineArgs),
 }
 
 /// Which compute backend and device to run on.
@@ -89,6 +92,7 @@ fn main() -> ExitCode {
         Command::Export(args) => model::export(args),
         Command::Train(cmd) => train::run(cmd),
         Command::Eval(args) => eval::run(args),
+        Command::Pipeline(args) => pipeline::run(args),
     };
     match result {
         Ok(code) => code,

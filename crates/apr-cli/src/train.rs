@@ -23,6 +23,65 @@ use crate::DeviceArgs;
 pub enum TrainCommand {
     /// Supervised fine-tuning on solver traces.
     Sft(SftArgs),
+    /// End-to-end GRPO over parent and child threads, from an SFT checkpoint.
+    Grpo(GrpoArgs),
+}
+
+#[derive(Args)]
+pub struct GrpoArgs {
+    /// SFT checkpoint to start from (also the frozen KL reference).
+    #[arg(long)]
+    init: PathBuf,
+    /// Training problems.
+    #[arg(long)]
+    problems: PathBuf,
+    /// Steps.
+    #[arg(long, default_value_t = 150)]
+    steps: usize,
+    /// Rollouts per prompt.
+    #[arg(long, default_value_t = 5)]
+    group: usize,
+    /// Prompts per step.
+    #[arg(long, default_value_t = 64)]
+    batch: usize,
+    /// Learning rate.
+    #[arg(long, default_value_t = 1e-5)]
+    lr: f64,
+    /// KL weight β (reference: 0.001 APR, 0.01 SoS+).
+    #[arg(long)]
+    kl_beta: Option<f64>,
+    /// Updates per rollout batch.
+    #[arg(long, default_value_t = 2)]
+    inner_steps: usize,
+    /// Do not divide advantages by the group's std (Dr.GRPO).
+    #[arg(long)]
+    no_std_norm: bool,
+    /// Train the serial (SoS+) baseline instead of APR.
+    #[arg(long)]
+    serial: bool,
+    /// Per-thread context.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Rollout temperature.
+    #[arg(long, default_value_t = 1.0)]
+    temperature: f32,
+    /// Engine slots for rollouts.
+    #[arg(long, default_value_t = 64)]
+    slots: usize,
+    /// Tokens per training micro-batch.
+    #[arg(long, default_value_t = 8192)]
+    batch_tokens: usize,
+    /// Checkpoint every this many steps.
+    #[arg(long, default_value_t = 10)]
+    checkpoint_every: usize,
+    /// Seed.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Output directory (metrics.jsonl, checkpoint/).
+    #[arg(long)]
+    out: PathBuf,
+    #[command(flatten)]
+    device: DeviceArgs,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -105,7 +164,66 @@ pub struct SftArgs {
 pub fn run(cmd: TrainCommand) -> Result<ExitCode> {
     match cmd {
         TrainCommand::Sft(args) => sft(args),
+        TrainCommand::Grpo(args) => grpo(args),
     }
+}
+
+fn grpo(args: GrpoArgs) -> Result<ExitCode> {
+    if args.steps == 0 || args.group == 0 || args.batch == 0 {
+        bail!("--steps, --group and --batch must be positive");
+    }
+    let device = args.device.device()?;
+    let ck = checkpoint::load(&args.init)?;
+    let problems = load_problems(&args.problems)?;
+    if problems.is_empty() {
+        bail!("{}: no problems", args.problems.display());
+    }
+    let mode = if args.serial { Mode::Serial } else { Mode::Apr };
+    let config = apr_rl::grpo::GrpoConfig {
+        steps: args.steps,
+        prompts: args.batch,
+        group: args.group,
+        lr: args.lr,
+        clip_eps: 0.2,
+        kl_beta: args
+            .kl_beta
+            .unwrap_or(if args.serial { 0.01 } else { 0.001 }),
+        inner_steps: args.inner_steps,
+        normalize_std: !args.no_std_norm,
+        runtime: apr_core::runtime::RuntimeConfig {
+            mode,
+            context: args.context.min(ck.meta.model.max_seq_len),
+            sampling: apr_core::decoder::Sampling::temperature(args.temperature),
+            ..Default::default()
+        },
+        slots: args.slots,
+        batch_tokens: args.batch_tokens,
+        seed: args.seed,
+        checkpoint_every: args.checkpoint_every,
+    };
+    let mut trainer = apr_rl::grpo::GrpoTrainer::new(
+        config,
+        &ck.meta,
+        &ck.weights,
+        ck.tokenizer,
+        problems,
+        &args.out,
+        &device,
+    )?;
+    let progress = bar(args.steps as u64, "grpo");
+    let metrics = trainer.run(&mut |m| {
+        progress.set_position(m.step as u64);
+        progress.set_message(format!("reward {:.2}", m.reward_mean));
+    })?;
+    progress.finish_and_clear();
+    let first = metrics.first().cloned().unwrap_or_default();
+    let last = metrics.last().cloned().unwrap_or_default();
+    println!(
+        "{}",
+        json!({"out": args.out, "steps": metrics.len(), "first_reward": first.reward_mean, "last_reward": last.reward_mean,
+               "children_first": first.children_per_problem, "children_last": last.children_per_problem})
+    );
+    Ok(ExitCode::SUCCESS)
 }
 
 fn sft(args: SftArgs) -> Result<ExitCode> {
