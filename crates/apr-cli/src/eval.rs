@@ -129,3 +129,118 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     println!("{text}");
     Ok(ExitCode::SUCCESS)
 }
+
+#[derive(Args)]
+pub struct SolveArgs {
+    /// Checkpoint directory.
+    #[arg(long)]
+    model: PathBuf,
+    /// Starting numbers, comma-separated (e.g. 22,26,31,53).
+    #[arg(long)]
+    numbers: String,
+    /// Target.
+    #[arg(long)]
+    target: i64,
+    /// Serial (SoS+) instead of APR.
+    #[arg(long)]
+    serial: bool,
+    /// Sampling temperature (0 = greedy).
+    #[arg(long, default_value_t = 0.0)]
+    temperature: f32,
+    /// Per-thread context.
+    #[arg(long, default_value_t = 4096)]
+    context: usize,
+    /// Print the whole record as JSON.
+    #[arg(long)]
+    json: bool,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// Parses `22,26,31,53`.
+fn parse_numbers(text: &str) -> Result<Vec<i64>> {
+    text.split(',')
+        .map(|n| {
+            n.trim()
+                .parse::<i64>()
+                .map_err(|_| anyhow::anyhow!("--numbers: {:?} is not an integer", n.trim()))
+        })
+        .collect()
+}
+
+pub fn solve(args: SolveArgs) -> Result<ExitCode> {
+    let nums = parse_numbers(&args.numbers)?;
+    let problem = apr_countdown::Problem {
+        start_size: nums.len(),
+        nums,
+        target: args.target,
+        solution: vec![],
+        optimal_path: String::new(),
+    };
+    problem.validate()?;
+    let (model, tok, _) = load_model(&args.model, &args.device)?;
+    let runtime = RuntimeConfig {
+        mode: if args.serial { Mode::Serial } else { Mode::Apr },
+        context: args.context,
+        sampling: Sampling::temperature(args.temperature),
+        ..RuntimeConfig::default()
+    };
+    let config = EvalConfig {
+        runtime,
+        samples: 1,
+        slots: 16,
+        seed: 0,
+    };
+    let (records, _) = evaluate(
+        &model,
+        &tok,
+        std::slice::from_ref(&problem),
+        &config,
+        &mut |_, _| {},
+    );
+    let record = &records[0];
+    if args.json {
+        println!("{}", serde_json::to_string_pretty(record)?);
+        return Ok(ExitCode::SUCCESS);
+    }
+    for seg in &record.result.segments {
+        let who = match (seg.role, &seg.node) {
+            (apr_core::runtime::Role::Parent, _) => format!("parent call {}", seg.round),
+            (_, node) => format!(
+                "  child {} (round {}, node #{})",
+                seg.index,
+                seg.round,
+                node.as_deref().unwrap_or("?")
+            ),
+        };
+        let outcome = match seg.role {
+            apr_core::runtime::Role::Child => {
+                if apr_countdown::verify::final_answer(&format!("{}{}", seg.prompt, seg.output))
+                    .is_some()
+                {
+                    "goal reached"
+                } else {
+                    "no solution"
+                }
+            }
+            _ => "",
+        };
+        println!("== {who}: {} tokens, {:?} {outcome}", seg.len(), seg.finish);
+        if seg.role == apr_core::runtime::Role::Parent {
+            println!("{}", seg.output.trim_end());
+        }
+    }
+    match (&record.result.answer, record.correct) {
+        (Some(answer), true) => println!("== verified answer:\n{answer}"),
+        (Some(answer), false) => println!("== answer does NOT verify:\n{answer}"),
+        (None, _) => println!(
+            "== no answer ({})",
+            record
+                .result
+                .failure
+                .as_deref()
+                .unwrap_or("the search found none")
+        ),
+    }
+    Ok(ExitCode::SUCCESS)
+}

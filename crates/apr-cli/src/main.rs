@@ -42,6 +42,8 @@ enum Command {
     Eval(eval::EvalArgs),
     /// The main job: data, SFT of APR and SoS+, GRPO, evaluation and a report, in one directory.
     Pipeline(pipeline::PipelineArgs),
+    /// Solve one problem and print the thread tree.
+    Solve(eval::SolveArgs),
 }
 
 /// Which compute backend and device to run on.
@@ -93,6 +95,7 @@ fn main() -> ExitCode {
         Command::Train(cmd) => train::run(cmd),
         Command::Eval(args) => eval::run(args),
         Command::Pipeline(args) => pipeline::run(args),
+        Command::Solve(args) => eval::solve(args),
     };
     match result {
         Ok(code) => code,

@@ -33,9 +33,11 @@ impl TextCodec for ByteCodec {
 
 /// Replays scripts: when a slot's context (without BOS) starts with a script's key, the model
 /// writes that script's text after it, then EOS. The longest matching key wins; if the context
-/// has left the script, or no key matches, it writes EOS.
+/// has left the script, or no key matches, it writes EOS. Tokens come from a [`TextCodec`]
+/// (bytes by default): the next token is the first token of the rest of the script.
 #[derive(Clone, Debug)]
-pub struct ScriptedModel {
+pub struct ScriptedModel<C: TextCodec = ByteCodec> {
+    codec: C,
     scripts: Vec<(String, String)>,
     slots: Vec<Vec<u32>>,
     /// Each slot's text (without BOS), kept in step with `slots`.
@@ -49,10 +51,24 @@ pub struct ScriptedModel {
     pub prefilled: usize,
 }
 
-impl ScriptedModel {
-    /// A model with `slots` slots of `context` tokens replaying `scripts` (key → continuation).
+impl ScriptedModel<ByteCodec> {
+    /// A byte-level model with `slots` slots of `context` tokens replaying `scripts`
+    /// (key → continuation).
     pub fn new(scripts: Vec<(String, String)>, slots: usize, context: usize) -> Self {
+        ScriptedModel::with_codec(ByteCodec, scripts, slots, context)
+    }
+}
+
+impl<C: TextCodec> ScriptedModel<C> {
+    /// A model speaking `codec`'s tokens.
+    pub fn with_codec(
+        codec: C,
+        scripts: Vec<(String, String)>,
+        slots: usize,
+        context: usize,
+    ) -> Self {
         ScriptedModel {
+            codec,
             scripts,
             slots: vec![Vec::new(); slots],
             texts: vec![String::new(); slots],
@@ -64,7 +80,7 @@ impl ScriptedModel {
     }
 
     fn next_token(&self, slot: SlotId) -> u32 {
-        let codec = ByteCodec;
+        let codec = &self.codec;
         let text = &self.texts[slot];
         let best = self
             .scripts
@@ -76,13 +92,17 @@ impl ScriptedModel {
         };
         let written = &text[key.len()..];
         match continuation.strip_prefix(written) {
-            Some(rest) => rest.bytes().next().map_or(codec.eos(), |b| b as u32 + 3),
-            None => codec.eos(),
+            Some(rest) if !rest.is_empty() => codec
+                .encode(rest)
+                .ok()
+                .and_then(|t| t.first().copied())
+                .unwrap_or(codec.eos()),
+            _ => codec.eos(),
         }
     }
 }
 
-impl BatchedDecoder for ScriptedModel {
+impl<C: TextCodec> BatchedDecoder for ScriptedModel<C> {
     fn slots(&self) -> usize {
         self.slots.len()
     }
@@ -116,7 +136,7 @@ impl BatchedDecoder for ScriptedModel {
             }
             self.slots[input.slot].extend_from_slice(input.tokens);
             let text = &mut self.texts[input.slot];
-            text.extend(input.tokens.iter().map(|&t| ByteCodec.piece(t)));
+            text.extend(input.tokens.iter().map(|&t| self.codec.piece(t)));
             out.push(Sampled {
                 token: self.next_token(input.slot),
                 logprob: -0.5,
@@ -130,7 +150,7 @@ impl BatchedDecoder for ScriptedModel {
             .get_mut(slot)
             .ok_or(DecoderError::BadSlot(slot))?;
         s.truncate(len);
-        self.texts[slot] = s.iter().map(|&t| ByteCodec.piece(t)).collect();
+        self.texts[slot] = s.iter().map(|&t| self.codec.piece(t)).collect();
         Ok(())
     }
     fn release(&mut self, slot: SlotId) {

@@ -1,0 +1,107 @@
+//! The model on the CPU backend: training-step throughput (tiny, small) and engine prefill and
+//! decode throughput at 1, 16 and 64 slots (small).
+
+use std::hint::black_box;
+
+use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
+use apr_model::backend::Backend;
+use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_rl::sft::{masked_nll, pad_batch, Example};
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+
+fn model(preset: Preset, autodiff: bool) -> Model {
+    let tok = AprTokenizer::domain();
+    let config = ModelConfig::preset(preset, tok.vocab_size());
+    let device = Backend::Cpu.device(0).unwrap();
+    let device = if autodiff { device.autodiff() } else { device };
+    Model::new(config.clone(), &init_weights(&config, 0), &device).unwrap()
+}
+
+fn training(c: &mut Criterion) {
+    let mut group = c.benchmark_group("train_step");
+    for (preset, name) in [(Preset::Tiny, "tiny"), (Preset::Small, "small")] {
+        let m = model(preset, true);
+        let device = m.rope_device();
+        // 16 sequences of 256 tokens: 4,096 tokens per step.
+        let examples: Vec<Example> = (0..16)
+            .map(|i| Example {
+                tokens: (0..257).map(|t| 4 + ((t * 7 + i) % 50) as u32).collect(),
+                loss_from: 1,
+            })
+            .collect();
+        let refs: Vec<&Example> = examples.iter().collect();
+        group.throughput(Throughput::Elements(16 * 256));
+        group.bench_function(name, |b| {
+            b.iter(|| {
+                let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
+                let loss = masked_nll(&m, inputs, targets, mask);
+                black_box(loss.backward())
+            })
+        });
+    }
+    group.finish();
+}
+
+fn engine(c: &mut Criterion) {
+    let m = model(Preset::Small, false);
+    let prompt: Vec<u32> = (0..64).map(|t| 4 + (t % 50) as u32).collect();
+    let mut group = c.benchmark_group("engine");
+    for slots in [1usize, 16, 64] {
+        group.throughput(Throughput::Elements((slots * prompt.len()) as u64));
+        group.bench_function(format!("prefill_64_tokens_{slots}_slots"), |b| {
+            let mut e = Engine::new(m.clone(), slots, 1024, 0);
+            b.iter(|| {
+                for s in 0..slots {
+                    e.release(s);
+                }
+                let inputs: Vec<StepInput> = (0..slots)
+                    .map(|s| StepInput {
+                        slot: s,
+                        tokens: &prompt,
+                        sampling: Sampling::GREEDY,
+                        seed: 0,
+                    })
+                    .collect();
+                black_box(e.step(&inputs).unwrap())
+            })
+        });
+        group.throughput(Throughput::Elements(slots as u64));
+        group.bench_function(format!("decode_{slots}_slots"), |b| {
+            let mut e = Engine::new(m.clone(), slots, 1024, 0);
+            let inputs: Vec<StepInput> = (0..slots)
+                .map(|s| StepInput {
+                    slot: s,
+                    tokens: &prompt,
+                    sampling: Sampling::GREEDY,
+                    seed: 0,
+                })
+                .collect();
+            e.step(&inputs).unwrap();
+            let one = [7u32];
+            b.iter(|| {
+                if e.slot_len(0) + 1 >= 1024 {
+                    for s in 0..slots {
+                        e.truncate(s, 64).unwrap();
+                    }
+                }
+                let inputs: Vec<StepInput> = (0..slots)
+                    .map(|s| StepInput {
+                        slot: s,
+                        tokens: &one,
+                        sampling: Sampling::temperature(1.0),
+                        seed: s as u64,
+                    })
+                    .collect();
+                black_box(e.step(&inputs).unwrap())
+            })
+        });
+    }
+    group.finish();
+}
+
+criterion_group! {
+    name = benches;
+    config = Criterion::default().sample_size(10);
+    targets = training, engine
+}
+criterion_main!(benches);

@@ -1,0 +1,307 @@
+//! Model, training, evaluation and pipeline commands end to end on the smallest settings, and
+//! one-line errors on wrong input.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+fn apr(args: &[&str]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_apr"))
+        .args(args)
+        .output()
+        .expect("run apr")
+}
+
+fn ok(out: &Output) -> serde_json::Value {
+    assert!(
+        out.status.success(),
+        "stderr: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null)
+}
+
+fn one_line_error(out: &Output, needle: &str) {
+    assert!(!out.status.success());
+    let text = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
+    assert!(text.contains(needle), "expected {needle:?} in {text}");
+    assert!(!text.contains("panicked"), "{text}");
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+#[test]
+fn init_generate_export_train_eval() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = dir.path().join("m");
+    let info = ok(&apr(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--seed",
+        "1",
+        "--out",
+        s(&model),
+    ]));
+    assert!(info["parameters"].as_u64().unwrap() < 1_000_000);
+    let gen = ok(&apr(&[
+        "generate",
+        "--model",
+        s(&model),
+        "--prompt",
+        "Current State: 24:[1, 2, 3], Operations: []",
+        "--max-tokens",
+        "5",
+        "--json",
+    ]));
+    assert_eq!(
+        gen["tokens"].as_array().unwrap().len(),
+        gen["logprobs"].as_array().unwrap().len()
+    );
+    assert_eq!(gen["prompt_tokens"][0], 1, "BOS first");
+    let export = dir.path().join("hf");
+    ok(&apr(&[
+        "export",
+        "--model",
+        s(&model),
+        "--format",
+        "hf",
+        "--out",
+        s(&export),
+    ]));
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
+            .unwrap();
+    assert_eq!(config["architectures"][0], "LlamaForCausalLM");
+    assert!(export.join("model.safetensors").exists() && export.join("tokenizer.json").exists());
+
+    let problems = dir.path().join("p.jsonl");
+    let traces = dir.path().join("t.jsonl");
+    ok(&apr(&[
+        "data",
+        "problems",
+        "--numbers",
+        "3",
+        "--count",
+        "12",
+        "--out",
+        s(&problems),
+    ]));
+    ok(&apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--problems",
+        s(&problems),
+        "--out",
+        s(&traces),
+    ]));
+    let run = dir.path().join("sft");
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(&cfg, r#"{"vocab_size":57,"d_model":32,"n_layers":1,"n_heads":2,"d_ff":64,"max_seq_len":512,"rope_theta":10000.0,"norm_eps":1e-6,"init_std":0.02}"#).unwrap();
+    let sft = ok(&apr(&[
+        "train",
+        "sft",
+        "--data",
+        s(&traces),
+        "--config",
+        s(&cfg),
+        "--steps",
+        "2",
+        "--batch-tokens",
+        "2048",
+        "--context",
+        "512",
+        "--val-problems",
+        s(&problems),
+        "--val-count",
+        "2",
+        "--eval-every",
+        "2",
+        "--out",
+        s(&run),
+    ]));
+    assert_eq!(sft["steps"], 2);
+    let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    assert_eq!(metrics.lines().count(), 2);
+    let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
+    assert!(last["loss"].is_number() && last["val_accuracy"].is_number());
+    let eval_dir = dir.path().join("eval");
+    let summary = ok(&apr(&[
+        "eval",
+        "--model",
+        s(&run.join("checkpoint")),
+        "--problems",
+        s(&problems),
+        "--mode",
+        "sample",
+        "--n",
+        "2",
+        "--context",
+        "256",
+        "--limit",
+        "3",
+        "--slots",
+        "4",
+        "--out",
+        s(&eval_dir),
+    ]));
+    assert_eq!(summary["problems"], 3);
+    assert_eq!(
+        std::fs::read_to_string(eval_dir.join("records.jsonl"))
+            .unwrap()
+            .lines()
+            .count(),
+        6
+    );
+    let grpo = ok(&apr(&[
+        "train",
+        "grpo",
+        "--init",
+        s(&run.join("checkpoint")),
+        "--problems",
+        s(&problems),
+        "--steps",
+        "1",
+        "--batch",
+        "2",
+        "--group",
+        "2",
+        "--context",
+        "256",
+        "--slots",
+        "4",
+        "--out",
+        s(&dir.path().join("grpo")),
+    ]));
+    assert_eq!(grpo["steps"], 1);
+}
+
+#[test]
+fn pipeline_smoke_writes_a_report() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = apr(&["pipeline", "--preset", "smoke", "--out", s(dir.path())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(report.contains("| APR SFT | greedy |") && report.contains("SoS+"));
+    let summary: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
+            .unwrap();
+    assert!(summary["apr_greedy"]["accuracy"].is_number());
+}
+
+#[test]
+fn wrong_input_gives_one_line_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    one_line_error(
+        &apr(&[
+            "generate",
+            "--model",
+            s(&dir.path().join("nope")),
+            "--prompt",
+            "x",
+        ]),
+        "no such checkpoint directory",
+    );
+    let model = dir.path().join("m");
+    ok(&apr(&[
+        "model",
+        "init",
+        "--preset",
+        "tiny",
+        "--out",
+        s(&model),
+    ]));
+    one_line_error(
+        &apr(&[
+            "generate",
+            "--model",
+            s(&model),
+            "--prompt",
+            "x",
+            "--backend",
+            "tpu",
+        ]),
+        "unknown backend \"tpu\"",
+    );
+    if !cfg!(feature = "cuda") {
+        one_line_error(
+            &apr(&[
+                "generate",
+                "--model",
+                s(&model),
+                "--prompt",
+                "x",
+                "--backend",
+                "cuda",
+            ]),
+            "not compiled into this binary",
+        );
+    }
+    one_line_error(
+        &apr(&["generate", "--model", s(&model), "--prompt", "hello"]),
+        "cannot encode 'h'",
+    );
+    one_line_error(
+        &apr(&[
+            "solve",
+            "--model",
+            s(&model),
+            "--numbers",
+            "5,x",
+            "--target",
+            "10",
+        ]),
+        "--numbers: \"x\" is not an integer",
+    );
+    one_line_error(
+        &apr(&[
+            "solve",
+            "--model",
+            s(&model),
+            "--numbers",
+            "5,-1,3",
+            "--target",
+            "10",
+        ]),
+        "numbers must be positive",
+    );
+    let solved = apr(&[
+        "solve",
+        "--model",
+        s(&model),
+        "--numbers",
+        "22,26,31,53",
+        "--target",
+        "27",
+        "--context",
+        "128",
+    ]);
+    assert!(
+        solved.status.success(),
+        "{}",
+        String::from_utf8_lossy(&solved.stderr)
+    );
+    assert!(String::from_utf8_lossy(&solved.stdout).contains("== parent call 0"));
+    one_line_error(
+        &apr(&[
+            "eval",
+            "--model",
+            s(&model),
+            "--problems",
+            s(&dir.path().join("none.jsonl")),
+            "--out",
+            s(dir.path()),
+        ]),
+        "none.jsonl",
+    );
+}
