@@ -10,7 +10,7 @@ use std::collections::BTreeMap;
 use burn::module::{Module, Param};
 use burn::nn::{Embedding, Linear, RmsNorm};
 use burn::tensor::activation::{log_softmax, silu, softmax};
-use burn::tensor::{Bool, Device, Int, Tensor, TensorData};
+use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
 
@@ -141,20 +141,62 @@ impl Rope {
     }
 }
 
-/// Per-layer key/value caches of a slot pool: `[slots, heads, max_len, head_dim]` each.
+/// Per-layer key/value caches of a slot pool, one row per (slot, position):
+/// `[slots × max_len, d_model]` each, row `slot × max_len + position`. New keys of a whole batch
+/// are written with one indexed assignment per layer, and a batch's keys read with one gather.
 #[derive(Clone, Debug)]
 pub struct KvCache {
-    layers: Vec<(Tensor<4>, Tensor<4>)>,
+    layers: Vec<(Tensor<2>, Tensor<2>)>,
+    max_len: usize,
 }
 
 impl KvCache {
     /// Zeroed caches for `slots` slots of `max_len` positions.
     pub fn new(config: &ModelConfig, slots: usize, max_len: usize, device: &Device) -> Self {
-        let shape = [slots, config.n_heads, max_len, config.head_dim()];
+        let shape = [slots * max_len, config.d_model];
         KvCache {
             layers: (0..config.n_layers)
                 .map(|_| (Tensor::zeros(shape, device), Tensor::zeros(shape, device)))
                 .collect(),
+            max_len,
+        }
+    }
+}
+
+/// Row indices of one cached forward, shared by every layer.
+struct CacheRows {
+    /// Rows of the flattened `[b × l]` new tokens that are real (not padding).
+    valid: Tensor<1, Int>,
+    /// Where they go in the cache.
+    dest: Tensor<1, Int>,
+    /// Cache rows to read: `slot × max_len + j` for `j < kv_len`, per batch row.
+    read: Tensor<1, Int>,
+}
+
+impl CacheRows {
+    fn new(batch: &CachedBatch, l: usize, max_len: usize, device: &Device) -> Self {
+        let (mut valid, mut dest, mut read) = (Vec::new(), Vec::new(), Vec::new());
+        for (row, ((&slot, &start), &len)) in batch
+            .slots
+            .iter()
+            .zip(&batch.starts)
+            .zip(&batch.lens)
+            .enumerate()
+        {
+            for i in 0..len {
+                valid.push((row * l + i) as i64);
+                dest.push((slot * max_len + start + i) as i64);
+            }
+            read.extend((0..batch.kv_len).map(|j| (slot * max_len + j) as i64));
+        }
+        let t = |v: Vec<i64>| {
+            let n = v.len();
+            Tensor::<1, Int>::from_data(TensorData::new(v, [n]), device)
+        };
+        CacheRows {
+            valid: t(valid),
+            dest: t(dest),
+            read: t(read),
         }
     }
 }
@@ -462,13 +504,7 @@ impl Llama {
     ) -> Tensor<2> {
         let device = tokens.device();
         let [b, l] = tokens.dims();
-        let slots = Tensor::<1, Int>::from_data(
-            TensorData::new(
-                batch.slots.iter().map(|&s| s as i64).collect::<Vec<_>>(),
-                [b],
-            ),
-            &device,
-        );
+        let rows = CacheRows::new(batch, l, cache.max_len, &device);
         // mask[r, i, j] = key j is after query i's position (so hidden).
         let key_pos =
             Tensor::<1, Int>::arange(0..batch.kv_len as i64, &device).reshape([1, 1, batch.kv_len]);
@@ -481,8 +517,7 @@ impl Llama {
                 x,
                 &positions,
                 &mask,
-                &slots,
-                batch,
+                &rows,
                 &mut cache.layers[layer],
                 rope,
                 n_heads,
@@ -504,7 +539,6 @@ impl Llama {
         .reshape([b, 1, 1])
         .expand([b, 1, d]);
         let h = x.gather(1, last).reshape([b, d]);
-        let _ = l;
         self.lm_head.forward(self.norm.forward(h))
     }
 }
@@ -527,9 +561,8 @@ impl Block {
         x: Tensor<3>,
         positions: &Tensor<2, Int>,
         mask: &Tensor<4, Bool>,
-        slots: &Tensor<1, Int>,
-        batch: &CachedBatch,
-        cache: &mut (Tensor<4>, Tensor<4>),
+        rows: &CacheRows,
+        cache: &mut (Tensor<2>, Tensor<2>),
         rope: &Rope,
         n_heads: usize,
     ) -> Tensor<3> {
@@ -537,8 +570,7 @@ impl Block {
             self.input_layernorm.forward(x.clone()),
             positions,
             mask,
-            slots,
-            batch,
+            rows,
             cache,
             rope,
             n_heads,
@@ -598,46 +630,42 @@ impl Attention {
         x: Tensor<3>,
         positions: &Tensor<2, Int>,
         mask: &Tensor<4, Bool>,
-        slots: &Tensor<1, Int>,
-        batch: &CachedBatch,
-        cache: &mut (Tensor<4>, Tensor<4>),
+        rows: &CacheRows,
+        cache: &mut (Tensor<2>, Tensor<2>),
         rope: &Rope,
         n_heads: usize,
     ) -> Tensor<3> {
         let (q, k, v) = self.qkv(x, n_heads);
         let (q, k) = (rope.apply(q, positions), rope.apply(k, positions));
-        let [_, h, _, hd] = k.dims();
-        for (row, ((&slot, &start), &len)) in batch
-            .slots
-            .iter()
-            .zip(&batch.starts)
-            .zip(&batch.lens)
-            .enumerate()
-        {
-            if len == 0 {
-                continue;
-            }
-            let range = [slot..slot + 1, 0..h, start..start + len, 0..hd];
-            let src = [row..row + 1, 0..h, 0..len, 0..hd];
-            cache.0 = cache
-                .0
-                .clone()
-                .slice_assign(range.clone(), k.clone().slice(src.clone()));
-            cache.1 = cache.1.clone().slice_assign(range, v.clone().slice(src));
-        }
-        let b = batch.slots.len();
-        let keys =
-            cache
-                .0
-                .clone()
-                .select(0, slots.clone())
-                .slice([0..b, 0..h, 0..batch.kv_len, 0..hd]);
-        let values =
-            cache
-                .1
-                .clone()
-                .select(0, slots.clone())
-                .slice([0..b, 0..h, 0..batch.kv_len, 0..hd]);
+        let [b, h, l, hd] = k.dims();
+        let kv_len = rows.read.dims()[0] / b;
+        // New keys/values as rows `[b × l, d]`; the real ones go to their cache rows in one
+        // indexed assignment per buffer. The buffers are taken out so the write owns them.
+        let flat = |t: Tensor<4>| {
+            t.swap_dims(1, 2)
+                .reshape([b * l, h * hd])
+                .select(0, rows.valid.clone())
+        };
+        let device = k.device();
+        let (k_cache, v_cache) = std::mem::replace(
+            cache,
+            (
+                Tensor::empty([0, 0], &device),
+                Tensor::empty([0, 0], &device),
+            ),
+        );
+        let k_cache =
+            k_cache.select_assign(0, rows.dest.clone(), flat(k), IndexingUpdateOp::Assign);
+        let v_cache =
+            v_cache.select_assign(0, rows.dest.clone(), flat(v), IndexingUpdateOp::Assign);
+        let read = |c: &Tensor<2>| {
+            c.clone()
+                .select(0, rows.read.clone())
+                .reshape([b, kv_len, h, hd])
+                .swap_dims(1, 2)
+        };
+        let (keys, values) = (read(&k_cache), read(&v_cache));
+        *cache = (k_cache, v_cache);
         self.merge(scaled_attention(q, keys, values, mask.clone()))
     }
 }
