@@ -149,7 +149,7 @@ pub fn run(cmd: DataCommand) -> Result<ExitCode> {
 }
 
 /// Reads a problem file and checks every problem's shape.
-pub fn load_problems(path: &PathBuf) -> Result<Vec<Problem>> {
+pub fn load_problems(path: &std::path::Path) -> Result<Vec<Problem>> {
     let problems: Vec<Problem> = read_items(path)?;
     for (i, p) in problems.iter().enumerate() {
         p.validate()

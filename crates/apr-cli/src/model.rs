@@ -111,7 +111,7 @@ pub struct GenerateArgs {
 
 /// Loads a checkpoint onto the selected device.
 pub fn load_model(
-    dir: &PathBuf,
+    dir: &std::path::Path,
     device: &DeviceArgs,
 ) -> Result<(Model, AprTokenizer, CheckpointMeta)> {
     let ck = checkpoint::load(dir)?;

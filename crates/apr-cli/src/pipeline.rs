@@ -130,6 +130,7 @@ impl Plan {
     }
 }
 
+#[allow(clippy::too_many_arguments)]
 fn sft(
     name: &str,
     plan: &Plan,
@@ -182,6 +183,7 @@ fn sft(
     Ok(dir.join("checkpoint"))
 }
 
+#[allow(clippy::too_many_arguments)]
 fn eval(
     name: &str,
     model: &Model,

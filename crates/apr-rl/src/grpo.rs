@@ -460,7 +460,9 @@ impl GrpoTrainer {
             writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
                 .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
             progress(&m);
-            if self.step % self.config.checkpoint_every.max(1) == 0
+            if self
+                .step
+                .is_multiple_of(self.config.checkpoint_every.max(1))
                 || self.step == self.config.steps
             {
                 self.save()?;

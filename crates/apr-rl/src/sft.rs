@@ -495,7 +495,7 @@ impl SftTrainer {
             let mut m = self.train_step()?;
             let step = m.step;
             if self.config.eval_every > 0
-                && (step % self.config.eval_every == 0 || step == self.config.steps)
+                && (step.is_multiple_of(self.config.eval_every) || step == self.config.steps)
             {
                 m.val_loss = Some(self.val_loss()).filter(|v| v.is_finite());
                 if let Some(v) = val {
@@ -505,7 +505,8 @@ impl SftTrainer {
             writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
                 .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
             progress(&m);
-            if step % self.config.checkpoint_every.max(1) == 0 || step == self.config.steps {
+            if step.is_multiple_of(self.config.checkpoint_every.max(1)) || step == self.config.steps
+            {
                 self.save(serde_json::json!({"step": step, "trainer": "sft"}))?;
             }
             all.push(m);
