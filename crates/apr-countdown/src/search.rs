@@ -172,6 +172,31 @@ impl Searcher {
         out.push_str(" equal: Goal Reached\n");
     }
 
+    /// `Exploring Operation: op, Resulting Numbers: [..]`.
+    fn write_exploring(&self, out: &mut String, node: u32) {
+        let n = &self.arena[node as usize];
+        out.push_str("Exploring Operation: ");
+        if let Some(op) = n.op {
+            op.write(out);
+        }
+        out.push_str(", Resulting Numbers: ");
+        push_list(out, n.nums());
+        out.push('\n');
+    }
+
+    /// `Generated Node #id: T:[..] Operation: op`.
+    fn write_generated(&self, out: &mut String, node: u32) {
+        out.push_str("Generated Node #");
+        self.write_id(out, node);
+        out.push_str(": ");
+        self.write_state(out, node);
+        out.push_str(" Operation: ");
+        if let Some(op) = self.arena[node as usize].op {
+            op.write(out);
+        }
+        out.push('\n');
+    }
+
     /// The summary path from `start` to the goal node (`get_path_to_target`).
     fn write_path(&mut self, out: &mut String, goal: u32, start: u32) {
         let mut path = Vec::with_capacity(MAX_NUMS);
@@ -186,24 +211,13 @@ impl Searcher {
         for pair in path.windows(2) {
             let (node, next) = (pair[0], pair[1]);
             self.write_current_state(out, node);
-            let next_node = self.arena[next as usize];
-            let op = next_node.op.expect("non-root nodes have an operation");
-            out.push_str("Exploring Operation: ");
-            op.write(out);
-            out.push_str(", Resulting Numbers: ");
-            push_list(out, next_node.nums());
-            out.push('\n');
+            self.write_exploring(out, next);
+            let next_node = &self.arena[next as usize];
             if next_node.len == 1 && next_node.nums[0] == self.target {
                 self.write_goal_line(out, self.target);
                 return;
             }
-            out.push_str("Generated Node #");
-            self.write_id(out, next);
-            out.push_str(": ");
-            self.write_state(out, next);
-            out.push_str(" Operation: ");
-            op.write(out);
-            out.push('\n');
+            self.write_generated(out, next);
             self.write_moving(out, next);
         }
     }
@@ -269,12 +283,7 @@ impl Searcher {
             let child = &mut self.arena[idx as usize];
             child.id[child.id_len as usize - 1] = next_index;
             let child = *child;
-            let op = child.op.expect("successor has an operation");
-            out.push_str("Exploring Operation: ");
-            op.write(out);
-            out.push_str(", Resulting Numbers: ");
-            push_list(out, child.nums());
-            out.push('\n');
+            self.write_exploring(out, idx);
             if child.len == 1 {
                 if child.nums[0] == self.target {
                     push_int(out, child.nums[0]);
@@ -289,13 +298,7 @@ impl Searcher {
                 push_int(out, self.target);
                 out.push_str(" unequal: No Solution\n");
             } else {
-                out.push_str("Generated Node #");
-                self.write_id(out, idx);
-                out.push_str(": ");
-                self.write_state(out, idx);
-                out.push_str(" Operation: ");
-                op.write(out);
-                out.push('\n');
+                self.write_generated(out, idx);
                 next_index += 1;
                 to_explore.push(idx);
             }
