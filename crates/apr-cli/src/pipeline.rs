@@ -81,7 +81,7 @@ impl Plan {
             PipelinePreset::Quick => Plan {
                 numbers: 3,
                 train_problems: 3000,
-                val_problems: 200,
+                val_problems: 150,
                 model: Preset::Small,
                 context: 1024,
                 apr_sft_steps: 160,
@@ -91,7 +91,7 @@ impl Plan {
                 grpo_steps: 4,
                 grpo_prompts: 8,
                 grpo_group: 4,
-                samples: 4,
+                samples: 2,
                 slots: 64,
             },
             PipelinePreset::Smoke => Plan {
