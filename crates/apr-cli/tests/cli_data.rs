@@ -1,28 +1,8 @@
 //! The `apr data` commands end to end: outputs, and one-line errors on bad input.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn apr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_apr"))
-        .args(args)
-        .output()
-        .expect("run apr")
-}
-
-fn stderr_line(out: &Output) -> String {
-    let text = String::from_utf8_lossy(&out.stderr).into_owned();
-    assert_eq!(
-        text.trim_end().lines().count(),
-        1,
-        "expected one line, got: {text}"
-    );
-    text
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{apr, one_line_error, s};
 
 #[test]
 fn problems_traces_validate_stats_round_trip() {
@@ -155,8 +135,7 @@ fn bad_input_gives_one_line_errors() {
         "--out",
         s(&dir.path().join("x.jsonl")),
     ]);
-    assert!(!out.status.success());
-    assert!(stderr_line(&out).contains("--numbers must be between 3 and 6"));
+    one_line_error(&out, "--numbers must be between 3 and 6");
 
     let bad_json = dir.path().join("bad.jsonl");
     std::fs::write(
@@ -174,8 +153,7 @@ fn bad_input_gives_one_line_errors() {
         "--out",
         s(&dir.path().join("t.jsonl")),
     ]);
-    assert!(!out.status.success());
-    assert!(stderr_line(&out).contains("bad.jsonl:2:"));
+    one_line_error(&out, "bad.jsonl:2:");
 
     let negative = dir.path().join("neg.jsonl");
     std::fs::write(&negative, "{\"nums\": [1, -2, 3, 4], \"target\": 6}\n").unwrap();
@@ -189,11 +167,9 @@ fn bad_input_gives_one_line_errors() {
         "--out",
         s(&dir.path().join("t.jsonl")),
     ]);
-    assert!(!out.status.success());
-    assert!(stderr_line(&out).contains("numbers must be positive integers, got -2"));
+    one_line_error(&out, "numbers must be positive integers, got -2");
     assert!(!dir.path().join("t.jsonl").exists(), "no partial output");
 
     let out = apr(&["data", "validate", s(&dir.path().join("missing.jsonl"))]);
-    assert!(!out.status.success());
-    assert!(stderr_line(&out).contains("missing.jsonl"));
+    one_line_error(&out, "missing.jsonl");
 }

@@ -1,37 +1,9 @@
 //! Model, training, evaluation and pipeline commands end to end on the smallest settings, and
 //! one-line errors on wrong input.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
 
-fn apr(args: &[&str]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_apr"))
-        .args(args)
-        .output()
-        .expect("run apr")
-}
-
-fn ok(out: &Output) -> serde_json::Value {
-    assert!(
-        out.status.success(),
-        "stderr: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let text = String::from_utf8_lossy(&out.stdout);
-    serde_json::from_str(text.trim()).unwrap_or(serde_json::Value::Null)
-}
-
-fn one_line_error(out: &Output, needle: &str) {
-    assert!(!out.status.success());
-    let text = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(text.trim_end().lines().count(), 1, "{text}");
-    assert!(text.contains(needle), "expected {needle:?} in {text}");
-    assert!(!text.contains("panicked"), "{text}");
-}
-
-fn s(p: &Path) -> &str {
-    p.to_str().unwrap()
-}
+use common::{apr, ok, one_line_error, s};
 
 #[test]
 fn init_generate_export_train_eval() {

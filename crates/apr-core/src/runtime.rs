@@ -215,7 +215,7 @@ struct Thread {
     parent: Option<usize>,
     round: usize,
     index: usize,
-    node: Option<String>,
+    node: Option<crate::grammar::NodeId>,
     seed: u64,
     state: ThreadState,
     slot: Option<SlotId>,
@@ -473,7 +473,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         parent: Option<usize>,
         round: usize,
         index: usize,
-        node: Option<String>,
+        node: Option<crate::grammar::NodeId>,
         prompt: String,
     ) -> usize {
         let id = self.threads.len();
@@ -701,7 +701,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 th.round
             },
             index: th.index,
-            node: th.node.clone(),
+            node: th.node.as_ref().map(ToString::to_string),
             prompt: std::mem::take(&mut th.segment_prompt),
             output: th.text[th.segment_start_text.min(th.text.len())..].to_owned(),
             finish,
@@ -812,7 +812,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         let mut prompts = Vec::with_capacity(split.block.children.len());
         for node in &split.block.children {
             match self.task.child_prompt(&text, node) {
-                Ok(prompt) => prompts.push((node.to_string(), prompt)),
+                Ok(prompt) => prompts.push((node.clone(), prompt)),
                 Err(e) => return self.fail(p, format!("spawn: {e}"), decoder, progress),
             }
         }
@@ -861,8 +861,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 let child = &self.threads[c];
                 let output = &child.text;
                 JoinEntry {
-                    node: crate::grammar::NodeId::parse(child.node.as_deref().unwrap_or("0"))
-                        .unwrap_or_else(|_| crate::grammar::NodeId::parse("0").expect("valid")),
+                    node: child.node.clone().expect("a child thread explores a node"),
                     result: self.task.join_message(output),
                 }
             })
