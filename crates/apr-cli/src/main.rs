@@ -10,6 +10,7 @@ mod eval;
 mod model;
 mod pipeline;
 mod progress;
+mod report;
 mod train;
 
 /// Adaptive Parallel Reasoning in Rust: data, models, training and evaluation on Countdown.
@@ -44,6 +45,8 @@ enum Command {
     Pipeline(pipeline::PipelineArgs),
     /// Solve one problem and print the thread tree.
     Solve(eval::SolveArgs),
+    /// Draw the paper's figures (PNG, SVG) and a Markdown table from eval outputs.
+    Report(report::ReportArgs),
 }
 
 /// Which compute backend and device to run on.
@@ -65,6 +68,16 @@ impl DeviceArgs {
         backend
             .device(self.device_index)
             .map_err(anyhow::Error::msg)
+    }
+
+    /// The learner a trainer uses unless told: the hand-differentiated CPU model on the CPU
+    /// backend (several times faster there), burn's autodiff on a GPU.
+    pub fn default_learner(&self) -> apr_rl::sft::LearnerKind {
+        if self.backend == "cpu" {
+            apr_rl::sft::LearnerKind::Native
+        } else {
+            apr_rl::sft::LearnerKind::Burn
+        }
     }
 }
 
@@ -96,6 +109,7 @@ fn main() -> ExitCode {
         Command::Eval(args) => eval::run(args),
         Command::Pipeline(args) => pipeline::run(args),
         Command::Solve(args) => eval::solve(args),
+        Command::Report(args) => report::run(args),
     };
     match result {
         Ok(code) => code,

@@ -4,9 +4,9 @@ use std::path::PathBuf;
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
+use apr_core::decoder::{Sampling, StepInput};
 use apr_model::checkpoint::{self, CheckpointMeta};
-use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_model::{init_weights, AprTokenizer, Model, ModelConfig, Preset};
 use clap::{Args, Subcommand};
 use serde_json::json;
 
@@ -134,7 +134,7 @@ pub fn generate(args: GenerateArgs) -> Result<ExitCode> {
             prompt_tokens.len()
         );
     }
-    let mut engine = Engine::new(model, 1, limit, tok.pad_id());
+    let mut engine = apr_model::engine::engine_for(&model, 1, limit, tok.pad_id());
     let sampling = Sampling::temperature(args.temperature);
     let mut pending = prompt_tokens.clone();
     let (mut tokens, mut logprobs) = (Vec::new(), Vec::new());

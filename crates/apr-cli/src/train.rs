@@ -133,6 +133,11 @@ pub struct SftArgs {
     /// No loss on prompt tokens (the reference trains on every token).
     #[arg(long)]
     mask_prompt: bool,
+    /// What computes gradients: `native` (hand-written CPU forward/backward over packed
+    /// batches; the default on --backend cpu) or `burn` (autodiff on any backend; the default
+    /// elsewhere).
+    #[arg(long)]
+    learner: Option<apr_rl::sft::LearnerKind>,
     /// Prefix APR parent calls with `Sub Call Budget: N `.
     #[arg(long)]
     sub_call_budget: bool,
@@ -294,6 +299,9 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
         eval_every: args.eval_every,
+        learner: args
+            .learner
+            .unwrap_or_else(|| args.device.default_learner()),
     };
     let n_examples = examples.len();
     let mut trainer = SftTrainer::new(

@@ -92,3 +92,16 @@ pub fn cuda_driver_present() -> bool {
         .iter()
         .any(|p| std::path::Path::new(p).exists())
 }
+
+/// Whether a device is the CPU (flex) backend's.
+pub fn is_cpu(device: &Device) -> bool {
+    #[cfg(feature = "flex")]
+    {
+        *device == Device::flex()
+    }
+    #[cfg(not(feature = "flex"))]
+    {
+        let _ = device;
+        false
+    }
+}

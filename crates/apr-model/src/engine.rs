@@ -78,29 +78,7 @@ impl Engine {
 
     fn forward(&mut self, inputs: &[StepInput<'_>]) -> Result<Tensor<2>, DecoderError> {
         let b = inputs.len();
-        if b == 0 {
-            return Err(DecoderError::Backend("empty step".into()));
-        }
-        let mut seen = vec![false; self.lens.len()];
-        for input in inputs {
-            let slot = input.slot;
-            if slot >= self.lens.len() || std::mem::replace(&mut seen[slot], true) {
-                return Err(DecoderError::BadSlot(slot));
-            }
-            if input.tokens.is_empty() {
-                return Err(DecoderError::Backend(format!(
-                    "slot {slot}: no tokens to append"
-                )));
-            }
-            let len = self.lens[slot] + input.tokens.len();
-            if len > self.max_len {
-                return Err(DecoderError::ContextFull {
-                    slot,
-                    len,
-                    limit: self.max_len,
-                });
-            }
-        }
+        check_step(inputs, &self.lens, self.max_len)?;
         let l = inputs.iter().map(|i| i.tokens.len()).max().unwrap_or(1);
         let mut tokens = Vec::with_capacity(b * l);
         let mut positions = Vec::with_capacity(b * l);
@@ -148,6 +126,56 @@ impl Engine {
         }
         Ok(logits)
     }
+}
+
+/// Rejects a step that names a slot twice or out of range, appends nothing to a slot, or would
+/// overflow a slot's context.
+pub(crate) fn check_step(
+    inputs: &[StepInput<'_>],
+    lens: &[usize],
+    max_len: usize,
+) -> Result<(), DecoderError> {
+    if inputs.is_empty() {
+        return Err(DecoderError::Backend("empty step".into()));
+    }
+    let mut seen = vec![false; lens.len()];
+    for input in inputs {
+        let slot = input.slot;
+        if slot >= lens.len() || std::mem::replace(&mut seen[slot], true) {
+            return Err(DecoderError::BadSlot(slot));
+        }
+        if input.tokens.is_empty() {
+            return Err(DecoderError::Backend(format!(
+                "slot {slot}: no tokens to append"
+            )));
+        }
+        let len = lens[slot] + input.tokens.len();
+        if len > max_len {
+            return Err(DecoderError::ContextFull {
+                slot,
+                len,
+                limit: max_len,
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The fastest decoder for a model: the hand-written [`crate::native::NativeEngine`] when the
+/// model lives on the CPU backend, the burn [`Engine`] elsewhere.
+pub fn engine_for(
+    model: &Model,
+    slots: usize,
+    max_len: usize,
+    pad: u32,
+) -> Box<dyn BatchedDecoder> {
+    if crate::backend::is_cpu(&model.rope_device()) {
+        let weights = model.llama.to_weights();
+        if let Ok(native) = crate::native::NativeModel::from_weights(&model.config, &weights) {
+            return Box::new(crate::native::NativeEngine::new(native, slots, max_len));
+        }
+    }
+    Box::new(Engine::new(model.clone(), slots, max_len, pad))
 }
 
 fn to_f32(t: Tensor<2>) -> Vec<f32> {

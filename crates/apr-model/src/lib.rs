@@ -8,6 +8,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod model;
+pub mod native;
 pub mod tokenizer;
 
 pub use burn;

@@ -6,7 +6,8 @@ use std::time::Instant;
 
 use apr_core::runtime::{run, Job, Mode, ProblemResult, RuntimeConfig};
 use apr_countdown::{CountdownTask, Problem};
-use apr_model::{AprTokenizer, Engine, Model};
+use apr_model::engine::engine_for;
+use apr_model::{AprTokenizer, Model};
 use serde::{Deserialize, Serialize};
 
 /// One sample of one problem, as written to `records.jsonl`.
@@ -84,8 +85,8 @@ pub fn evaluate(
     progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<EvalRecord>, EvalSummary) {
     let start = Instant::now();
-    let mut engine = Engine::new(
-        model.clone(),
+    let mut engine = engine_for(
+        model,
         config.slots.max(1),
         config.runtime.context.min(model.config.max_seq_len),
         tokenizer.pad_id(),
@@ -105,7 +106,7 @@ pub fn evaluate(
     let total = jobs.len();
     let results = run(
         &task,
-        &mut engine,
+        engine.as_mut(),
         tokenizer,
         jobs,
         &config.runtime,

@@ -14,7 +14,8 @@ use apr_countdown::{CountdownTask, Problem};
 use apr_model::burn::tensor::activation::log_softmax;
 use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use apr_model::checkpoint::{self, CheckpointMeta};
-use apr_model::{AprTokenizer, Engine, Model, Weights};
+use apr_model::engine::engine_for;
+use apr_model::{AprTokenizer, Model, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::optim::{AdamW, AdamWConfig};
@@ -327,8 +328,8 @@ impl GrpoTrainer {
     /// Rolls out `problems`, `group` times each, with the current policy.
     pub fn rollouts(&self, problems: &[Problem], seed: u64) -> Vec<ProblemResult> {
         let policy = self.policy.valid();
-        let mut engine = Engine::new(
-            policy,
+        let mut engine = engine_for(
+            &policy,
             self.config.slots,
             self.config.runtime.context,
             self.tokenizer.pad_id(),
@@ -347,7 +348,7 @@ impl GrpoTrainer {
             .collect();
         run(
             &task,
-            &mut engine,
+            engine.as_mut(),
             &self.tokenizer,
             jobs,
             &self.config.runtime,

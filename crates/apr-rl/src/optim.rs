@@ -270,3 +270,95 @@ fn current_params<M: Module>(module: &M) -> Vec<Tensor<1>> {
     module.visit(&mut values);
     values.0
 }
+
+/// AdamW over one flat parameter vector (the [`apr_model::native::NativeModel`] layout): the
+/// same update as [`AdamW`], elementwise in parallel, with the norm summed in a fixed order.
+pub struct FlatAdamW {
+    config: AdamWConfig,
+    step: u64,
+    m: Vec<f32>,
+    v: Vec<f32>,
+}
+
+impl FlatAdamW {
+    /// A fresh optimizer for `len` parameters.
+    pub fn new(config: AdamWConfig, len: usize) -> Self {
+        FlatAdamW {
+            config,
+            step: 0,
+            m: vec![0.0; len],
+            v: vec![0.0; len],
+        }
+    }
+
+    /// Steps taken.
+    pub fn steps(&self) -> u64 {
+        self.step
+    }
+
+    /// Applies one update from `grads` (already averaged) and returns the pre-clipping global
+    /// gradient norm; non-finite gradients leave the parameters untouched.
+    pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) -> Result<f64, OptimError> {
+        use rayon::prelude::*;
+        assert_eq!(params.len(), self.m.len(), "parameter count");
+        assert_eq!(grads.len(), self.m.len(), "gradient count");
+        const BLOCK: usize = 1 << 14;
+        let partial: Vec<f64> = grads
+            .par_chunks(BLOCK)
+            .map(|c| c.iter().map(|&g| (g as f64) * (g as f64)).sum())
+            .collect();
+        let norm = partial.iter().sum::<f64>().sqrt();
+        if !norm.is_finite() {
+            return Err(OptimError::NonFinite(norm));
+        }
+        let c = self.config;
+        let clip = if c.clip_norm > 0.0 && norm > c.clip_norm {
+            c.clip_norm / norm
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let bias1 = 1.0 - c.beta1.powi(self.step as i32);
+        let bias2 = 1.0 - c.beta2.powi(self.step as i32);
+        let (b1, b2, eps, wd) = (
+            c.beta1 as f32,
+            c.beta2 as f32,
+            c.eps as f32,
+            c.weight_decay as f32,
+        );
+        let (clip, bias1, bias2, lr) = (clip as f32, bias1 as f32, bias2 as f32, lr as f32);
+        params
+            .par_chunks_mut(BLOCK)
+            .zip(self.m.par_chunks_mut(BLOCK))
+            .zip(self.v.par_chunks_mut(BLOCK))
+            .zip(grads.par_chunks(BLOCK))
+            .for_each(|(((p, m), v), g)| {
+                for i in 0..p.len() {
+                    let g = g[i] * clip;
+                    m[i] = b1 * m[i] + (1.0 - b1) * g;
+                    v[i] = b2 * v[i] + (1.0 - b2) * g * g;
+                    let adam = (m[i] / bias1) / ((v[i] / bias2).sqrt() + eps);
+                    p[i] -= lr * (adam + wd * p[i]);
+                }
+            });
+        Ok(norm)
+    }
+
+    /// The two moments, flat, and the step count.
+    pub fn state(&self) -> (u64, &[f32], &[f32]) {
+        (self.step, &self.m, &self.v)
+    }
+
+    /// Restores a state saved from [`FlatAdamW::state`].
+    pub fn restore(&mut self, step: u64, m: Vec<f32>, v: Vec<f32>) -> Result<(), String> {
+        if m.len() != self.m.len() || v.len() != self.v.len() {
+            return Err(format!(
+                "optimizer state has {} values, the model {}",
+                m.len(),
+                self.m.len()
+            ));
+        }
+        (self.step, self.m, self.v) = (step, m, v);
+        Ok(())
+    }
+}

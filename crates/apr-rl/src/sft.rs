@@ -10,10 +10,11 @@ use apr_countdown::sft::SftSequence;
 use apr_model::burn::tensor::activation::log_softmax;
 use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use apr_model::checkpoint::{self, CheckpointMeta};
+use apr_model::native::{NativeModel, PackedBatch};
 use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, AdamWConfig};
+use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
 use crate::schedule::WarmupCosine;
 
 /// One tokenized training sequence.
@@ -32,8 +33,10 @@ pub fn tokenize(
     context: usize,
     mask_prompt: bool,
 ) -> Result<Vec<Example>, String> {
+    use rayon::prelude::*;
+    // Parallel, and in input order: the result does not depend on the thread count.
     sequences
-        .iter()
+        .par_iter()
         .enumerate()
         .map(|(i, seq)| {
             let mut tokens = vec![tokenizer.bos_id()];
@@ -165,6 +168,46 @@ pub struct SftConfig {
     pub checkpoint_every: usize,
     /// Validation loss every this many steps (0: never).
     pub eval_every: usize,
+    /// What computes the gradients.
+    #[serde(default)]
+    pub learner: LearnerKind,
+}
+
+/// What computes the gradients of a training step.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LearnerKind {
+    /// The hand-differentiated CPU model ([`apr_model::native`]): packed batches, no padding.
+    #[default]
+    Native,
+    /// burn's autodiff on the trainer's device (any backend).
+    Burn,
+}
+
+impl std::str::FromStr for LearnerKind {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "native" => Ok(LearnerKind::Native),
+            "burn" => Ok(LearnerKind::Burn),
+            other => Err(format!(
+                "unknown learner {other:?} (expected native or burn)"
+            )),
+        }
+    }
+}
+
+/// The model being trained and its optimizer.
+enum Learner {
+    Burn {
+        model: Model,
+        optim: AdamW,
+    },
+    Native {
+        model: NativeModel,
+        optim: FlatAdamW,
+        grads: Vec<f32>,
+    },
 }
 
 /// One line of `metrics.jsonl`.
@@ -201,11 +244,10 @@ pub struct TrainState {
 pub struct SftTrainer {
     /// Settings.
     pub config: SftConfig,
-    /// The model (on an autodiff device).
-    pub model: Model,
     /// Tokenizer.
     pub tokenizer: AprTokenizer,
-    optim: AdamW,
+    model_config: ModelConfig,
+    learner: Learner,
     schedule: WarmupCosine,
     examples: Vec<Example>,
     val: Vec<Example>,
@@ -242,9 +284,7 @@ impl SftTrainer {
         device: &Device,
         resume: bool,
     ) -> Result<Self, TrainError> {
-        let train_device = device.clone().autodiff();
         let ckpt_dir = out.join("checkpoint");
-        let mut optim = AdamW::new(config.adamw);
         let mut state = TrainState::default();
         let (model_config, weights) = if resume && ckpt_dir.exists() {
             let ck = checkpoint::load(&ckpt_dir)?;
@@ -255,14 +295,45 @@ impl SftTrainer {
         } else {
             (model_config, init)
         };
-        let model = Model::new(model_config, &weights, &train_device)
-            .map_err(|e| TrainError::Other(e.to_string()))?;
-        if state.step > 0 {
-            let tensors = checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"))?;
-            optim
-                .restore(&model.llama, device, state.step as u64, &tensors)
-                .map_err(TrainError::Other)?;
-        }
+        let saved_optimizer =
+            || checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"));
+        let learner = match config.learner {
+            LearnerKind::Burn => {
+                let model = Model::new(model_config.clone(), &weights, &device.clone().autodiff())
+                    .map_err(|e| TrainError::Other(e.to_string()))?;
+                let mut optim = AdamW::new(config.adamw);
+                if state.step > 0 {
+                    optim
+                        .restore(&model.llama, device, state.step as u64, &saved_optimizer()?)
+                        .map_err(TrainError::Other)?;
+                }
+                Learner::Burn { model, optim }
+            }
+            LearnerKind::Native => {
+                let model = NativeModel::from_weights(&model_config, &weights)
+                    .map_err(|e| TrainError::Other(e.to_string()))?;
+                let mut optim = FlatAdamW::new(config.adamw, model.num_params());
+                if state.step > 0 {
+                    let saved = saved_optimizer()?;
+                    let moments = model.join(&saved, "m.").zip(model.join(&saved, "v."));
+                    let (m, v) = moments.ok_or_else(|| {
+                        TrainError::Other(format!(
+                            "{}: optimizer state was not written by the native learner",
+                            ckpt_dir.display()
+                        ))
+                    })?;
+                    optim
+                        .restore(state.step as u64, m, v)
+                        .map_err(TrainError::Other)?;
+                }
+                let grads = vec![0.0; model.num_params()];
+                Learner::Native {
+                    model,
+                    optim,
+                    grads,
+                }
+            }
+        };
         let schedule = WarmupCosine {
             peak: config.peak_lr,
             min: config.min_lr,
@@ -273,9 +344,9 @@ impl SftTrainer {
             .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
         Ok(SftTrainer {
             config,
-            model,
             tokenizer,
-            optim,
+            model_config,
+            learner,
             schedule,
             examples,
             val,
@@ -320,63 +391,126 @@ impl SftTrainer {
     /// One optimizer step over `accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
-        let train_device = self.device.clone().autodiff();
+        let accum = self.config.accum.max(1);
         let mut loss_sum = 0.0;
         let mut tokens = 0.0;
-        for _ in 0..self.config.accum.max(1) {
+        for _ in 0..accum {
             let idx = self.batch(self.state.batches_consumed);
             self.state.batches_consumed += 1;
-            let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
-            if batch.is_empty() {
+            if idx.is_empty() {
                 return Err(TrainError::Other("no training examples".into()));
             }
-            let (inputs, targets, mask) = pad_batch(&batch, self.tokenizer.pad_id(), &train_device);
-            tokens += mask
-                .clone()
-                .sum()
-                .into_data()
-                .iter::<f64>()
-                .next()
-                .unwrap_or(0.0);
-            let loss = masked_nll(&self.model, inputs, targets, mask);
-            let value = loss
-                .clone()
-                .into_data()
-                .iter::<f64>()
-                .next()
-                .unwrap_or(f64::NAN);
-            if !value.is_finite() {
+            let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+            let (loss, n) = match &mut self.learner {
+                Learner::Burn { model, optim } => {
+                    let device = model.rope_device();
+                    let (inputs, targets, mask) =
+                        pad_batch(&batch, self.tokenizer.pad_id(), &device);
+                    let n = mask
+                        .clone()
+                        .sum()
+                        .into_data()
+                        .iter::<f64>()
+                        .next()
+                        .unwrap_or(0.0);
+                    let loss = masked_nll(model, inputs, targets, mask);
+                    let value = loss
+                        .clone()
+                        .into_data()
+                        .iter::<f64>()
+                        .next()
+                        .unwrap_or(f64::NAN);
+                    if value.is_finite() {
+                        optim.accumulate(&model.llama, &loss.backward());
+                    }
+                    (value, n)
+                }
+                Learner::Native { model, grads, .. } => {
+                    let (packed, weights) = pack(&batch);
+                    let n = weights.iter().filter(|&&w| w > 0.0).count() as f64;
+                    let fwd = model
+                        .forward(&packed)
+                        .map_err(|e| TrainError::Other(e.to_string()))?;
+                    let scale = 1.0 / n.max(1.0);
+                    let value = -fwd
+                        .logprobs
+                        .iter()
+                        .zip(&weights)
+                        .map(|(&lp, &w)| lp as f64 * w as f64)
+                        .sum::<f64>()
+                        * scale;
+                    let dlogp: Vec<f32> = weights.iter().map(|&w| -w * scale as f32).collect();
+                    if value.is_finite() {
+                        model.backward(fwd, &dlogp, grads);
+                    }
+                    (value, n)
+                }
+            };
+            if !loss.is_finite() {
                 return Err(TrainError::Other(format!(
-                    "non-finite loss ({value}) at step {}",
+                    "non-finite loss ({loss}) at step {}",
                     self.state.step + 1
                 )));
             }
-            loss_sum += value;
-            let grads = loss.backward();
-            self.optim.accumulate(&self.model.llama, &grads);
+            loss_sum += loss;
+            tokens += n;
         }
         let lr = self.schedule.lr(self.state.step);
-        // Parameters are reference-counted tensors: the clone is cheap and is replaced below.
-        match self.optim.step(self.model.llama.clone(), lr) {
-            Ok((llama, norm)) => {
-                self.model.llama = llama;
-                self.state.step += 1;
-                Ok(StepMetrics {
-                    step: self.state.step,
-                    loss: loss_sum / self.config.accum.max(1) as f64,
-                    lr,
-                    grad_norm: norm,
-                    tokens_per_s: tokens / start.elapsed().as_secs_f64().max(1e-9),
-                    val_loss: None,
-                    val_accuracy: None,
-                })
+        let step = self.state.step + 1;
+        let norm = match &mut self.learner {
+            Learner::Burn { model, optim } => {
+                // Parameters are reference-counted tensors: the clone is cheap and is replaced.
+                match optim.step(model.llama.clone(), lr) {
+                    Ok((llama, norm)) => {
+                        model.llama = llama;
+                        Ok(norm)
+                    }
+                    Err((llama, e)) => {
+                        model.llama = llama;
+                        Err(e)
+                    }
+                }
             }
-            Err((llama, e)) => {
-                self.model.llama = llama;
-                Err(TrainError::Other(format!(
-                    "step {}: {e}",
-                    self.state.step + 1
-                )))
+            Learner::Native {
+                model,
+                optim,
+                grads,
+            } => {
+                let inv = 1.0 / accum as f32;
+                grads.iter_mut().for_each(|g| *g *= inv);
+                let result = optim.step(&mut model.params, grads, lr);
+                grads.fill(0.0);
+                result
+            }
+        }
+        .map_err(|e| TrainError::Other(format!("step {step}: {e}")))?;
+        self.state.step = step;
+        Ok(StepMetrics {
+            step,
+            loss: loss_sum / accum as f64,
+            lr,
+            grad_norm: norm,
+            tokens_per_s: tokens / start.elapsed().as_secs_f64().max(1e-9),
+            val_loss: None,
+            val_accuracy: None,
+        })
+    }
+
+    /// The current weights.
+    pub fn weights(&self) -> Weights {
+        match &self.learner {
+            Learner::Burn { model, .. } => model.llama.to_weights(),
+            Learner::Native { model, .. } => model.to_weights(),
+        }
+    }
+
+    /// The current model for inference, on the trainer's (non-autodiff) device.
+    pub fn inference_model(&self) -> Model {
+        match &self.learner {
+            Learner::Burn { model, .. } => model.valid(),
+            Learner::Native { model, .. } => {
+                Model::new(self.model_config.clone(), &model.to_weights(), &self.device)
+                    .expect("native weights have the configuration's shapes")
             }
         }
     }
@@ -386,7 +520,7 @@ impl SftTrainer {
         if self.val.is_empty() {
             return f64::NAN;
         }
-        let model = self.model.valid();
+        let model = self.inference_model();
         let lengths: Vec<usize> = self.val.iter().map(|e| e.tokens.len()).collect();
         let batches = epoch_batches(&lengths, self.config.batch_tokens, 0, 0);
         let (mut sum, mut count) = (0.0, 0.0);
@@ -414,17 +548,29 @@ impl SftTrainer {
     /// Writes the checkpoint (weights, tokenizer, optimizer state, data cursor) atomically.
     pub fn save(&self, info: serde_json::Value) -> Result<PathBuf, TrainError> {
         let dir = self.out.join("checkpoint");
-        let (_, opt) = self.optim.state();
+        let opt = match &self.learner {
+            Learner::Burn { optim, .. } => optim.state().1,
+            Learner::Native { model, optim, .. } => {
+                let (_, m, v) = optim.state();
+                let mut out = std::collections::BTreeMap::new();
+                for (prefix, flat) in [("m.", m), ("v.", v)] {
+                    for (name, t) in model.split(flat) {
+                        out.insert(format!("{prefix}{name}"), t);
+                    }
+                }
+                out
+            }
+        };
         let opt_bytes = checkpoint::safetensors_bytes(&opt).map_err(TrainError::Other)?;
         let state = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         let meta = CheckpointMeta {
-            model: self.model.config.clone(),
+            model: self.model_config.clone(),
             info,
         };
         checkpoint::save(
             &dir,
             &meta,
-            &self.model.llama.to_weights(),
+            &self.weights(),
             &self.tokenizer,
             &[
                 ("optimizer.safetensors", opt_bytes),
@@ -465,7 +611,7 @@ impl SftTrainer {
             seed: 0,
         };
         let (_, summary) = crate::eval::evaluate(
-            &self.model.valid(),
+            &self.inference_model(),
             &self.tokenizer,
             &val.problems,
             &config,
@@ -513,4 +659,15 @@ impl SftTrainer {
         }
         Ok(all)
     }
+}
+
+/// Packs examples end to end with a loss weight (0 or 1) per position.
+fn pack(batch: &[&Example]) -> (PackedBatch, Vec<f32>) {
+    let seqs: Vec<&[u32]> = batch.iter().map(|e| e.tokens.as_slice()).collect();
+    let packed = PackedBatch::from_sequences(&seqs);
+    let mut weights = Vec::with_capacity(packed.len());
+    for e in batch.iter().filter(|e| e.tokens.len() >= 2) {
+        weights.extend((1..e.tokens.len()).map(|target| (target >= e.loss_from) as u8 as f32));
+    }
+    (packed, weights)
 }

@@ -1,0 +1,286 @@
+//! `apr report`: the paper's figures (PNG and SVG) and the same numbers as a Markdown table,
+//! from the `summary.json` of several `apr eval` outputs.
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{bail, Context, Result};
+use apr_rl::eval::EvalSummary;
+use clap::Args;
+use plotters::coord::Shift;
+use plotters::prelude::*;
+
+/// Arguments of `apr report`.
+#[derive(Args, Debug)]
+pub struct ReportArgs {
+    /// Eval output directories (each with a `summary.json`), or directories holding them (such
+    /// as a pipeline's `eval/`).
+    #[arg(required = true)]
+    dirs: Vec<PathBuf>,
+    /// Where to write the figures and `report.md` (default: next to the first input).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+/// One evaluation to draw.
+struct Run {
+    name: String,
+    summary: EvalSummary,
+}
+
+/// `DIR/summary.json`, or every `DIR/*/summary.json`, in name order.
+fn collect(dir: &Path) -> Result<Vec<Run>> {
+    let direct = dir.join("summary.json");
+    let mut paths = Vec::new();
+    if direct.is_file() {
+        paths.push(direct);
+    } else {
+        let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
+        for entry in entries {
+            let path = entry?.path().join("summary.json");
+            if path.is_file() {
+                paths.push(path);
+            }
+        }
+        paths.sort();
+    }
+    if paths.is_empty() {
+        bail!("{}: no summary.json here or one level below", dir.display());
+    }
+    paths
+        .into_iter()
+        .map(|path| {
+            let text =
+                std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+            let summary: EvalSummary = serde_json::from_str(&text)
+                .with_context(|| format!("{}: not an eval summary", path.display()))?;
+            let name = path
+                .parent()
+                .and_then(Path::file_name)
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            Ok(Run { name, summary })
+        })
+        .collect()
+}
+
+/// Registers the first TrueType font found as plotters' "sans-serif" (bitmaps need glyphs).
+fn load_font() -> Result<()> {
+    let candidates = [
+        std::env::var("APR_FONT").unwrap_or_default(),
+        "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into(),
+        "/usr/share/fonts/TTF/DejaVuSans.ttf".into(),
+        "/usr/share/fonts/dejavu/DejaVuSans.ttf".into(),
+        "/usr/share/fonts/truetype/liberation/LiberationSans-Regular.ttf".into(),
+        "/Library/Fonts/Arial.ttf".into(),
+        "C:\\Windows\\Fonts\\arial.ttf".into(),
+    ];
+    for path in candidates.iter().filter(|p| !p.is_empty()) {
+        if let Ok(bytes) = std::fs::read(path) {
+            let bytes: &'static [u8] = Vec::leak(bytes);
+            if plotters::style::register_font("sans-serif", FontStyle::Normal, bytes).is_ok() {
+                return Ok(());
+            }
+        }
+    }
+    bail!("no TrueType font found for the PNG figures (install fonts-dejavu-core or set APR_FONT=/path/to/font.ttf)")
+}
+
+/// A named series of (x, y) points.
+struct Series {
+    name: String,
+    points: Vec<(f64, f64)>,
+}
+
+/// One figure: title, axis labels, series, and whether points are joined.
+struct Figure<'a> {
+    file: &'a str,
+    title: &'a str,
+    x_label: &'a str,
+    series: Vec<Series>,
+    lines: bool,
+}
+
+fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
+where
+    DB::ErrorType: 'static,
+{
+    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let xs = fig.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
+    let x_max = xs.fold(1.0f64, f64::max) * 1.08;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(fig.title, ("sans-serif", 22))
+        .margin(16)
+        .x_label_area_size(44)
+        .y_label_area_size(56)
+        .build_cartesian_2d(0.0..x_max, 0.0..100.0)
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    chart
+        .configure_mesh()
+        .x_desc(fig.x_label)
+        .y_desc("accuracy (%)")
+        .x_label_formatter(&|x| format!("{x:.0}"))
+        .y_label_formatter(&|y| format!("{y:.0}"))
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 16))
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    for (i, s) in fig.series.iter().enumerate() {
+        let color = Palette99::pick(i).to_rgba();
+        let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, 100.0 * y)).collect();
+        let anno = if fig.lines {
+            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+        } else {
+            chart.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+        }
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        anno.label(&s.name)
+            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
+        chart
+            .draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))
+            .map_err(|e| anyhow::anyhow!("{e}"))?;
+    }
+    chart
+        .configure_series_labels()
+        .background_style(WHITE.mix(0.85))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 14))
+        .position(SeriesLabelPosition::LowerRight)
+        .draw()
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// Writes `FILE.png` and `FILE.svg`.
+fn save(out: &Path, fig: &Figure) -> Result<Vec<PathBuf>> {
+    let png = out.join(format!("{}.png", fig.file));
+    let svg = out.join(format!("{}.svg", fig.file));
+    draw(
+        BitMapBackend::new(&png, (900, 600)).into_drawing_area(),
+        fig,
+    )
+    .with_context(|| format!("{}", png.display()))?;
+    draw(SVGBackend::new(&svg, (900, 600)).into_drawing_area(), fig)
+        .with_context(|| format!("{}", svg.display()))?;
+    Ok(vec![png, svg])
+}
+
+/// The figures of paper Fig. 4a, 4b and 6 for a set of runs.
+fn figures(runs: &[Run]) -> Vec<Figure<'static>> {
+    let point = |f: &dyn Fn(&EvalSummary) -> f64| -> Vec<Series> {
+        runs.iter()
+            .map(|r| Series {
+                name: r.name.clone(),
+                points: vec![(f(&r.summary), r.summary.accuracy)],
+            })
+            .collect()
+    };
+    vec![
+        Figure {
+            file: "accuracy_vs_total_tokens",
+            title: "Accuracy vs total tokens (paper Fig. 4a)",
+            x_label: "mean total tokens per problem",
+            series: point(&|s| s.mean_total_tokens),
+            lines: false,
+        },
+        Figure {
+            file: "accuracy_vs_context_window",
+            title: "Cumulative accuracy vs context window (paper Fig. 4b)",
+            x_label: "per-thread context window (tokens)",
+            series: runs
+                .iter()
+                .map(|r| Series {
+                    name: r.name.clone(),
+                    points: r
+                        .summary
+                        .accuracy_by_window
+                        .iter()
+                        .map(|&(w, a)| (w as f64, a))
+                        .collect(),
+                })
+                .collect(),
+            lines: true,
+        },
+        Figure {
+            file: "accuracy_vs_sequential_tokens",
+            title: "Accuracy vs sequential tokens (paper Fig. 6a)",
+            x_label: "mean sequential tokens per problem",
+            series: point(&|s| s.mean_sequential_tokens),
+            lines: false,
+        },
+        Figure {
+            file: "accuracy_vs_latency",
+            title: "Accuracy vs wall-clock latency (paper Fig. 6b)",
+            x_label: "mean latency per problem (s)",
+            series: point(&|s| s.mean_latency_s),
+            lines: false,
+        },
+    ]
+}
+
+/// The numbers behind the figures as a Markdown table.
+fn table(runs: &[Run]) -> String {
+    let mut md = String::from(
+        "| run | problems × samples | accuracy | ± s.e. | pass@n | cons@n | total tokens | sequential | longest thread | children | spawn rounds | latency (s) |\n|---|---|---|---|---|---|---|---|---|---|---|---|\n",
+    );
+    for r in runs {
+        let s = &r.summary;
+        let n = (s.problems * s.samples.max(1)).max(1) as f64;
+        let se = (s.accuracy * (1.0 - s.accuracy) / n).sqrt();
+        let _ = writeln!(
+            md,
+            "| {} | {} × {} | {:.1}% | {:.1} | {:.1}% | {:.1}% | {:.0} | {:.0} | {:.0} | {:.2} | {:.2} | {:.2} |",
+            r.name,
+            s.problems,
+            s.samples,
+            100.0 * s.accuracy,
+            100.0 * se,
+            100.0 * s.pass_at_n,
+            100.0 * s.cons_at_n,
+            s.mean_total_tokens,
+            s.mean_sequential_tokens,
+            s.mean_longest_thread,
+            s.mean_children,
+            s.mean_spawn_rounds,
+            s.mean_latency_s
+        );
+    }
+    md
+}
+
+/// Draws every figure for the runs under `dirs` into `out` and writes `out/report.md`'s table
+/// as `figures.md`; returns the files written.
+pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+    let mut runs = Vec::new();
+    for dir in dirs {
+        runs.extend(collect(dir)?);
+    }
+    load_font()?;
+    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let mut written = Vec::new();
+    let mut md = String::from("# Evaluation figures\n\n");
+    for fig in figures(&runs) {
+        written.extend(save(out, &fig)?);
+        let _ = writeln!(md, "![{}]({}.png)\n", fig.title, fig.file);
+    }
+    md.push_str(&table(&runs));
+    let path = out.join("figures.md");
+    std::fs::write(&path, &md).with_context(|| format!("{}", path.display()))?;
+    written.push(path);
+    Ok(written)
+}
+
+/// `apr report`.
+pub fn run(args: ReportArgs) -> Result<ExitCode> {
+    let out = match &args.out {
+        Some(o) => o.clone(),
+        None => args.dirs[0].join("figures"),
+    };
+    let written = write_report(&args.dirs, &out)?;
+    for path in &written {
+        println!("{}", path.display());
+    }
+    Ok(ExitCode::SUCCESS)
+}
