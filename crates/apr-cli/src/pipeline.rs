@@ -498,6 +498,17 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         md,
         "\nTimes: APR SFT {apr_sft_s:.0} s, SoS+ SFT {sosp_sft_s:.0} s, GRPO {grpo_s:.0} s."
     );
+    let figures = crate::report::write_report(&[out.join("eval")], &out.join("figures"))?;
+    let _ = writeln!(md, "\n## Figures\n");
+    for png in figures
+        .iter()
+        .filter(|p| p.extension().is_some_and(|e| e == "png"))
+    {
+        if let Some(name) = png.file_name() {
+            let name = name.to_string_lossy();
+            let _ = writeln!(md, "![{name}](figures/{name})\n");
+        }
+    }
     std::fs::write(out.join("report.md"), &md)?;
     let summary = json!({
         "preset": format!("{:?}", args.preset), "seconds": total_s, "solver_stats": solver_stats,

@@ -169,6 +169,35 @@ fn pipeline_smoke_writes_a_report() {
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
     assert!(summary["apr_greedy"]["accuracy"].is_number());
+    // The figures are real images, and `apr report` redraws them from the eval outputs.
+    for fig in ["accuracy_vs_total_tokens", "accuracy_vs_context_window"] {
+        let png = std::fs::read(dir.path().join(format!("figures/{fig}.png"))).unwrap();
+        assert!(
+            png.starts_with(b"\x89PNG") && png.len() > 10_000,
+            "{fig}.png"
+        );
+        let svg = std::fs::read_to_string(dir.path().join(format!("figures/{fig}.svg"))).unwrap();
+        assert!(svg.contains("<svg") && svg.contains("apr-greedy"));
+    }
+    assert!(report.contains("figures/accuracy_vs_total_tokens.png"));
+    let again = dir.path().join("again");
+    let out = apr(&["report", s(&dir.path().join("eval")), "--out", s(&again)]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let table = std::fs::read_to_string(again.join("figures.md")).unwrap();
+    assert!(table.contains("| apr-greedy |") && table.contains("| sosp-sampled |"));
+    let missing = apr(&["report", s(&dir.path().join("nowhere"))]);
+    assert!(!missing.status.success());
+    assert_eq!(
+        String::from_utf8_lossy(&missing.stderr)
+            .trim()
+            .lines()
+            .count(),
+        1
+    );
 }
 
 #[test]

@@ -354,11 +354,11 @@ impl NativeModel {
                 out
             };
             let (q, k, vv) = (project(o.q), project(o.k), project(o.v));
-            let q = self.to_heads(&q, &positions, true);
-            let k = self.to_heads(&k, &positions, true);
-            let vv = self.to_heads(&vv, &positions, false);
+            let q = self.split_heads(&q, &positions, true);
+            let k = self.split_heads(&k, &positions, true);
+            let vv = self.split_heads(&vv, &positions, false);
             let (att_heads, lse) = self.attention_forward(&q, &k, &vv, &batch.bounds);
-            let att = self.from_heads(&att_heads, &positions, false);
+            let att = self.merge_heads(&att_heads, &positions, false);
             let mut x_mid = x.clone();
             matmul(
                 &mut x_mid,
@@ -610,13 +610,13 @@ impl NativeModel {
                 1.0,
                 true,
             );
-            let d_att = self.to_heads(&d_att, &fwd.positions, false);
-            let att = self.to_heads(&t.att, &fwd.positions, false);
+            let d_att = self.split_heads(&d_att, &fwd.positions, false);
+            let att = self.split_heads(&t.att, &fwd.positions, false);
             let (dq, dk, dv) =
                 self.attention_backward(&t.q, &t.k, &t.v, &att, &d_att, &t.lse, &fwd.batch.bounds);
-            let dq = self.from_heads(&dq, &fwd.positions, true);
-            let dk = self.from_heads(&dk, &fwd.positions, true);
-            let dv = self.from_heads(&dv, &fwd.positions, false);
+            let dq = self.merge_heads(&dq, &fwd.positions, true);
+            let dk = self.merge_heads(&dk, &fwd.positions, true);
+            let dv = self.merge_heads(&dv, &fwd.positions, false);
             let mut dxn1 = vec![0.0; n * d];
             for (w, dy) in [(o.q, &dq), (o.k, &dk), (o.v, &dv)] {
                 matmul(
@@ -657,7 +657,7 @@ impl NativeModel {
     }
 
     /// `[n, d]` rows → head-major `[h, n, hd]`, rotating by RoPE at each row's position.
-    fn to_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
+    fn split_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
         let (d, h) = (self.config.d_model, self.config.n_heads);
         let (hd, n) = (d / h, positions.len());
         let half = hd / 2;
@@ -684,8 +684,8 @@ impl NativeModel {
     }
 
     /// Head-major `[h, n, hd]` → `[n, d]` rows; with `rope`, applies the transposed rotation
-    /// (the backward pass of [`NativeModel::to_heads`]).
-    fn from_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
+    /// (the backward pass of [`NativeModel::split_heads`]).
+    fn merge_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
         let (d, h) = (self.config.d_model, self.config.n_heads);
         let (hd, n) = (d / h, positions.len());
         let half = hd / 2;

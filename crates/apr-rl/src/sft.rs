@@ -198,6 +198,8 @@ impl std::str::FromStr for LearnerKind {
 }
 
 /// The model being trained and its optimizer.
+// One per trainer: the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Learner {
     Burn {
         model: Model,
