@@ -135,19 +135,26 @@ fn sft(
     name: &str,
     plan: &Plan,
     view: SftView,
-    records: &[apr_countdown::TraceRecord],
+    solver: &SolverConfig,
+    train: &[Problem],
     tok: &AprTokenizer,
     config: &ModelConfig,
     steps: usize,
     seed: u64,
     out: &Path,
     device: &apr_model::burn::tensor::Device,
-) -> Result<PathBuf> {
-    let seqs: Vec<_> = records
-        .iter()
-        .flat_map(|r| sequences(r, view, SftOptions::default(), &CharCounter))
-        .collect();
-    let examples = tokenize(&seqs, tok, plan.context, false).map_err(anyhow::Error::msg)?;
+) -> Result<(PathBuf, TraceStats)> {
+    // Trace records live only until they are tokenized: kept, the two solvers' records would be
+    // most of the pipeline's peak memory.
+    let (examples, stats) = {
+        let traces = generate_traces(train, solver, seed, &CharCounter);
+        let seqs: Vec<_> = traces
+            .iter()
+            .flat_map(|r| sequences(r, view, SftOptions::default(), &CharCounter))
+            .collect();
+        let examples = tokenize(&seqs, tok, plan.context, false).map_err(anyhow::Error::msg)?;
+        (examples, TraceStats::of(&traces))
+    };
     let cfg = SftConfig {
         steps,
         batch_tokens: plan.batch_tokens,
@@ -181,7 +188,7 @@ fn sft(
         progress.set_message(format!("{name} {:.3}", m.loss));
     })?;
     progress.finish_and_clear();
-    Ok(dir.join("checkpoint"))
+    Ok((dir.join("checkpoint"), stats))
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -247,20 +254,6 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     let (train, val) = train_val_split(&spec, plan.train_problems, plan.val_problems, args.seed);
     write_items(&out.join("data/train.jsonl"), &train)?;
     write_items(&out.join("data/val.jsonl"), &val)?;
-    let apr_traces = generate_traces(
-        &train,
-        &SolverConfig::Apr(AprSolverConfig::default()),
-        args.seed,
-        &CharCounter,
-    );
-    let sosp_traces = generate_traces(
-        &train,
-        &SolverConfig::Sosp(SospSolverConfig::default()),
-        args.seed,
-        &CharCounter,
-    );
-    let solver_stats =
-        json!({"apr": TraceStats::of(&apr_traces), "sosp": TraceStats::of(&sosp_traces)});
     let val_keys: HashSet<_> = val.iter().map(Problem::key).collect();
     debug_assert!(train.iter().all(|p| !val_keys.contains(&p.key())));
 
@@ -271,11 +264,12 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         ..ModelConfig::preset(plan.model, tok.vocab_size())
     };
     let t = Instant::now();
-    let apr_ckpt = sft(
+    let (apr_ckpt, apr_stats) = sft(
         "sft-apr",
         &plan,
         SftView::Apr,
-        &apr_traces,
+        &SolverConfig::Apr(AprSolverConfig::default()),
+        &train,
         &tok,
         &config,
         plan.apr_sft_steps,
@@ -285,11 +279,12 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     )?;
     let apr_sft_s = t.elapsed().as_secs_f64();
     let t = Instant::now();
-    let sosp_ckpt = sft(
+    let (sosp_ckpt, sosp_stats) = sft(
         "sft-sosp",
         &plan,
         SftView::Sosp,
-        &sosp_traces,
+        &SolverConfig::Sosp(SospSolverConfig::default()),
+        &train,
         &tok,
         &config,
         plan.sosp_sft_steps,
@@ -298,6 +293,7 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         &device,
     )?;
     let sosp_sft_s = t.elapsed().as_secs_f64();
+    let solver_stats = json!({"apr": apr_stats, "sosp": sosp_stats});
 
     // 3. Evaluate the SFT models: greedy at the full window (cumulative accuracy by window comes
     //    with it), and sampled.
