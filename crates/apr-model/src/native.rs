@@ -295,6 +295,36 @@ impl NativeModel {
         &self.params[offset..offset + len]
     }
 
+    /// `out = x · Wᵀ` (or `+=` when `accumulate`) for the `[out_dim, in_dim]` weight at `w`.
+    fn linear(
+        &self,
+        out: &mut [f32],
+        accumulate: bool,
+        x: &[f32],
+        w: usize,
+        out_dim: usize,
+        in_dim: usize,
+    ) {
+        let n = x.len() / in_dim;
+        let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
+        matmul(out, accumulate, rows(x, n, in_dim), weight.t(), 1.0, true);
+    }
+
+    /// Backward of [`NativeModel::linear`] to its input: `dx = dy · W` (or `+=`).
+    fn input_grad(
+        &self,
+        dx: &mut [f32],
+        accumulate: bool,
+        dy: &[f32],
+        w: usize,
+        out_dim: usize,
+        in_dim: usize,
+    ) {
+        let n = dy.len() / out_dim;
+        let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
+        matmul(dx, accumulate, rows(dy, n, out_dim), weight, 1.0, true);
+    }
+
     fn check(&self, batch: &PackedBatch) -> Result<(), BatchError> {
         let n = batch.len();
         if batch.targets.len() != n
@@ -343,14 +373,7 @@ impl NativeModel {
             let (inv_rms1, xn1) = rms_forward(&x, self.p(o.attn_norm, d), d, eps);
             let project = |w: usize| {
                 let mut out = vec![0.0; n * d];
-                matmul(
-                    &mut out,
-                    false,
-                    rows(&xn1, n, d),
-                    rows(self.p(w, d * d), d, d).t(),
-                    1.0,
-                    true,
-                );
+                self.linear(&mut out, false, &xn1, w, d, d);
                 out
             };
             let (q, k, vv) = (project(o.q), project(o.k), project(o.v));
@@ -360,34 +383,13 @@ impl NativeModel {
             let (att_heads, lse) = self.attention_forward(&q, &k, &vv, &batch.bounds);
             let att = self.merge_heads(&att_heads, &positions, false);
             let mut x_mid = x.clone();
-            matmul(
-                &mut x_mid,
-                true,
-                rows(&att, n, d),
-                rows(self.p(o.o, d * d), d, d).t(),
-                1.0,
-                true,
-            );
+            self.linear(&mut x_mid, true, &att, o.o, d, d);
 
             let (inv_rms2, xn2) = rms_forward(&x_mid, self.p(o.mlp_norm, d), d, eps);
             let mut gate = vec![0.0; n * f];
             let mut up = vec![0.0; n * f];
-            matmul(
-                &mut gate,
-                false,
-                rows(&xn2, n, d),
-                rows(self.p(o.gate, f * d), f, d).t(),
-                1.0,
-                true,
-            );
-            matmul(
-                &mut up,
-                false,
-                rows(&xn2, n, d),
-                rows(self.p(o.up, f * d), f, d).t(),
-                1.0,
-                true,
-            );
+            self.linear(&mut gate, false, &xn2, o.gate, f, d);
+            self.linear(&mut up, false, &xn2, o.up, f, d);
             let mut hidden = vec![0.0; n * f];
             hidden
                 .par_chunks_mut(f)
@@ -398,14 +400,7 @@ impl NativeModel {
                     }
                 });
             let mut x_next = x_mid.clone();
-            matmul(
-                &mut x_next,
-                true,
-                rows(&hidden, n, f),
-                rows(self.p(o.down, d * f), d, f).t(),
-                1.0,
-                true,
-            );
+            self.linear(&mut x_next, true, &hidden, o.down, d, f);
             blocks.push(BlockTape {
                 x: std::mem::replace(&mut x, x_next),
                 inv_rms1,
@@ -426,14 +421,7 @@ impl NativeModel {
 
         let (inv_rms_final, xn_final) = rms_forward(&x, self.p(self.layout.norm, d), d, eps);
         let mut probs = vec![0.0; n * v];
-        matmul(
-            &mut probs,
-            false,
-            rows(&xn_final, n, d),
-            rows(self.p(self.layout.head, v * d), v, d).t(),
-            1.0,
-            true,
-        );
+        self.linear(&mut probs, false, &xn_final, self.layout.head, v, d);
         let mut logprobs = vec![0.0; n];
         let mut entropy = vec![0.0; n];
         probs
@@ -485,24 +473,9 @@ impl NativeModel {
                 }
                 row[t as usize] += g;
             });
-        let head = self.p(self.layout.head, v * d);
-        matmul(
-            &mut grads[self.layout.head..][..v * d],
-            true,
-            rows(&dlogits, n, v).t(),
-            rows(&fwd.xn_final, n, d),
-            1.0,
-            true,
-        );
+        weight_grad(grads, self.layout.head, &dlogits, &fwd.xn_final, v, d);
         let mut dxn = vec![0.0; n * d];
-        matmul(
-            &mut dxn,
-            false,
-            rows(&dlogits, n, v),
-            rows(head, v, d),
-            1.0,
-            true,
-        );
+        self.input_grad(&mut dxn, false, &dlogits, self.layout.head, v, d);
         drop(dlogits);
         let mut dx = vec![0.0; n * d];
         rms_backward(
@@ -518,22 +491,8 @@ impl NativeModel {
         for (o, t) in self.layout.blocks.iter().zip(fwd.blocks).rev() {
             // MLP branch: x_next = x_mid + down(silu(gate) · up).
             let mut d_hidden = vec![0.0; n * f];
-            matmul(
-                &mut grads[o.down..][..d * f],
-                true,
-                rows(&dx, n, d).t(),
-                rows(&t.hidden, n, f),
-                1.0,
-                true,
-            );
-            matmul(
-                &mut d_hidden,
-                false,
-                rows(&dx, n, d),
-                rows(self.p(o.down, d * f), d, f),
-                1.0,
-                true,
-            );
+            weight_grad(grads, o.down, &dx, &t.hidden, d, f);
+            self.input_grad(&mut d_hidden, false, &dx, o.down, d, f);
             drop(t.hidden);
             let mut d_gate = t.gate;
             let mut d_up = t.up;
@@ -549,39 +508,11 @@ impl NativeModel {
                         u[j] = dh[j] * a * s;
                     }
                 });
-            matmul(
-                &mut grads[o.gate..][..f * d],
-                true,
-                rows(&d_gate, n, f).t(),
-                rows(&t.xn2, n, d),
-                1.0,
-                true,
-            );
-            matmul(
-                &mut grads[o.up..][..f * d],
-                true,
-                rows(&d_up, n, f).t(),
-                rows(&t.xn2, n, d),
-                1.0,
-                true,
-            );
+            weight_grad(grads, o.gate, &d_gate, &t.xn2, f, d);
+            weight_grad(grads, o.up, &d_up, &t.xn2, f, d);
             let mut dxn2 = vec![0.0; n * d];
-            matmul(
-                &mut dxn2,
-                false,
-                rows(&d_gate, n, f),
-                rows(self.p(o.gate, f * d), f, d),
-                1.0,
-                true,
-            );
-            matmul(
-                &mut dxn2,
-                true,
-                rows(&d_up, n, f),
-                rows(self.p(o.up, f * d), f, d),
-                1.0,
-                true,
-            );
+            self.input_grad(&mut dxn2, false, &d_gate, o.gate, f, d);
+            self.input_grad(&mut dxn2, true, &d_up, o.up, f, d);
             rms_backward(
                 &t.x_mid,
                 &t.inv_rms2,
@@ -593,23 +524,9 @@ impl NativeModel {
             );
 
             // Attention branch: x_mid = x + o_proj(attention(q, k, v)).
-            matmul(
-                &mut grads[o.o..][..d * d],
-                true,
-                rows(&dx, n, d).t(),
-                rows(&t.att, n, d),
-                1.0,
-                true,
-            );
+            weight_grad(grads, o.o, &dx, &t.att, d, d);
             let mut d_att = vec![0.0; n * d];
-            matmul(
-                &mut d_att,
-                false,
-                rows(&dx, n, d),
-                rows(self.p(o.o, d * d), d, d),
-                1.0,
-                true,
-            );
+            self.input_grad(&mut d_att, false, &dx, o.o, d, d);
             let d_att = self.split_heads(&d_att, &fwd.positions, false);
             let att = self.split_heads(&t.att, &fwd.positions, false);
             let (dq, dk, dv) =
@@ -619,22 +536,8 @@ impl NativeModel {
             let dv = self.merge_heads(&dv, &fwd.positions, false);
             let mut dxn1 = vec![0.0; n * d];
             for (w, dy) in [(o.q, &dq), (o.k, &dk), (o.v, &dv)] {
-                matmul(
-                    &mut grads[w..][..d * d],
-                    true,
-                    rows(dy, n, d).t(),
-                    rows(&t.xn1, n, d),
-                    1.0,
-                    true,
-                );
-                matmul(
-                    &mut dxn1,
-                    true,
-                    rows(dy, n, d),
-                    rows(self.p(w, d * d), d, d),
-                    1.0,
-                    true,
-                );
+                weight_grad(grads, w, dy, &t.xn1, d, d);
+                self.input_grad(&mut dxn1, true, dy, w, d, d);
             }
             rms_backward(
                 &t.x,
@@ -723,49 +626,28 @@ impl NativeModel {
     ) -> (Vec<f32>, Vec<f32>) {
         let hd = self.config.head_dim();
         let n = *bounds.last().unwrap_or(&0);
-        let scale = 1.0 / (hd as f32).sqrt();
         let mut out = vec![0.0; q.len()];
         let mut lse = vec![0.0; self.config.n_heads * n];
         out.par_chunks_mut(n * hd)
             .zip(lse.par_chunks_mut(n))
             .enumerate()
             .for_each(|(head, (o_plane, l_plane))| {
-                let units = split_rows(o_plane, bounds, hd)
+                let units: Vec<_> = split_rows(o_plane, bounds, hd)
                     .into_iter()
                     .zip(split_rows(l_plane, bounds, 1))
-                    .zip(bounds.windows(2));
-                units
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .for_each(|((o, l), w)| {
-                        let t = w[1] - w[0];
-                        let base = head * n * hd + w[0] * hd;
-                        let at = |m| window(m, base, t * hd);
-                        let mut s = vec![0.0; t * t];
-                        matmul(
-                            &mut s,
-                            false,
-                            rows(at(q), t, hd),
-                            rows(at(k), t, hd).t(),
-                            scale,
-                            false,
-                        );
-                        for i in 0..t {
-                            let row = &mut s[i * t..][..t];
-                            let max = row[..=i].iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0.0;
-                            for z in &mut row[..=i] {
-                                *z = (*z - max).exp();
-                                sum += *z;
-                            }
-                            for z in &mut row[..=i] {
-                                *z /= sum;
-                            }
-                            row[i + 1..].fill(0.0);
-                            l[i] = max + sum.ln();
-                        }
-                        matmul(o, false, rows(&s, t, t), rows(at(v), t, hd), 1.0, false);
-                    });
+                    .zip(bounds.windows(2))
+                    .collect();
+                units.into_par_iter().for_each(|((o, l), w)| {
+                    let base = head * n * hd + w[0] * hd;
+                    let len = (w[1] - w[0]) * hd;
+                    let unit = Unit {
+                        q: window(q, base, len),
+                        k: window(k, base, len),
+                        v: window(v, base, len),
+                        hd,
+                    };
+                    unit.forward(o, l);
+                });
             });
         (out, lse)
     }
@@ -785,7 +667,6 @@ impl NativeModel {
     ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
         let hd = self.config.head_dim();
         let n = *bounds.last().unwrap_or(&0);
-        let scale = 1.0 / (hd as f32).sqrt();
         let mut dq = vec![0.0; q.len()];
         let mut dk = vec![0.0; q.len()];
         let mut dv = vec![0.0; q.len()];
@@ -794,70 +675,166 @@ impl NativeModel {
             .zip(dv.par_chunks_mut(n * hd))
             .enumerate()
             .for_each(|(head, ((dq_plane, dk_plane), dv_plane))| {
-                let units = split_rows(dq_plane, bounds, hd)
+                let units: Vec<_> = split_rows(dq_plane, bounds, hd)
                     .into_iter()
                     .zip(split_rows(dk_plane, bounds, hd))
                     .zip(split_rows(dv_plane, bounds, hd))
-                    .zip(bounds.windows(2));
-                units
-                    .collect::<Vec<_>>()
-                    .into_par_iter()
-                    .for_each(|(((dq, dk), dv), w)| {
-                        let t = w[1] - w[0];
-                        let base = head * n * hd + w[0] * hd;
-                        let at = |m| window(m, base, t * hd);
-                        let lse = &lse[head * n + w[0]..][..t];
-                        let (qs, ks, vs, os, dos) = (at(q), at(k), at(v), at(o), at(d_o));
-                        let mut p = vec![0.0; t * t];
-                        matmul(
-                            &mut p,
-                            false,
-                            rows(qs, t, hd),
-                            rows(ks, t, hd).t(),
-                            scale,
-                            false,
-                        );
-                        for i in 0..t {
-                            let row = &mut p[i * t..][..t];
-                            for z in &mut row[..=i] {
-                                *z = (*z - lse[i]).exp();
-                            }
-                            row[i + 1..].fill(0.0);
-                        }
-                        matmul(dv, false, rows(&p, t, t).t(), rows(dos, t, hd), 1.0, false);
-                        let mut ds = vec![0.0; t * t];
-                        matmul(
-                            &mut ds,
-                            false,
-                            rows(dos, t, hd),
-                            rows(vs, t, hd).t(),
-                            1.0,
-                            false,
-                        );
-                        for i in 0..t {
-                            let delta: f32 = dos[i * hd..][..hd]
-                                .iter()
-                                .zip(&os[i * hd..][..hd])
-                                .map(|(a, b)| a * b)
-                                .sum();
-                            let (prow, drow) = (&p[i * t..][..t], &mut ds[i * t..][..t]);
-                            for j in 0..=i {
-                                drow[j] = prow[j] * (drow[j] - delta);
-                            }
-                            drow[i + 1..].fill(0.0);
-                        }
-                        matmul(dq, false, rows(&ds, t, t), rows(ks, t, hd), scale, false);
-                        matmul(
-                            dk,
-                            false,
-                            rows(&ds, t, t).t(),
-                            rows(qs, t, hd),
-                            scale,
-                            false,
-                        );
-                    });
+                    .zip(bounds.windows(2))
+                    .collect();
+                units.into_par_iter().for_each(|(((dq, dk), dv), w)| {
+                    let base = head * n * hd + w[0] * hd;
+                    let len = (w[1] - w[0]) * hd;
+                    let unit = Unit {
+                        q: window(q, base, len),
+                        k: window(k, base, len),
+                        v: window(v, base, len),
+                        hd,
+                    };
+                    let grads = UnitGrads { dq, dk, dv };
+                    let lse = window(lse, head * n + w[0], w[1] - w[0]);
+                    unit.backward(window(o, base, len), window(d_o, base, len), lse, grads);
+                });
             });
         (dq, dk, dv)
+    }
+}
+
+/// Query rows handled together: each block attends only to the keys up to its last row, so the
+/// masked half of the score matrix is (mostly) never computed.
+const QUERY_BLOCK: usize = 64;
+
+/// One head of one sequence: `[t, hd]` queries, keys and values.
+struct Unit<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    hd: usize,
+}
+
+/// Where [`Unit::backward`] writes (`dk`, `dv` accumulate over query blocks; all start at 0).
+struct UnitGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+impl Unit<'_> {
+    fn len(&self) -> usize {
+        self.q.len() / self.hd
+    }
+
+    /// Probabilities of query rows `i0..i1` over keys `0..i1` (`[i1 − i0, i1]`): softmax of the
+    /// scaled scores, from the row log-sum-exps when given, else computing them into `lse`.
+    fn probs(&self, i0: usize, i1: usize, lse: Result<&[f32], &mut [f32]>) -> Vec<f32> {
+        let hd = self.hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut p = vec![0.0; (i1 - i0) * i1];
+        let queries = rows(&self.q[i0 * hd..i1 * hd], i1 - i0, hd);
+        matmul(
+            &mut p,
+            false,
+            queries,
+            rows(&self.k[..i1 * hd], i1, hd).t(),
+            scale,
+            false,
+        );
+        let mut lse = lse;
+        for (r, row) in p.chunks_mut(i1).enumerate() {
+            let visible = i0 + r + 1;
+            let log_norm = match &mut lse {
+                Ok(saved) => saved[i0 + r],
+                Err(out) => {
+                    let max = row[..visible]
+                        .iter()
+                        .copied()
+                        .fold(f32::NEG_INFINITY, f32::max);
+                    let sum: f32 = row[..visible].iter().map(|&z| (z - max).exp()).sum();
+                    out[i0 + r] = max + sum.ln();
+                    out[i0 + r]
+                }
+            };
+            for z in &mut row[..visible] {
+                *z = (*z - log_norm).exp();
+            }
+            row[visible..].fill(0.0);
+        }
+        p
+    }
+
+    /// `out = softmax(q kᵀ / √hd, causal) v` and the row log-sum-exps.
+    fn forward(&self, out: &mut [f32], lse: &mut [f32]) {
+        let (t, hd) = (self.len(), self.hd);
+        for i0 in (0..t).step_by(QUERY_BLOCK) {
+            let i1 = (i0 + QUERY_BLOCK).min(t);
+            let p = self.probs(i0, i1, Err(&mut *lse));
+            let values = rows(&self.v[..i1 * hd], i1, hd);
+            matmul(
+                &mut out[i0 * hd..i1 * hd],
+                false,
+                rows(&p, i1 - i0, i1),
+                values,
+                1.0,
+                false,
+            );
+        }
+    }
+
+    /// Gradients given the output `o`, its gradient `d_o` and the saved log-sum-exps.
+    fn backward(&self, o: &[f32], d_o: &[f32], lse: &[f32], g: UnitGrads) {
+        let (t, hd) = (self.len(), self.hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for i0 in (0..t).step_by(QUERY_BLOCK) {
+            let i1 = (i0 + QUERY_BLOCK).min(t);
+            let b = i1 - i0;
+            let p = self.probs(i0, i1, Ok(lse));
+            let d_out = rows(&d_o[i0 * hd..i1 * hd], b, hd);
+            matmul(
+                &mut g.dv[..i1 * hd],
+                true,
+                rows(&p, b, i1).t(),
+                d_out,
+                1.0,
+                false,
+            );
+            let mut ds = vec![0.0; b * i1];
+            matmul(
+                &mut ds,
+                false,
+                d_out,
+                rows(&self.v[..i1 * hd], i1, hd).t(),
+                1.0,
+                false,
+            );
+            for (r, (drow, prow)) in ds.chunks_mut(i1).zip(p.chunks(i1)).enumerate() {
+                let i = i0 + r;
+                let delta: f32 = d_o[i * hd..][..hd]
+                    .iter()
+                    .zip(&o[i * hd..][..hd])
+                    .map(|(a, b)| a * b)
+                    .sum();
+                for (dz, &pz) in drow.iter_mut().zip(prow) {
+                    *dz = pz * (*dz - delta);
+                }
+            }
+            let keys = rows(&self.k[..i1 * hd], i1, hd);
+            matmul(
+                &mut g.dq[i0 * hd..i1 * hd],
+                false,
+                rows(&ds, b, i1),
+                keys,
+                scale,
+                false,
+            );
+            let queries = rows(&self.q[i0 * hd..i1 * hd], b, hd);
+            matmul(
+                &mut g.dk[..i1 * hd],
+                true,
+                rows(&ds, b, i1).t(),
+                queries,
+                scale,
+                false,
+            );
+        }
     }
 }
 
@@ -872,6 +849,19 @@ fn silu(x: f32) -> f32 {
 
 fn sigmoid(x: f32) -> f32 {
     1.0 / (1.0 + (-x).exp())
+}
+
+/// Backward of [`NativeModel::linear`] to its weight: `grads[w] += dyᵀ · x`.
+fn weight_grad(grads: &mut [f32], w: usize, dy: &[f32], x: &[f32], out_dim: usize, in_dim: usize) {
+    let n = x.len() / in_dim;
+    matmul(
+        &mut grads[w..][..out_dim * in_dim],
+        true,
+        rows(dy, n, out_dim).t(),
+        rows(x, n, in_dim),
+        1.0,
+        true,
+    );
 }
 
 /// Splits a `[n, width]` buffer into the rows of each sequence.
@@ -1143,14 +1133,7 @@ impl NativeEngine {
             let (_, xn) = rms_forward(&x, model.p(o.attn_norm, d), d, eps);
             let project = |w: usize| {
                 let mut out = vec![0.0; n * d];
-                matmul(
-                    &mut out,
-                    false,
-                    rows(&xn, n, d),
-                    rows(model.p(w, d * d), d, d).t(),
-                    1.0,
-                    true,
-                );
+                model.linear(&mut out, false, &xn, w, d, d);
                 out
             };
             let (mut q, mut k, vv) = (project(o.q), project(o.k), project(o.v));
@@ -1207,33 +1190,12 @@ impl NativeEngine {
                         }
                     }
                 });
-            matmul(
-                &mut x,
-                true,
-                rows(&att, n, d),
-                rows(model.p(o.o, d * d), d, d).t(),
-                1.0,
-                true,
-            );
+            model.linear(&mut x, true, &att, o.o, d, d);
             let (_, xn2) = rms_forward(&x, model.p(o.mlp_norm, d), d, eps);
             let mut gate = vec![0.0; n * f];
             let mut up = vec![0.0; n * f];
-            matmul(
-                &mut gate,
-                false,
-                rows(&xn2, n, d),
-                rows(model.p(o.gate, f * d), f, d).t(),
-                1.0,
-                true,
-            );
-            matmul(
-                &mut up,
-                false,
-                rows(&xn2, n, d),
-                rows(model.p(o.up, f * d), f, d).t(),
-                1.0,
-                true,
-            );
+            model.linear(&mut gate, false, &xn2, o.gate, f, d);
+            model.linear(&mut up, false, &xn2, o.up, f, d);
             gate.par_chunks_mut(f)
                 .zip(up.par_chunks(f))
                 .for_each(|(g, u)| {
@@ -1241,14 +1203,7 @@ impl NativeEngine {
                         g[j] = silu(g[j]) * u[j];
                     }
                 });
-            matmul(
-                &mut x,
-                true,
-                rows(&gate, n, f),
-                rows(model.p(o.down, d * f), d, f).t(),
-                1.0,
-                true,
-            );
+            model.linear(&mut x, true, &gate, o.down, d, f);
         }
         for input in inputs {
             self.lens[input.slot] += input.tokens.len();
@@ -1260,14 +1215,7 @@ impl NativeEngine {
         let b = inputs.len();
         let (_, xn) = rms_forward(&last, model.p(model.layout.norm, d), d, eps);
         let mut logits = vec![0.0; b * v];
-        matmul(
-            &mut logits,
-            false,
-            rows(&xn, b, d),
-            rows(model.p(model.layout.head, v * d), v, d).t(),
-            1.0,
-            true,
-        );
+        model.linear(&mut logits, false, &xn, model.layout.head, v, d);
         Ok(logits)
     }
 }

@@ -13,14 +13,15 @@ use burn::tensor::{Gradients, Int, Tensor, TensorData};
 fn config() -> ModelConfig {
     ModelConfig {
         init_std: 0.3,
-        max_seq_len: 64,
+        // Longer than two attention query blocks (64 rows each).
+        max_seq_len: 160,
         ..ModelConfig::preset(Preset::Tiny, 23)
     }
 }
 
 fn sequences() -> Vec<Vec<u32>> {
     let mut state = 7u64;
-    [17usize, 5, 40, 2]
+    [17usize, 5, 150, 2]
         .iter()
         .map(|&len| {
             (0..len)
@@ -189,7 +190,7 @@ fn native_rejects_bad_batches_with_an_error() {
         .unwrap_err()
         .to_string()
         .contains("99"));
-    let long: Vec<u32> = vec![1; 80];
+    let long: Vec<u32> = vec![1; 200];
     let too_long = PackedBatch::from_sequences(&[&long]);
     assert!(model
         .forward(&too_long)
@@ -215,11 +216,14 @@ fn native_engine_matches_the_burn_engine() {
     let mut burn_engine = Engine::new(
         Model::new(config.clone(), &weights, &device).unwrap(),
         3,
-        64,
+        160,
         0,
     );
-    let mut native =
-        NativeEngine::new(NativeModel::from_weights(&config, &weights).unwrap(), 3, 64);
+    let mut native = NativeEngine::new(
+        NativeModel::from_weights(&config, &weights).unwrap(),
+        3,
+        160,
+    );
     let seqs = sequences();
     let input = |slot: usize, tokens: &'static [u32], t: f32| StepInput {
         slot,
@@ -273,7 +277,7 @@ fn native_engine_matches_the_burn_engine() {
     }
     native.release(1);
     assert_eq!(native.slot_len(1), 0);
-    assert!(native.step(&[input(1, leak(vec![1; 65]), 0.0)]).is_err());
+    assert!(native.step(&[input(1, leak(vec![1; 161]), 0.0)]).is_err());
     assert!(native
         .step(&[input(0, &[1], 0.0), input(0, &[1], 0.0)])
         .is_err());
