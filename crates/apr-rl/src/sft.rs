@@ -408,20 +408,9 @@ impl SftTrainer {
                     let device = model.rope_device();
                     let (inputs, targets, mask) =
                         pad_batch(&batch, self.tokenizer.pad_id(), &device);
-                    let n = mask
-                        .clone()
-                        .sum()
-                        .into_data()
-                        .iter::<f64>()
-                        .next()
-                        .unwrap_or(0.0);
+                    let n = scalar(mask.clone().sum());
                     let loss = masked_nll(model, inputs, targets, mask);
-                    let value = loss
-                        .clone()
-                        .into_data()
-                        .iter::<f64>()
-                        .next()
-                        .unwrap_or(f64::NAN);
+                    let value = scalar(loss.clone());
                     if value.is_finite() {
                         optim.accumulate(&model.llama, &loss.backward());
                     }
@@ -529,18 +518,8 @@ impl SftTrainer {
         for idx in batches {
             let batch: Vec<&Example> = idx.iter().map(|&i| &self.val[i]).collect();
             let (inputs, targets, mask) = pad_batch(&batch, self.tokenizer.pad_id(), &self.device);
-            let n = mask
-                .clone()
-                .sum()
-                .into_data()
-                .iter::<f64>()
-                .next()
-                .unwrap_or(0.0);
-            let loss = masked_nll(&model, inputs, targets, mask)
-                .into_data()
-                .iter::<f64>()
-                .next()
-                .unwrap_or(f64::NAN);
+            let n = scalar(mask.clone().sum());
+            let loss = scalar(masked_nll(&model, inputs, targets, mask));
             sum += loss * n;
             count += n;
         }
@@ -661,6 +640,11 @@ impl SftTrainer {
         }
         Ok(all)
     }
+}
+
+/// The value of a one-element tensor (NaN if it has none).
+fn scalar(t: Tensor<1>) -> f64 {
+    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
 }
 
 /// Packs examples end to end with a loss weight (0 or 1) per position.
