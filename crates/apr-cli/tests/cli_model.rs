@@ -234,7 +234,17 @@ fn wrong_input_gives_one_line_errors() {
         ]),
         "unknown backend \"tpu\"",
     );
-    if !cfg!(feature = "cuda") {
+    // The binary shares apr-model's features with this test: without CUDA compiled in it says
+    // so; with CUDA but no driver it says that instead.
+    use apr_model::backend::{cuda_driver_present, Backend};
+    let cuda_expected = if !Backend::compiled().contains(&Backend::Cuda) {
+        Some("not compiled into this binary")
+    } else if !cuda_driver_present() {
+        Some("no NVIDIA driver")
+    } else {
+        None
+    };
+    if let Some(expected) = cuda_expected {
         one_line_error(
             &apr(&[
                 "generate",
@@ -245,7 +255,7 @@ fn wrong_input_gives_one_line_errors() {
                 "--backend",
                 "cuda",
             ]),
-            "not compiled into this binary",
+            expected,
         );
     }
     one_line_error(

@@ -51,6 +51,25 @@ impl Backend {
         })
     }
 
+    /// The backend named by the `APR_BACKEND` environment variable, else the first compiled.
+    /// Tests use it so that one test build can run on each compiled backend in turn (CI runs
+    /// the model tests again with `APR_BACKEND=wgpu` on Mesa's lavapipe).
+    pub fn from_env() -> Result<Backend, String> {
+        match std::env::var("APR_BACKEND") {
+            Ok(name) if !name.is_empty() => {
+                let backend: Backend = name.parse()?;
+                if !Self::compiled().contains(&backend) {
+                    return Err(format!(
+                        "APR_BACKEND={name}: not compiled into this binary (compiled: {:?})",
+                        Self::compiled()
+                    ));
+                }
+                Ok(backend)
+            }
+            _ => Self::default_compiled(),
+        }
+    }
+
     /// The device of this backend (`index` selects a GPU). Fails with one line if the backend
     /// was not compiled in or, for CUDA, no driver is present.
     pub fn device(self, index: usize) -> Result<Device, String> {

@@ -11,7 +11,7 @@ const TOL: f32 = 1e-4;
 fn tiny_model(seed: u64) -> Model {
     let tok = AprTokenizer::domain();
     let config = ModelConfig::preset(Preset::Tiny, tok.vocab_size());
-    let device = Backend::default_compiled().unwrap().device(0).unwrap();
+    let device = Backend::from_env().unwrap().device(0).unwrap();
     Model::new(config.clone(), &init_weights(&config, seed), &device).unwrap()
 }
 
@@ -199,4 +199,21 @@ fn context_overflow_and_bad_slots_are_errors() {
     assert!(engine
         .step(&[input(1, &seqs[0][..2]), input(1, &seqs[0][..2])])
         .is_err());
+}
+
+/// A binary with CUDA compiled in answers in one line on a machine without a driver, instead of
+/// letting burn's CUDA runtime panic on a worker thread; without CUDA compiled in it says so.
+#[test]
+fn cuda_device_is_a_one_line_answer_with_or_without_a_driver() {
+    let result = Backend::Cuda.device(0);
+    if !Backend::compiled().contains(&Backend::Cuda) {
+        let e = result.unwrap_err();
+        assert!(e.contains("not compiled into this binary"), "{e}");
+    } else if apr_model::backend::cuda_driver_present() {
+        assert!(result.is_ok(), "driver present but no device: {result:?}");
+    } else {
+        let e = result.unwrap_err();
+        assert!(e.contains("no NVIDIA driver"), "{e}");
+        assert!(!e.contains('\n'), "{e}");
+    }
 }

@@ -44,11 +44,7 @@ fn weight(i: usize) -> f32 {
 /// burn's log-probabilities of each sequence's targets, and the gradient of
 /// `Σ weight · logp` per parameter in HF layout.
 fn burn_reference(config: &ModelConfig, seqs: &[Vec<u32>]) -> (Vec<f32>, Vec<Vec<f32>>) {
-    let device = Backend::default_compiled()
-        .unwrap()
-        .device(0)
-        .unwrap()
-        .autodiff();
+    let device = Backend::from_env().unwrap().device(0).unwrap().autodiff();
     let model = Model::new(config.clone(), &init_weights(config, 3), &device).unwrap();
     let mut logprobs = Vec::new();
     let mut total: Option<Tensor<1>> = None;
@@ -212,7 +208,7 @@ fn native_engine_matches_the_burn_engine() {
 
     let config = config();
     let weights = init_weights(&config, 11);
-    let device = Backend::default_compiled().unwrap().device(0).unwrap();
+    let device = Backend::from_env().unwrap().device(0).unwrap();
     let mut burn_engine = Engine::new(
         Model::new(config.clone(), &weights, &device).unwrap(),
         3,
