@@ -95,17 +95,10 @@ pub mod nvptx {
         pub struct PtxVersion(u32);
 
         impl PtxVersion {
-            /// The newest PTX version a CUDA driver (`cuDriverGetVersion`, 12.8 = `12080`)
-            /// loads. Only the LLVM compiler reads it; the NVRTC path ignores it, so the
-            /// stand-in derives it from the public CUDA release table in the simplest way:
-            /// CUDA 12.x loads PTX 8.x, CUDA 13.x loads PTX 9.x.
-            pub fn for_driver(driver: i32) -> Option<Self> {
-                let (major, minor) = (driver / 1000, (driver % 1000) / 10);
-                match major {
-                    12 => Some(Self(80 + minor.min(8) as u32)),
-                    13.. => Some(Self(90 + minor.min(3) as u32)),
-                    _ => None,
-                }
+            /// The PTX version the LLVM compiler would emit for a driver: none here. Only that
+            /// compiler (and its kernel-cache namespace) reads it, and this build has no LLVM.
+            pub fn for_driver(_driver: i32) -> Option<Self> {
+                None
             }
         }
 
