@@ -23,7 +23,7 @@ use apr_model::{init_weights, AprTokenizer, Model, ModelConfig, Preset};
 use apr_rl::eval::{evaluate, EvalConfig, EvalSummary};
 use apr_rl::grpo::{GrpoConfig, GrpoTrainer};
 use apr_rl::optim::AdamWConfig;
-use apr_rl::sft::{tokenize, SftConfig, SftTrainer};
+use apr_rl::sft::{tokenize, LearnerKind, SftConfig, SftTrainer};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
@@ -176,7 +176,7 @@ fn sft(
         seed,
         checkpoint_every: 200,
         eval_every: 0,
-        learner: Default::default(),
+        learner: LearnerKind::for_device(device),
     };
     let dir = out.join(name);
     let mut trainer = SftTrainer::new(
@@ -391,6 +391,7 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         batch_tokens: plan.batch_tokens,
         seed: args.seed,
         checkpoint_every: plan.grpo_steps,
+        learner: LearnerKind::for_device(&device),
     };
     let meta = CheckpointMeta {
         model: ck.meta.model.clone(),

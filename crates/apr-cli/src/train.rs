@@ -74,6 +74,11 @@ pub struct GrpoArgs {
     /// Checkpoint every this many steps.
     #[arg(long, default_value_t = 10)]
     checkpoint_every: usize,
+    /// What computes gradients: `native` (hand-written CPU forward/backward; rollouts on the
+    /// native engine; the default on --backend cpu) or `burn` (autodiff on any backend; the
+    /// default elsewhere).
+    #[arg(long)]
+    learner: Option<apr_rl::sft::LearnerKind>,
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
@@ -205,6 +210,9 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         batch_tokens: args.batch_tokens,
         seed: args.seed,
         checkpoint_every: args.checkpoint_every,
+        learner: args
+            .learner
+            .unwrap_or_else(|| args.device.default_learner()),
     };
     let mut trainer = apr_rl::grpo::GrpoTrainer::new(
         config,

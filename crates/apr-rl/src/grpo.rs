@@ -15,11 +15,12 @@ use apr_model::burn::tensor::activation::log_softmax;
 use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use apr_model::checkpoint::{self, CheckpointMeta};
 use apr_model::engine::engine_for;
-use apr_model::{AprTokenizer, Model, Weights};
+use apr_model::native::{NativeEngine, NativeModel, PackedBatch};
+use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
 
-use crate::optim::{AdamW, AdamWConfig};
-use crate::sft::TrainError;
+use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
+use crate::sft::{LearnerKind, TrainError};
 
 /// GRPO settings (reference defaults: spec §5.3).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -50,6 +51,9 @@ pub struct GrpoConfig {
     pub seed: u64,
     /// Checkpoint every this many steps.
     pub checkpoint_every: usize,
+    /// What computes the gradients (the native learner also rolls out with the native engine).
+    #[serde(default)]
+    pub learner: LearnerKind,
 }
 
 /// `(r − mean) / (std + 1e-10)` per consecutive group of `group` rewards (population std), or
@@ -141,6 +145,51 @@ pub fn policy_token_weights(seqs: &[PolicySeq]) -> Vec<Vec<f32>> {
                 .collect()
         })
         .collect()
+}
+
+/// The loss terms of one trained token and their derivatives with respect to its log-probability
+/// under the policy being trained.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct TokenObjective {
+    /// Clipped policy-gradient term `max(−A·ρ, −A·clip(ρ, 1−ε, 1+ε))`, `ρ = exp(logp − old)`.
+    pub pg: f64,
+    /// Its derivative.
+    pub dpg: f64,
+    /// k3 estimate of KL(π ‖ π_ref): `exp(ref − logp) − (ref − logp) − 1`.
+    pub k3: f64,
+    /// Its derivative.
+    pub dk3: f64,
+    /// Whether the clipped branch is the larger one (the token contributes no policy gradient).
+    pub clipped: bool,
+}
+
+/// [`TokenObjective`] of a token with log-probabilities `logp` (current policy), `old` (rollout
+/// policy) and `reference`, and advantage `advantage`.
+pub fn token_objective(
+    logp: f64,
+    old: f64,
+    reference: f64,
+    advantage: f64,
+    eps: f64,
+) -> TokenObjective {
+    let ratio = (logp - old).exp();
+    let unclipped = -advantage * ratio;
+    let clipped = -advantage * ratio.clamp(1.0 - eps, 1.0 + eps);
+    // At a tie (ρ inside the clip range) the unclipped branch carries the gradient, as burn's
+    // `max_pair` does; when the clipped branch wins, ρ is outside the range and the clamp is flat.
+    let (pg, dpg) = if unclipped >= clipped {
+        (unclipped, unclipped)
+    } else {
+        (clipped, 0.0)
+    };
+    let diff = reference - logp;
+    TokenObjective {
+        pg,
+        dpg,
+        k3: diff.exp() - diff - 1.0,
+        dk3: 1.0 - diff.exp(),
+        clipped: clipped > unclipped,
+    }
 }
 
 struct Batch {
@@ -276,15 +325,51 @@ pub struct GrpoMetrics {
     pub update_s: f64,
 }
 
+/// The policy being trained, its frozen reference and its optimizer.
+// One per trainer: the variants' size difference does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Learner {
+    /// burn autodiff on the trainer's device.
+    Burn {
+        policy: Model,
+        reference: Model,
+        optim: AdamW,
+    },
+    /// The hand-differentiated CPU model; rollouts use the native engine.
+    Native {
+        policy: NativeModel,
+        reference: NativeModel,
+        optim: FlatAdamW,
+        grads: Vec<f32>,
+    },
+}
+
+/// Old (rollout-policy) and reference log-probabilities of every micro-batch, and the sums over
+/// trained tokens that the entropy estimate needs.
+struct Fixed {
+    /// `(old, reference)` per micro-batch.
+    logprobs: Vec<(HostMatrix, HostMatrix)>,
+    /// −Σ old log-prob.
+    entropy_sum: f64,
+    /// Trained tokens.
+    trained: f64,
+}
+
+/// Sums over the trained tokens of one update, for logging.
+#[derive(Default)]
+struct UpdateSums {
+    loss: f64,
+    kl: f64,
+    clipped: f64,
+}
+
 /// A GRPO run.
 pub struct GrpoTrainer {
     /// Settings.
     pub config: GrpoConfig,
-    /// Policy (autodiff device).
-    pub policy: Model,
-    reference: Model,
+    model_config: ModelConfig,
+    learner: Learner,
     tokenizer: AprTokenizer,
-    optim: AdamW,
     problems: Vec<Problem>,
     step: usize,
     device: Device,
@@ -302,22 +387,37 @@ impl GrpoTrainer {
         out: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let policy = Model::new(meta.model.clone(), weights, &device.clone().autodiff())
-            .map_err(|e| TrainError::Other(e.to_string()))?;
-        let reference = Model::new(meta.model.clone(), weights, device)
-            .map_err(|e| TrainError::Other(e.to_string()))?;
-        std::fs::create_dir_all(out)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
+        let other = |e: String| TrainError::Other(e);
         let adamw = AdamWConfig {
             weight_decay: 0.01,
             ..AdamWConfig::default()
         };
+        let learner = match config.learner {
+            LearnerKind::Burn => Learner::Burn {
+                policy: Model::new(meta.model.clone(), weights, &device.clone().autodiff())
+                    .map_err(|e| other(e.to_string()))?,
+                reference: Model::new(meta.model.clone(), weights, device)
+                    .map_err(|e| other(e.to_string()))?,
+                optim: AdamW::new(adamw),
+            },
+            LearnerKind::Native => {
+                let policy = NativeModel::from_weights(&meta.model, weights)
+                    .map_err(|e| other(e.to_string()))?;
+                let n = policy.num_params();
+                Learner::Native {
+                    reference: policy.clone(),
+                    policy,
+                    optim: FlatAdamW::new(adamw, n),
+                    grads: vec![0.0; n],
+                }
+            }
+        };
+        std::fs::create_dir_all(out).map_err(|e| other(format!("{}: {e}", out.display())))?;
         Ok(GrpoTrainer {
             config,
-            policy,
-            reference,
+            model_config: meta.model.clone(),
+            learner,
             tokenizer,
-            optim: AdamW::new(adamw),
             problems,
             step: 0,
             device: device.clone(),
@@ -325,15 +425,30 @@ impl GrpoTrainer {
         })
     }
 
+    /// The policy's current weights.
+    pub fn weights(&self) -> Weights {
+        match &self.learner {
+            Learner::Burn { policy, .. } => policy.llama.to_weights(),
+            Learner::Native { policy, .. } => policy.to_weights(),
+        }
+    }
+
     /// Rolls out `problems`, `group` times each, with the current policy.
     pub fn rollouts(&self, problems: &[Problem], seed: u64) -> Vec<ProblemResult> {
-        let policy = self.policy.valid();
-        let mut engine = engine_for(
-            &policy,
-            self.config.slots,
-            self.config.runtime.context,
-            self.tokenizer.pad_id(),
-        );
+        let context = self.config.runtime.context;
+        let mut engine: Box<dyn apr_core::decoder::BatchedDecoder> = match &self.learner {
+            Learner::Burn { policy, .. } => engine_for(
+                &policy.valid(),
+                self.config.slots,
+                context,
+                self.tokenizer.pad_id(),
+            ),
+            Learner::Native { policy, .. } => Box::new(NativeEngine::new(
+                policy.clone(),
+                self.config.slots,
+                context,
+            )),
+        };
         let task = match self.config.runtime.mode {
             apr_core::runtime::Mode::Apr => CountdownTask::apr(),
             apr_core::runtime::Mode::Serial => CountdownTask::sosp(),
@@ -383,64 +498,165 @@ impl GrpoTrainer {
     }
 
     fn update(&mut self, seqs: &[PolicySeq], m: &mut GrpoMetrics) -> Result<(), TrainError> {
-        let pad = self.tokenizer.pad_id();
-        let batches = micro_batches(seqs, self.config.batch_tokens);
-        let n_total = seqs.len();
-        let train_device = self.device.clone().autodiff();
-        // Old (rollout-policy) and reference log-probabilities, without gradients.
-        let frozen = self.policy.valid();
-        let mut fixed = Vec::with_capacity(batches.len());
-        let (mut entropy_sum, mut trained) = (0.0, 0.0);
-        for idx in &batches {
-            let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
-            let b = make_batch(&refs, n_total, self.config.kl_beta, pad, &self.device);
-            let old = token_logp(&frozen, b.inputs.clone(), b.targets.clone());
-            let reference = token_logp(&self.reference, b.inputs, b.targets);
-            entropy_sum -= scalar((old.clone() * b.mask.clone()).sum());
-            trained += scalar(b.mask.sum());
-            fixed.push((to_host(old), to_host(reference)));
-        }
-        m.entropy = entropy_sum / trained.max(1.0);
-        let micro = batches.len() as f64;
+        let step = self.step + 1;
+        let fail = |what: &str| TrainError::Other(format!("GRPO step {step}: {what}"));
+        let fixed = self.fixed_logprobs(seqs)?;
+        let trained = fixed.trained;
+        m.entropy = fixed.entropy_sum / trained.max(1.0);
         for _ in 0..self.config.inner_steps.max(1) {
-            let (mut loss_sum, mut kl_sum, mut clip_sum) = (0.0, 0.0, 0.0);
-            for (idx, (old, reference)) in batches.iter().zip(&fixed) {
-                let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
-                let b = make_batch(&refs, n_total, self.config.kl_beta, pad, &train_device);
-                let old = from_host(old, &train_device);
-                let reference = from_host(reference, &train_device);
-                let (loss, kl, clip) = loss(&self.policy, &b, old, reference, self.config.clip_eps);
-                let value = scalar(loss.clone());
-                if !value.is_finite() {
-                    return Err(TrainError::Other(format!(
-                        "non-finite GRPO loss at step {}",
-                        self.step + 1
-                    )));
-                }
-                loss_sum += value;
-                kl_sum += scalar(kl);
-                clip_sum += scalar(clip);
-                // The optimizer averages micro-batches; the loss is a sum over them.
-                let grads = (loss * micro).backward();
-                self.optim.accumulate(&self.policy.llama, &grads);
+            let sums = self.accumulate(seqs, &fixed.logprobs)?;
+            if !sums.loss.is_finite() {
+                return Err(fail("non-finite loss"));
             }
-            match self.optim.step(self.policy.llama.clone(), self.config.lr) {
-                Ok((llama, norm)) => {
-                    self.policy.llama = llama;
-                    m.grad_norm = norm;
-                }
-                Err((_, e)) => {
-                    return Err(TrainError::Other(format!(
-                        "GRPO step {}: {e}",
-                        self.step + 1
-                    )))
-                }
-            }
-            m.loss = loss_sum;
-            m.kl = kl_sum / trained.max(1.0);
-            m.clip_fraction = clip_sum / trained.max(1.0);
+            m.grad_norm = self.optimizer_step(self.config.lr).map_err(|e| fail(&e))?;
+            m.loss = sums.loss;
+            m.kl = sums.kl / trained.max(1.0);
+            m.clip_fraction = sums.clipped / trained.max(1.0);
         }
         Ok(())
+    }
+
+    /// Old (rollout-policy) and reference log-probabilities of every micro-batch, without
+    /// gradients.
+    fn fixed_logprobs(&self, seqs: &[PolicySeq]) -> Result<Fixed, TrainError> {
+        let batches = micro_batches(seqs, self.config.batch_tokens);
+        let mut fixed = Vec::with_capacity(batches.len());
+        let (mut entropy_sum, mut trained) = (0.0, 0.0);
+        match &self.learner {
+            Learner::Burn {
+                policy, reference, ..
+            } => {
+                let frozen = policy.valid();
+                let pad = self.tokenizer.pad_id();
+                for idx in &batches {
+                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
+                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &self.device);
+                    let old = token_logp(&frozen, b.inputs.clone(), b.targets.clone());
+                    let refp = token_logp(reference, b.inputs, b.targets);
+                    entropy_sum -= scalar((old.clone() * b.mask.clone()).sum());
+                    trained += scalar(b.mask.sum());
+                    fixed.push((to_host(old), to_host(refp)));
+                }
+            }
+            Learner::Native {
+                policy, reference, ..
+            } => {
+                for idx in &batches {
+                    let micro = NativeMicro::new(seqs, idx, self.config.kl_beta);
+                    let forward = |model: &NativeModel| {
+                        model
+                            .forward(&micro.batch)
+                            .map(|f| f.logprobs)
+                            .map_err(|e| TrainError::Other(e.to_string()))
+                    };
+                    let (old, refp) = (forward(policy)?, forward(reference)?);
+                    for (&lp, term) in old.iter().zip(&micro.terms) {
+                        if term.is_some() {
+                            entropy_sum -= lp as f64;
+                            trained += 1.0;
+                        }
+                    }
+                    let n = old.len();
+                    fixed.push(((old, [1, n]), (refp, [1, n])));
+                }
+            }
+        }
+        Ok(Fixed {
+            logprobs: fixed,
+            entropy_sum,
+            trained,
+        })
+    }
+
+    /// Adds the gradient of the GRPO loss over all micro-batches (a sum over them) to the
+    /// learner's accumulator; returns the loss and logging sums.
+    fn accumulate(
+        &mut self,
+        seqs: &[PolicySeq],
+        fixed: &[(HostMatrix, HostMatrix)],
+    ) -> Result<UpdateSums, TrainError> {
+        let batches = micro_batches(seqs, self.config.batch_tokens);
+        let eps = self.config.clip_eps;
+        let mut sums = UpdateSums::default();
+        match &mut self.learner {
+            Learner::Burn { policy, optim, .. } => {
+                let train_device = self.device.clone().autodiff();
+                let pad = self.tokenizer.pad_id();
+                let micro = batches.len() as f64;
+                for (idx, (old, reference)) in batches.iter().zip(fixed) {
+                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
+                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
+                    let old = from_host(old, &train_device);
+                    let reference = from_host(reference, &train_device);
+                    let (loss, kl, clip) = loss(policy, &b, old, reference, eps);
+                    let value = scalar(loss.clone());
+                    if !value.is_finite() {
+                        sums.loss = value;
+                        return Ok(sums);
+                    }
+                    sums.loss += value;
+                    sums.kl += scalar(kl);
+                    sums.clipped += scalar(clip);
+                    // The optimizer averages micro-batches; the loss is a sum over them.
+                    let grads = (loss * micro).backward();
+                    optim.accumulate(&policy.llama, &grads);
+                }
+            }
+            Learner::Native { policy, grads, .. } => {
+                for (idx, (old, reference)) in batches.iter().zip(fixed) {
+                    let micro = NativeMicro::new(seqs, idx, self.config.kl_beta);
+                    let fwd = policy
+                        .forward(&micro.batch)
+                        .map_err(|e| TrainError::Other(e.to_string()))?;
+                    let mut dlogp = vec![0.0f32; micro.batch.len()];
+                    for (p, term) in micro.terms.iter().enumerate() {
+                        let Some(t) = term else { continue };
+                        let o = token_objective(
+                            fwd.logprobs[p] as f64,
+                            old.0[p] as f64,
+                            reference.0[p] as f64,
+                            t.advantage,
+                            eps,
+                        );
+                        sums.loss += t.pg_weight * o.pg + t.kl_weight * o.k3;
+                        sums.kl += o.k3;
+                        sums.clipped += o.clipped as u8 as f64;
+                        dlogp[p] = (t.pg_weight * o.dpg + t.kl_weight * o.dk3) as f32;
+                    }
+                    if !sums.loss.is_finite() {
+                        return Ok(sums);
+                    }
+                    policy.backward(fwd, &dlogp, grads);
+                }
+            }
+        }
+        Ok(sums)
+    }
+
+    /// Applies the accumulated gradient; returns its norm before clipping.
+    fn optimizer_step(&mut self, lr: f64) -> Result<f64, String> {
+        match &mut self.learner {
+            Learner::Burn { policy, optim, .. } => {
+                // Parameters are reference-counted tensors: the clone is cheap and is replaced.
+                match optim.step(policy.llama.clone(), lr) {
+                    Ok((llama, norm)) => {
+                        policy.llama = llama;
+                        Ok(norm)
+                    }
+                    Err((_, e)) => Err(e.to_string()),
+                }
+            }
+            Learner::Native {
+                policy,
+                optim,
+                grads,
+                ..
+            } => {
+                let result = optim.step(&mut policy.params, grads, lr);
+                grads.fill(0.0);
+                result.map_err(|e| e.to_string())
+            }
+        }
     }
 
     /// Trains to `config.steps`, logging to `OUT/metrics.jsonl` and checkpointing.
@@ -477,57 +693,68 @@ impl GrpoTrainer {
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let dir = self.out.join("checkpoint");
         let meta = CheckpointMeta {
-            model: self.policy.config.clone(),
+            model: self.model_config.clone(),
             info: serde_json::json!({"step": self.step, "trainer": "grpo"}),
         };
-        checkpoint::save(
-            &dir,
-            &meta,
-            &self.policy.llama.to_weights(),
-            &self.tokenizer,
-            &[],
-        )?;
+        checkpoint::save(&dir, &meta, &self.weights(), &self.tokenizer, &[])?;
         Ok(dir)
     }
 
-    /// The GRPO loss and its gradient norm on given sequences with fixed old/reference
-    /// log-probabilities equal to the current policy's (for tests).
+    /// The GRPO loss on given sequences, with old and reference log-probabilities equal to the
+    /// current policy's, and its gradient norm (for tests). The weights are left unchanged (a
+    /// zero-learning-rate step), but the optimizer's moments and step count advance.
     pub fn loss_and_grad_norm(&mut self, seqs: &[PolicySeq]) -> (f64, f64) {
-        let train_device = self.device.clone().autodiff();
-        let frozen = self.policy.valid();
-        let refs: Vec<&PolicySeq> = seqs.iter().collect();
-        let b = make_batch(
-            &refs,
-            seqs.len(),
-            self.config.kl_beta,
-            self.tokenizer.pad_id(),
-            &self.device,
-        );
-        let old = to_host(token_logp(&frozen, b.inputs.clone(), b.targets.clone()));
-        let reference = to_host(token_logp(&self.reference, b.inputs, b.targets));
-        let b = make_batch(
-            &refs,
-            seqs.len(),
-            self.config.kl_beta,
-            self.tokenizer.pad_id(),
-            &train_device,
-        );
-        let (loss, _, _) = loss(
-            &self.policy,
-            &b,
-            from_host(&old, &train_device),
-            from_host(&reference, &train_device),
-            self.config.clip_eps,
-        );
-        let value = scalar(loss.clone());
-        let grads = loss.backward();
-        let mut optim = AdamW::new(AdamWConfig::default());
-        optim.accumulate(&self.policy.llama, &grads);
-        let norm = optim
-            .step(self.policy.llama.clone(), 0.0)
-            .map(|(_, n)| n)
-            .unwrap_or(f64::NAN);
-        (value, norm)
+        let Ok(fixed) = self.fixed_logprobs(seqs) else {
+            return (f64::NAN, f64::NAN);
+        };
+        let Ok(sums) = self.accumulate(seqs, &fixed.logprobs) else {
+            return (f64::NAN, f64::NAN);
+        };
+        // A zero learning rate leaves the weights as they are (decoupled decay is lr-scaled).
+        let norm = self.optimizer_step(0.0).unwrap_or(f64::NAN);
+        (sums.loss, norm)
+    }
+}
+
+/// Per-position loss weights of a trained token of a native micro-batch.
+#[derive(Clone, Copy)]
+struct TokenTerms {
+    advantage: f64,
+    pg_weight: f64,
+    kl_weight: f64,
+}
+
+/// Sequences packed end to end for the native learner, with each position's loss weights
+/// (`None` where the token was not sampled by the policy).
+struct NativeMicro {
+    batch: PackedBatch,
+    terms: Vec<Option<TokenTerms>>,
+}
+
+impl NativeMicro {
+    fn new(seqs: &[PolicySeq], idx: &[usize], beta: f64) -> Self {
+        let n_total = seqs.len() as f64;
+        let picked: Vec<&PolicySeq> = idx
+            .iter()
+            .map(|&i| &seqs[i])
+            .filter(|s| s.tokens.len() >= 2)
+            .collect();
+        let tokens: Vec<&[u32]> = picked.iter().map(|s| s.tokens.as_slice()).collect();
+        let batch = PackedBatch::from_sequences(&tokens);
+        let mut terms = Vec::with_capacity(batch.len());
+        for s in picked {
+            let t = s.trained_count().max(1) as f64;
+            let on = TokenTerms {
+                advantage: s.advantage as f64,
+                pg_weight: s.weight as f64 / (t * n_total),
+                kl_weight: beta / (t * n_total),
+            };
+            let positions = s.tokens.len() - 1;
+            terms.extend(
+                (0..positions).map(|p| s.trained.get(p).copied().unwrap_or(false).then_some(on)),
+            );
+        }
+        NativeMicro { batch, terms }
     }
 }
 
@@ -589,5 +816,50 @@ fn rollout_metrics(results: &[ProblemResult], group: usize) -> GrpoMetrics {
             .sum::<f64>()
             / n,
         ..GrpoMetrics::default()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_objective_derivatives_match_finite_differences() {
+        let eps = 0.2;
+        let h = 1e-6;
+        // (logp, old, reference, advantage): inside the clip range, clipped above and below,
+        // negative advantage, and the tie at ρ = 1.
+        let cases = [
+            (-1.0, -1.05, -0.9, 1.3),
+            (-0.5, -1.0, -0.7, 1.0),
+            (-0.5, -1.0, -0.7, -1.0),
+            (-2.0, -1.0, -1.5, 0.7),
+            (-2.0, -1.0, -1.5, -0.7),
+            (-1.2, -1.2, -1.0, 0.5),
+        ];
+        for (logp, old, reference, adv) in cases {
+            let o = token_objective(logp, old, reference, adv, eps);
+            let up = token_objective(logp + h, old, reference, adv, eps);
+            let down = token_objective(logp - h, old, reference, adv, eps);
+            let dpg = (up.pg - down.pg) / (2.0 * h);
+            let dk3 = (up.k3 - down.k3) / (2.0 * h);
+            assert!(
+                (o.dpg - dpg).abs() < 1e-5,
+                "{logp} {old} {adv}: {} vs {dpg}",
+                o.dpg
+            );
+            assert!(
+                (o.dk3 - dk3).abs() < 1e-5,
+                "{logp} {reference}: {} vs {dk3}",
+                o.dk3
+            );
+            let ratio = (logp - old).exp();
+            let outside = (adv > 0.0 && ratio > 1.0 + eps) || (adv < 0.0 && ratio < 1.0 - eps);
+            assert_eq!(o.clipped, outside, "{logp} {old} {adv}");
+            assert_eq!(o.dpg == 0.0, outside);
+        }
+        // k3 is zero with zero slope when the policy equals the reference.
+        let o = token_objective(-1.0, -1.0, -1.0, 1.0, eps);
+        assert_eq!((o.k3, o.dk3), (0.0, 0.0));
     }
 }

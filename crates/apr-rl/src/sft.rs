@@ -184,6 +184,17 @@ pub enum LearnerKind {
     Burn,
 }
 
+impl LearnerKind {
+    /// The faster learner for a device: native on the CPU backend, burn autodiff on a GPU.
+    pub fn for_device(device: &Device) -> Self {
+        if apr_model::backend::is_cpu(device) {
+            LearnerKind::Native
+        } else {
+            LearnerKind::Burn
+        }
+    }
+}
+
 impl std::str::FromStr for LearnerKind {
     type Err = String;
     fn from_str(s: &str) -> Result<Self, String> {

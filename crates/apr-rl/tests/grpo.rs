@@ -6,6 +6,7 @@ use apr_model::backend::Backend;
 use apr_model::checkpoint::CheckpointMeta;
 use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
 use apr_rl::grpo::{advantages, policy_sequences, policy_token_weights, GrpoConfig, GrpoTrainer};
+use apr_rl::sft::LearnerKind;
 
 const EOS: u32 = 2;
 
@@ -140,8 +141,7 @@ fn every_thread_gets_its_rollouts_advantage_on_sampled_tokens_weighted_by_one_ov
     assert_eq!(seqs[3].tokens, vec![1, 10, 11, 40, 41, 42, 43, 44, EOS]);
 }
 
-#[test]
-fn equal_rewards_and_no_kl_give_zero_gradient() {
+fn trainer(learner: LearnerKind, beta: f64, dir: &std::path::Path) -> GrpoTrainer {
     let tok = AprTokenizer::domain();
     let config = ModelConfig {
         max_seq_len: 64,
@@ -152,8 +152,7 @@ fn equal_rewards_and_no_kl_give_zero_gradient() {
         model: config,
         info: serde_json::Value::Null,
     };
-    let dir = tempfile::tempdir().unwrap();
-    let grpo = |beta: f64| GrpoConfig {
+    let config = GrpoConfig {
         steps: 1,
         prompts: 1,
         group: 2,
@@ -167,26 +166,50 @@ fn equal_rewards_and_no_kl_give_zero_gradient() {
         batch_tokens: 4096,
         seed: 0,
         checkpoint_every: 1,
+        learner,
     };
     let device = Backend::Cpu.device(0).unwrap();
-    let mut trainer = GrpoTrainer::new(
-        grpo(0.0),
-        &meta,
-        &weights,
-        tok.clone(),
-        vec![],
-        dir.path(),
-        &device,
-    )
-    .unwrap();
-    let res = rollouts(1.0, 1.0);
-    let adv = advantages(&[1.0, 1.0], 2, true);
-    let seqs = policy_sequences(&res, &adv, EOS);
-    let (loss, norm) = trainer.loss_and_grad_norm(&seqs);
-    assert_eq!(loss, 0.0);
-    assert_eq!(norm, 0.0);
-    // With unequal rewards the gradient is not zero.
+    GrpoTrainer::new(config, &meta, &weights, tok, vec![], dir, &device).unwrap()
+}
+
+#[test]
+fn equal_rewards_and_no_kl_give_zero_gradient() {
+    for learner in [LearnerKind::Burn, LearnerKind::Native] {
+        let dir = tempfile::tempdir().unwrap();
+        let mut trainer = trainer(learner, 0.0, dir.path());
+        let res = rollouts(1.0, 1.0);
+        let adv = advantages(&[1.0, 1.0], 2, true);
+        let seqs = policy_sequences(&res, &adv, EOS);
+        let (loss, norm) = trainer.loss_and_grad_norm(&seqs);
+        assert_eq!(loss, 0.0, "{learner:?}");
+        assert_eq!(norm, 0.0, "{learner:?}");
+        // With unequal rewards the gradient is not zero.
+        let adv = advantages(&[1.0, 0.0], 2, true);
+        let (_, norm) = trainer.loss_and_grad_norm(&policy_sequences(&res, &adv, EOS));
+        assert!(norm > 0.0, "{learner:?}");
+    }
+}
+
+#[test]
+fn native_and_autodiff_learners_agree_on_the_grpo_loss_and_gradient() {
+    // Same weights, same rollouts, KL on: the hand-derived per-token derivative must give the
+    // gradient burn's autodiff gives.
+    let res = rollouts(1.0, 0.0);
     let adv = advantages(&[1.0, 0.0], 2, true);
-    let (_, norm) = trainer.loss_and_grad_norm(&policy_sequences(&res, &adv, EOS));
-    assert!(norm > 0.0);
+    let seqs = policy_sequences(&res, &adv, EOS);
+    let run = |learner| {
+        let dir = tempfile::tempdir().unwrap();
+        trainer(learner, 0.01, dir.path()).loss_and_grad_norm(&seqs)
+    };
+    let (burn_loss, burn_norm) = run(LearnerKind::Burn);
+    let (native_loss, native_norm) = run(LearnerKind::Native);
+    assert!(burn_norm > 0.0);
+    assert!(
+        (burn_loss - native_loss).abs() <= 1e-6 * burn_loss.abs().max(1.0),
+        "loss {burn_loss} vs {native_loss}"
+    );
+    assert!(
+        (burn_norm - native_norm).abs() <= 1e-3 * burn_norm,
+        "gradient norm {burn_norm} vs {native_norm}"
+    );
 }
