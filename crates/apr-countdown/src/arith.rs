@@ -130,46 +130,33 @@ impl Heuristic {
     }
 }
 
-/// "000" … "999": every number below 1,000 as three digits, so small numbers are appended as
-/// one slice instead of digit by digit (number formatting dominates trace writing).
-const THREE_DIGITS: &str = match std::str::from_utf8(&three_digit_table()) {
-    Ok(s) => s,
-    Err(_) => panic!("ASCII digits"),
-};
-
-const fn three_digit_table() -> [u8; 3000] {
-    let mut table = [0u8; 3000];
-    let mut i = 0;
-    while i < 1000 {
-        table[3 * i] = b'0' + (i / 100) as u8;
-        table[3 * i + 1] = b'0' + (i / 10 % 10) as u8;
-        table[3 * i + 2] = b'0' + (i % 10) as u8;
-        i += 1;
-    }
-    table
-}
-
 /// Appends a decimal integer.
 #[inline]
 pub fn push_int(out: &mut String, n: i64) {
+    // Byte pushes, not `push_str` of a formatted slice: numbers here are one to three digits,
+    // and a `memcpy` call per number dominated trace writing.
+    #[inline(always)]
+    fn digit(out: &mut String, d: u64) {
+        out.push(char::from(b'0' + d as u8));
+    }
     if n < 0 {
         out.push('-');
     }
     let v = n.unsigned_abs();
-    if v < 1000 {
-        let digits = if v < 10 {
-            1
-        } else if v < 100 {
-            2
-        } else {
-            3
-        };
-        let end = 3 * v as usize + 3;
-        out.push_str(&THREE_DIGITS[end - digits..end]);
+    if v < 10 {
+        digit(out, v);
+    } else if v < 100 {
+        digit(out, v / 10);
+        digit(out, v % 10);
+    } else if v < 1000 {
+        digit(out, v / 100);
+        digit(out, v / 10 % 10);
+        digit(out, v % 10);
     } else {
         push_int(out, (v / 1000) as i64);
-        let end = 3 * (v % 1000) as usize + 3;
-        out.push_str(&THREE_DIGITS[end - 3..end]);
+        digit(out, v / 100 % 10);
+        digit(out, v / 10 % 10);
+        digit(out, v % 10);
     }
 }
 

@@ -110,14 +110,18 @@ pub fn solvable(nums: &[i64], target: i64) -> bool {
 fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
     let n = nums.len();
     let full = (1usize << n) - 1;
+    if n == 1 {
+        return nums[0] == target;
+    }
     let mut ops = [Op {
         a: 0,
         kind: 0,
         b: 0,
         result: 0,
     }; 4];
-    // Masks in increasing order visit every proper submask before its supermask.
-    for mask in 1..=full {
+    // Masks in increasing order visit every proper submask before its supermask. The full set
+    // is only tested, never listed.
+    for mask in 1..full {
         if mask.count_ones() == 1 {
             values[mask].push(nums[mask.trailing_zeros() as usize]);
             continue;
@@ -132,23 +136,45 @@ fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
                 for &x in &values[a] {
                     for &y in &values[b] {
                         let count = combine(x, y, &mut ops);
-                        if mask == full {
-                            if ops[..count].iter().any(|op| op.result == target) {
-                                return true;
-                            }
-                        } else {
-                            out.extend(ops[..count].iter().map(|op| op.result));
-                        }
+                        out.extend(ops[..count].iter().map(|op| op.result));
                     }
                 }
             }
             a = (a - 1) & mask;
         }
-        out.sort_unstable();
-        out.dedup();
+        // Duplicates multiply the work of every superset; sets of n − 1 numbers have none
+        // (they only meet a single number in the test below), so they are left as they are.
+        if mask.count_ones() + 1 < n as u32 {
+            out.sort_unstable();
+            out.dedup();
+        }
         values[mask] = out;
     }
-    n == 1 && nums[0] == target
+    let low = full & full.wrapping_neg();
+    let mut a = (full - 1) & full;
+    while a > 0 {
+        if a & low != 0 {
+            let b = full ^ a;
+            for &x in &values[a] {
+                if values[b].iter().any(|&y| reaches(x, y, target)) {
+                    return true;
+                }
+            }
+        }
+        a = (a - 1) & full;
+    }
+    false
+}
+
+/// Whether one of [`combine`]'s results for `(x, y)` is `target`, without building them.
+#[inline]
+fn reaches(x: i64, y: i64, target: i64) -> bool {
+    let (big, small) = if x <= y { (y, x) } else { (x, y) };
+    // `big / small == target` exactly ⟺ `big == small · target`: no integer division.
+    x + y == target
+        || x * y == target
+        || big - small == target
+        || (small != 0 && big == small * target)
 }
 
 /// Exhaustive DFS in the reference's order (pairs `i<j`, `combine` order); the first solution.
