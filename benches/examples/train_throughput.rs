@@ -11,6 +11,7 @@ use apr_rl::optim::{AdamW, AdamWConfig, FlatAdamW};
 use apr_rl::sft::{masked_nll, pad_batch, Example};
 
 fn main() {
+    apr_model::native::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let preset = arg(0, "small").parse().unwrap_or_else(|e| {

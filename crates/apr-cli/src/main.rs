@@ -81,21 +81,8 @@ impl DeviceArgs {
     }
 }
 
-/// Keeps freed buffers in the heap. A training step allocates and frees tens of megabytes of
-/// activations; with glibc's defaults those blocks go back to the kernel, and every step paid
-/// page faults and zeroing for fresh pages again (SFT at 2,048-token batches: ≈7.3k → 8.5k
-/// tokens/s with this).
-fn keep_freed_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: mallopt only sets allocator thresholds; it runs before any other thread exists.
-    unsafe {
-        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
-        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
-    }
-}
-
 fn main() -> ExitCode {
-    keep_freed_memory();
+    apr_model::native::keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {
