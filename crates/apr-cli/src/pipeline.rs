@@ -77,9 +77,10 @@ struct Plan {
 impl Plan {
     fn of(preset: PipelinePreset) -> Plan {
         match preset {
-            // Sized by measurement on a 2-core CPU (see README): ~4.3k training tokens/s for the
+            // Sized by measurement on a 2-core CPU (see README): ~8k training tokens/s for the
             // small model with the native learner at 2,048-token batches, ~2.5k decode tokens/s
-            // with the native engine; the whole run took 29 min.
+            // with the native engine; the whole run took 21 min (29 min before the learner
+            // got faster: the time floor is 30).
             // Targets up to 30 rather than 100: with two-digit operands only, the `small` model
             // learns to copy numbers within the budget (training loss 0.25 vs 0.76 nats/token
             // after 3M tokens with targets up to 100). Small batches: more updates per token
