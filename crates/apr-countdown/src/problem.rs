@@ -127,43 +127,43 @@ fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
             continue;
         }
         let mut out = std::mem::take(&mut values[mask]);
-        let low = mask & mask.wrapping_neg();
-        // Splits (A, B) with A holding the lowest element, so each split is seen once.
-        let mut a = (mask - 1) & mask;
-        while a > 0 {
-            if a & low != 0 {
-                let b = mask ^ a;
-                for &x in &values[a] {
-                    for &y in &values[b] {
-                        let count = combine(x, y, &mut ops);
-                        out.extend(ops[..count].iter().map(|op| op.result));
-                    }
+        for (a, b) in splits(mask) {
+            for &x in &values[a] {
+                for &y in &values[b] {
+                    let count = combine(x, y, &mut ops);
+                    out.extend(ops[..count].iter().map(|op| op.result));
                 }
             }
-            a = (a - 1) & mask;
         }
-        // Duplicates multiply the work of every superset; sets of n − 1 numbers have none
-        // (they only meet a single number in the test below), so they are left as they are.
+        // Duplicates multiply the work of every superset. Sets of n − 1 numbers have no
+        // superset but the full one, whose test below reads them once: they stay unsorted.
         if mask.count_ones() + 1 < n as u32 {
             out.sort_unstable();
             out.dedup();
         }
         values[mask] = out;
     }
-    let low = full & full.wrapping_neg();
-    let mut a = (full - 1) & full;
-    while a > 0 {
-        if a & low != 0 {
-            let b = full ^ a;
-            for &x in &values[a] {
-                if values[b].iter().any(|&y| reaches(x, y, target)) {
-                    return true;
-                }
-            }
+    splits(full).any(|(a, b)| {
+        values[a]
+            .iter()
+            .any(|&x| values[b].iter().any(|&y| reaches(x, y, target)))
+    })
+}
+
+/// The splits `(A, B)` of a set mask into two non-empty parts, `A` holding the lowest element so
+/// that each split comes once.
+fn splits(mask: usize) -> impl Iterator<Item = (usize, usize)> {
+    let low = mask & mask.wrapping_neg();
+    let mut a = mask;
+    std::iter::from_fn(move || loop {
+        a = (a - 1) & mask;
+        if a == 0 {
+            return None;
         }
-        a = (a - 1) & full;
-    }
-    false
+        if a & low != 0 {
+            return Some((a, mask ^ a));
+        }
+    })
 }
 
 /// Whether one of [`combine`]'s results for `(x, y)` is `target`, without building them.
