@@ -69,16 +69,6 @@ impl DeviceArgs {
             .device(self.device_index)
             .map_err(anyhow::Error::msg)
     }
-
-    /// The learner a trainer uses unless told: the hand-differentiated CPU model on the CPU
-    /// backend (several times faster there), burn's autodiff on a GPU.
-    pub fn default_learner(&self) -> apr_rl::sft::LearnerKind {
-        if self.backend == "cpu" {
-            apr_rl::sft::LearnerKind::Native
-        } else {
-            apr_rl::sft::LearnerKind::Burn
-        }
-    }
 }
 
 fn main() -> ExitCode {

@@ -212,7 +212,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         checkpoint_every: args.checkpoint_every,
         learner: args
             .learner
-            .unwrap_or_else(|| args.device.default_learner()),
+            .unwrap_or_else(|| apr_rl::sft::LearnerKind::for_device(&device)),
     };
     let mut trainer = apr_rl::grpo::GrpoTrainer::new(
         config,
@@ -309,7 +309,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         eval_every: args.eval_every,
         learner: args
             .learner
-            .unwrap_or_else(|| args.device.default_learner()),
+            .unwrap_or_else(|| apr_rl::sft::LearnerKind::for_device(&device)),
     };
     let n_examples = examples.len();
     let mut trainer = SftTrainer::new(

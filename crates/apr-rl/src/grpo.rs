@@ -344,11 +344,22 @@ enum Learner {
     },
 }
 
-/// Old (rollout-policy) and reference log-probabilities of every micro-batch, and the sums over
-/// trained tokens that the entropy estimate needs.
+/// One micro-batch of an update: built once, used by every inner step.
+struct Micro {
+    /// Indices into the update's sequences.
+    seqs: Vec<usize>,
+    /// The same sequences packed for the native learner (`None` for burn).
+    native: Option<NativeMicro>,
+    /// Rollout-policy log-probabilities (no gradient).
+    old: HostMatrix,
+    /// Reference-model log-probabilities.
+    reference: HostMatrix,
+}
+
+/// The micro-batches of an update and the sums over trained tokens that the entropy estimate
+/// needs.
 struct Fixed {
-    /// `(old, reference)` per micro-batch.
-    logprobs: Vec<(HostMatrix, HostMatrix)>,
+    micro: Vec<Micro>,
     /// −Σ old log-prob.
     entropy_sum: f64,
     /// Trained tokens.
@@ -387,7 +398,6 @@ impl GrpoTrainer {
         out: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let other = |e: String| TrainError::Other(e);
         let adamw = AdamWConfig {
             weight_decay: 0.01,
             ..AdamWConfig::default()
@@ -395,14 +405,14 @@ impl GrpoTrainer {
         let learner = match config.learner {
             LearnerKind::Burn => Learner::Burn {
                 policy: Model::new(meta.model.clone(), weights, &device.clone().autodiff())
-                    .map_err(|e| other(e.to_string()))?,
+                    .map_err(|e| TrainError::Other(e.to_string()))?,
                 reference: Model::new(meta.model.clone(), weights, device)
-                    .map_err(|e| other(e.to_string()))?,
+                    .map_err(|e| TrainError::Other(e.to_string()))?,
                 optim: AdamW::new(adamw),
             },
             LearnerKind::Native => {
                 let policy = NativeModel::from_weights(&meta.model, weights)
-                    .map_err(|e| other(e.to_string()))?;
+                    .map_err(|e| TrainError::Other(e.to_string()))?;
                 let n = policy.num_params();
                 Learner::Native {
                     reference: policy.clone(),
@@ -412,7 +422,8 @@ impl GrpoTrainer {
                 }
             }
         };
-        std::fs::create_dir_all(out).map_err(|e| other(format!("{}: {e}", out.display())))?;
+        std::fs::create_dir_all(out)
+            .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
         Ok(GrpoTrainer {
             config,
             model_config: meta.model.clone(),
@@ -504,7 +515,7 @@ impl GrpoTrainer {
         let trained = fixed.trained;
         m.entropy = fixed.entropy_sum / trained.max(1.0);
         for _ in 0..self.config.inner_steps.max(1) {
-            let sums = self.accumulate(seqs, &fixed.logprobs)?;
+            let sums = self.accumulate(seqs, &fixed.micro)?;
             if !sums.loss.is_finite() {
                 return Err(fail("non-finite loss"));
             }
@@ -516,11 +527,11 @@ impl GrpoTrainer {
         Ok(())
     }
 
-    /// Old (rollout-policy) and reference log-probabilities of every micro-batch, without
-    /// gradients.
+    /// The micro-batches of an update with their old (rollout-policy) and reference
+    /// log-probabilities, without gradients.
     fn fixed_logprobs(&self, seqs: &[PolicySeq]) -> Result<Fixed, TrainError> {
         let batches = micro_batches(seqs, self.config.batch_tokens);
-        let mut fixed = Vec::with_capacity(batches.len());
+        let mut micro = Vec::with_capacity(batches.len());
         let (mut entropy_sum, mut trained) = (0.0, 0.0);
         match &self.learner {
             Learner::Burn {
@@ -528,41 +539,51 @@ impl GrpoTrainer {
             } => {
                 let frozen = policy.valid();
                 let pad = self.tokenizer.pad_id();
-                for idx in &batches {
+                for idx in batches {
                     let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
                     let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &self.device);
                     let old = token_logp(&frozen, b.inputs.clone(), b.targets.clone());
                     let refp = token_logp(reference, b.inputs, b.targets);
                     entropy_sum -= scalar((old.clone() * b.mask.clone()).sum());
                     trained += scalar(b.mask.sum());
-                    fixed.push((to_host(old), to_host(refp)));
+                    micro.push(Micro {
+                        seqs: idx,
+                        native: None,
+                        old: to_host(old),
+                        reference: to_host(refp),
+                    });
                 }
             }
             Learner::Native {
                 policy, reference, ..
             } => {
-                for idx in &batches {
-                    let micro = NativeMicro::new(seqs, idx, self.config.kl_beta);
+                for idx in batches {
+                    let packed = NativeMicro::new(seqs, &idx, self.config.kl_beta);
                     let forward = |model: &NativeModel| {
                         model
-                            .forward(&micro.batch)
+                            .forward(&packed.batch)
                             .map(|f| f.logprobs)
                             .map_err(|e| TrainError::Other(e.to_string()))
                     };
                     let (old, refp) = (forward(policy)?, forward(reference)?);
-                    for (&lp, term) in old.iter().zip(&micro.terms) {
+                    for (&lp, term) in old.iter().zip(&packed.terms) {
                         if term.is_some() {
                             entropy_sum -= lp as f64;
                             trained += 1.0;
                         }
                     }
                     let n = old.len();
-                    fixed.push(((old, [1, n]), (refp, [1, n])));
+                    micro.push(Micro {
+                        seqs: idx,
+                        native: Some(packed),
+                        old: (old, [1, n]),
+                        reference: (refp, [1, n]),
+                    });
                 }
             }
         }
         Ok(Fixed {
-            logprobs: fixed,
+            micro,
             entropy_sum,
             trained,
         })
@@ -573,21 +594,20 @@ impl GrpoTrainer {
     fn accumulate(
         &mut self,
         seqs: &[PolicySeq],
-        fixed: &[(HostMatrix, HostMatrix)],
+        micro: &[Micro],
     ) -> Result<UpdateSums, TrainError> {
-        let batches = micro_batches(seqs, self.config.batch_tokens);
         let eps = self.config.clip_eps;
         let mut sums = UpdateSums::default();
         match &mut self.learner {
             Learner::Burn { policy, optim, .. } => {
                 let train_device = self.device.clone().autodiff();
                 let pad = self.tokenizer.pad_id();
-                let micro = batches.len() as f64;
-                for (idx, (old, reference)) in batches.iter().zip(fixed) {
-                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
+                let count = micro.len() as f64;
+                for mb in micro {
+                    let refs: Vec<&PolicySeq> = mb.seqs.iter().map(|&i| &seqs[i]).collect();
                     let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
-                    let old = from_host(old, &train_device);
-                    let reference = from_host(reference, &train_device);
+                    let old = from_host(&mb.old, &train_device);
+                    let reference = from_host(&mb.reference, &train_device);
                     let (loss, kl, clip) = loss(policy, &b, old, reference, eps);
                     let value = scalar(loss.clone());
                     if !value.is_finite() {
@@ -598,23 +618,25 @@ impl GrpoTrainer {
                     sums.kl += scalar(kl);
                     sums.clipped += scalar(clip);
                     // The optimizer averages micro-batches; the loss is a sum over them.
-                    let grads = (loss * micro).backward();
+                    let grads = (loss * count).backward();
                     optim.accumulate(&policy.llama, &grads);
                 }
             }
             Learner::Native { policy, grads, .. } => {
-                for (idx, (old, reference)) in batches.iter().zip(fixed) {
-                    let micro = NativeMicro::new(seqs, idx, self.config.kl_beta);
+                for mb in micro {
+                    let Some(packed) = &mb.native else {
+                        return Err(TrainError::Other("micro-batch not packed".into()));
+                    };
                     let fwd = policy
-                        .forward(&micro.batch)
+                        .forward(&packed.batch)
                         .map_err(|e| TrainError::Other(e.to_string()))?;
-                    let mut dlogp = vec![0.0f32; micro.batch.len()];
-                    for (p, term) in micro.terms.iter().enumerate() {
+                    let mut dlogp = vec![0.0f32; packed.batch.len()];
+                    for (p, term) in packed.terms.iter().enumerate() {
                         let Some(t) = term else { continue };
                         let o = token_objective(
                             fwd.logprobs[p] as f64,
-                            old.0[p] as f64,
-                            reference.0[p] as f64,
+                            mb.old.0[p] as f64,
+                            mb.reference.0[p] as f64,
                             t.advantage,
                             eps,
                         );
@@ -707,7 +729,7 @@ impl GrpoTrainer {
         let Ok(fixed) = self.fixed_logprobs(seqs) else {
             return (f64::NAN, f64::NAN);
         };
-        let Ok(sums) = self.accumulate(seqs, &fixed.logprobs) else {
+        let Ok(sums) = self.accumulate(seqs, &fixed.micro) else {
             return (f64::NAN, f64::NAN);
         };
         // A zero learning rate leaves the weights as they are (decoupled decay is lr-scaled).
