@@ -25,13 +25,24 @@ fn main() {
             ids.truncate(ck.meta.model.max_seq_len + 1);
             let batch = PackedBatch::from_sequences(&[&ids]);
             let fwd = model.forward(&batch).expect("forward");
+            // A target's kind: the phrase that opened its line and the last non-digit token
+            // before it, e.g. ("Exploring Operation:", "=") for the digits of a result.
+            let (mut head, mut marker) = (String::from("<start>"), String::new());
             for (i, lp) in fwd.logprobs.iter().enumerate() {
                 let prev = tok.piece(batch.inputs[i]).to_string();
-                let kind = if prev.chars().all(|c| c.is_ascii_digit()) && !prev.is_empty() {
-                    "after digit".to_string()
-                } else {
-                    format!("after {prev:?}")
-                };
+                if prev == "\n" {
+                    head.clear();
+                } else if head.is_empty() {
+                    head = if prev.bytes().all(|b| b.is_ascii_digit()) {
+                        "<number>".into()
+                    } else {
+                        prev.clone()
+                    };
+                }
+                if !prev.chars().all(|c| c.is_ascii_digit()) || prev.is_empty() {
+                    marker = prev.clone();
+                }
+                let kind = format!("{head:?} / {marker:?}");
                 let e = by_kind.entry(kind).or_default();
                 e.0 -= *lp as f64;
                 e.1 += 1;
@@ -47,7 +58,7 @@ fn main() {
         total.0 / total.1 as f64,
         total.1
     );
-    for (kind, (sum, count)) in rows.iter().take(25) {
+    for (kind, (sum, count)) in rows.iter().take(40) {
         println!(
             "{:>6.1}% of loss  {:>6.3} mean  {:>7} tokens  {kind}",
             100.0 * sum / total.0,

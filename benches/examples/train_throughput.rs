@@ -1,6 +1,7 @@
 //! Training-step throughput of one shape, for the side-by-side with PyTorch in
 //! `scripts/cpu_baseline.sh`: `train_throughput PRESET BATCH SEQ STEPS` prints one JSON line per
-//! learner (native, burn) with tokens/s over STEPS timed steps after two warm-up steps.
+//! learner (native, burn) with tokens/s over STEPS timed steps after two warm-up steps. A fifth
+//! argument `native` skips the burn learner (for profiling the native one alone).
 
 use std::time::Instant;
 
@@ -69,6 +70,9 @@ fn main() {
         native.num_params(),
         tokens / native_s
     );
+    if arg(4, "both") == "native" {
+        return;
+    }
 
     let device = Backend::Cpu.device(0).expect("cpu").autodiff();
     let mut model = Model::new(config.clone(), &weights, &device).expect("weights fit");

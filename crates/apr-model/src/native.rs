@@ -429,8 +429,8 @@ impl NativeModel {
             .zip(logprobs.par_iter_mut().zip(entropy.par_iter_mut()))
             .zip(batch.targets.par_iter())
             .for_each(|((row, (lp, ent)), &t)| {
-                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-                let sum: f32 = row.iter().map(|&z| exp(z - max)).sum();
+                let max = max_of(row);
+                let sum = sum_exp_shifted(row, max);
                 let lse = max + sum.ln();
                 *lp = row[t as usize] - lse;
                 let mut h = 0.0;
@@ -741,20 +741,14 @@ impl Unit<'_> {
         let mut lse = lse;
         for (r, row) in p.chunks_mut(i1).enumerate() {
             let visible = i0 + r + 1;
-            let log_norm = match &mut lse {
-                Ok(saved) => saved[i0 + r],
-                Err(out) => {
-                    let max = row[..visible]
-                        .iter()
-                        .copied()
-                        .fold(f32::NEG_INFINITY, f32::max);
-                    let sum: f32 = row[..visible].iter().map(|&z| exp(z - max)).sum();
-                    out[i0 + r] = max + sum.ln();
-                    out[i0 + r]
+            match &mut lse {
+                Ok(saved) => {
+                    let log_norm = saved[i0 + r];
+                    for z in &mut row[..visible] {
+                        *z = exp(*z - log_norm);
+                    }
                 }
-            };
-            for z in &mut row[..visible] {
-                *z = exp(*z - log_norm);
+                Err(out) => out[i0 + r] = softmax_in_place(&mut row[..visible]),
             }
             row[visible..].fill(0.0);
         }
@@ -807,11 +801,7 @@ impl Unit<'_> {
             );
             for (r, (drow, prow)) in ds.chunks_mut(i1).zip(p.chunks(i1)).enumerate() {
                 let i = i0 + r;
-                let delta: f32 = d_o[i * hd..][..hd]
-                    .iter()
-                    .zip(&o[i * hd..][..hd])
-                    .map(|(a, b)| a * b)
-                    .sum();
+                let delta = dot(&d_o[i * hd..][..hd], &o[i * hd..][..hd]);
                 for (dz, &pz) in drow.iter_mut().zip(prow) {
                     *dz = pz * (*dz - delta);
                 }
@@ -876,6 +866,79 @@ fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
+/// Partial results kept per reduction. The compiler may not reassociate f32 sums or maxima, so
+/// a plain `.sum()` adds one element at a time (and a scalar `exp` with it); eight independent
+/// partials vectorise. The order is fixed, so results stay deterministic.
+const LANES: usize = 8;
+
+/// Folds `f(x)` of every element into [`LANES`] partials with the associative `combine`, then
+/// combines the partials in order.
+#[inline(always)]
+fn reduce_lanes(
+    xs: &[f32],
+    init: f32,
+    f: impl Fn(f32) -> f32,
+    combine: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = combine(*a, f(x));
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a = combine(*a, f(x));
+    }
+    acc.into_iter().fold(init, combine)
+}
+
+/// The largest element (`−∞` for none; NaN elements are skipped, as by `f32::max`).
+fn max_of(xs: &[f32]) -> f32 {
+    reduce_lanes(xs, f32::NEG_INFINITY, |x| x, f32::max)
+}
+
+/// `Σ exp(z − shift)`.
+fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
+    reduce_lanes(xs, 0.0, |z| exp(z - shift), |a, b| a + b)
+}
+
+/// `Σ aᵢ bᵢ`.
+fn dot(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0.0f32; LANES];
+    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
+    let (ta, tb) = (ca.remainder(), cb.remainder());
+    for (x, y) in ca.zip(cb) {
+        for l in 0..LANES {
+            acc[l] += x[l] * y[l];
+        }
+    }
+    for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
+        acc[l] += x * y;
+    }
+    acc.into_iter().sum()
+}
+
+/// Replaces every `z` by `exp(z − shift)` and returns their sum.
+fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
+    for z in xs.iter_mut() {
+        *z = exp(*z - shift);
+    }
+    reduce_lanes(xs, 0.0, |z| z, |a, b| a + b)
+}
+
+/// In place, the softmax of `row`; returns its log-sum-exp.
+fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let max = max_of(row);
+    let sum = exp_shifted_sum(row, max);
+    let inv = 1.0 / sum;
+    for z in row.iter_mut() {
+        *z *= inv;
+    }
+    max + sum.ln()
+}
+
 /// Backward of [`NativeModel::linear`] to its weight: `grads[w] += dyᵀ · x`.
 fn weight_grad(grads: &mut [f32], w: usize, dy: &[f32], x: &[f32], out_dim: usize, in_dim: usize) {
     let n = x.len() / in_dim;
@@ -909,7 +972,7 @@ fn rms_forward(x: &[f32], w: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>)
         .zip(inv.par_iter_mut())
         .zip(x.par_chunks(d))
         .for_each(|((y, r), x)| {
-            let ms = x.iter().map(|a| a * a).sum::<f32>() / d as f32;
+            let ms = dot(x, x) / d as f32;
             *r = 1.0 / (ms + eps).sqrt();
             for j in 0..d {
                 y[j] = x[j] * *r * w[j];
@@ -933,8 +996,8 @@ fn rms_backward(
         .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
         .zip(inv.par_iter())
         .for_each(|((dx, (x, dy)), &r)| {
-            let dot: f32 = (0..d).map(|j| dy[j] * w[j] * x[j]).sum();
-            let c = r * r * r * dot / d as f32;
+            let weighted: f32 = (0..d).map(|j| dy[j] * w[j] * x[j]).sum();
+            let c = r * r * r * weighted / d as f32;
             for j in 0..d {
                 dx[j] += r * w[j] * dy[j] - x[j] * c;
             }
@@ -1203,18 +1266,7 @@ impl NativeEngine {
                         for i in 0..t {
                             let row = &mut s[i * kv..][..kv];
                             let visible = start + i + 1;
-                            let max = row[..visible]
-                                .iter()
-                                .copied()
-                                .fold(f32::NEG_INFINITY, f32::max);
-                            let mut sum = 0.0;
-                            for z in &mut row[..visible] {
-                                *z = exp(*z - max);
-                                sum += *z;
-                            }
-                            for z in &mut row[..visible] {
-                                *z /= sum;
-                            }
+                            softmax_in_place(&mut row[..visible]);
                             row[visible..].fill(0.0);
                         }
                         matmul(
@@ -1362,7 +1414,41 @@ pub fn sample(logits: &[f32], sampling: Sampling, u: f64) -> Sampled {
 
 #[cfg(test)]
 mod tests {
-    use super::exp;
+    use super::{dot, exp, max_of, softmax_in_place, sum_exp_shifted};
+
+    #[test]
+    fn lane_reductions_match_plain_ones_at_every_tail_length() {
+        for len in 0..40 {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+                .collect();
+            let ys: Vec<f32> = (0..len).map(|i| (i as f32).sin()).collect();
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&xs), want_max, "max, length {len}");
+            let want_dot: f64 = xs.iter().zip(&ys).map(|(a, b)| (a * b) as f64).sum();
+            assert!(
+                (dot(&xs, &ys) as f64 - want_dot).abs() < 1e-5,
+                "dot, length {len}"
+            );
+            let want_sum: f64 = xs.iter().map(|&z| ((z - 1.0) as f64).exp()).sum();
+            let got_sum = sum_exp_shifted(&xs, 1.0) as f64;
+            assert!(
+                (got_sum - want_sum).abs() < 1e-5 * want_sum.max(1.0),
+                "sum, length {len}"
+            );
+            if len > 0 {
+                let mut row = xs.clone();
+                let lse = softmax_in_place(&mut row) as f64;
+                let want_lse = want_max as f64 + (sum_exp_shifted(&xs, want_max) as f64).ln();
+                assert!((lse - want_lse).abs() < 1e-5, "lse, length {len}");
+                let total: f32 = row.iter().sum();
+                assert!((total - 1.0).abs() < 1e-5, "softmax sums to {total}");
+                for (p, z) in row.iter().zip(&xs) {
+                    assert!((*p as f64 - (*z as f64 - lse).exp()).abs() < 1e-6);
+                }
+            }
+        }
+    }
 
     #[test]
     fn fast_exp_matches_libm() {
