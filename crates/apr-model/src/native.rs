@@ -920,18 +920,13 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
     acc.into_iter().sum()
 }
 
-/// Replaces every `z` by `exp(z − shift)` and returns their sum.
-fn exp_shifted_sum(xs: &mut [f32], shift: f32) -> f32 {
-    for z in xs.iter_mut() {
-        *z = exp(*z - shift);
-    }
-    reduce_lanes(xs, 0.0, |z| z, |a, b| a + b)
-}
-
 /// In place, the softmax of `row`; returns its log-sum-exp.
 fn softmax_in_place(row: &mut [f32]) -> f32 {
     let max = max_of(row);
-    let sum = exp_shifted_sum(row, max);
+    for z in row.iter_mut() {
+        *z = exp(*z - max);
+    }
+    let sum = reduce_lanes(row, 0.0, |z| z, |a, b| a + b);
     let inv = 1.0 / sum;
     for z in row.iter_mut() {
         *z *= inv;
