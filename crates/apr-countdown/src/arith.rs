@@ -131,32 +131,51 @@ impl Heuristic {
 }
 
 /// Appends a decimal integer.
-#[inline]
+#[inline(always)]
 pub fn push_int(out: &mut String, n: i64) {
-    // Byte pushes, not `push_str` of a formatted slice: numbers here are one to three digits,
-    // and a `memcpy` call per number dominated trace writing.
+    // Byte pushes, not `push_str` of a formatted slice: numbers here are one to four digits,
+    // and a `memcpy` call per number dominated trace writing. The rare long numbers go through
+    // a separate cold function so that this one stays small enough to inline at every caller.
     #[inline(always)]
     fn digit(out: &mut String, d: u64) {
         out.push(char::from(b'0' + d as u8));
     }
+    if !(0..10_000).contains(&n) {
+        push_int_slow(out, n);
+        return;
+    }
+    let v = n as u64;
+    if v >= 1000 {
+        digit(out, v / 1000);
+    }
+    if v >= 100 {
+        digit(out, v / 100 % 10);
+    }
+    if v >= 10 {
+        digit(out, v / 10 % 10);
+    }
+    digit(out, v % 10);
+}
+
+#[cold]
+#[inline(never)]
+fn push_int_slow(out: &mut String, n: i64) {
+    let mut digits = [0u8; 20];
+    let mut v = n.unsigned_abs();
+    let mut start = digits.len();
+    loop {
+        start -= 1;
+        digits[start] = b'0' + (v % 10) as u8;
+        v /= 10;
+        if v == 0 {
+            break;
+        }
+    }
     if n < 0 {
         out.push('-');
     }
-    let v = n.unsigned_abs();
-    if v < 10 {
-        digit(out, v);
-    } else if v < 100 {
-        digit(out, v / 10);
-        digit(out, v % 10);
-    } else if v < 1000 {
-        digit(out, v / 100);
-        digit(out, v / 10 % 10);
-        digit(out, v % 10);
-    } else {
-        push_int(out, (v / 1000) as i64);
-        digit(out, v / 100 % 10);
-        digit(out, v / 10 % 10);
-        digit(out, v % 10);
+    for &d in &digits[start..] {
+        out.push(char::from(d));
     }
 }
 

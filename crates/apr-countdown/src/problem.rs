@@ -119,10 +119,15 @@ fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
         b: 0,
         result: 0,
     }; 4];
-    // Masks in increasing order visit every proper submask before its supermask. The full set
-    // is only tested, never listed.
+    // Value lists of every subset of at most n − 2 numbers (and the single numbers), smallest
+    // first: masks in increasing order visit every proper submask before its supermask.
+    let listed = (n as u32 - 2).max(1);
     for mask in 1..full {
-        if mask.count_ones() == 1 {
+        let size = mask.count_ones();
+        if size > listed {
+            continue;
+        }
+        if size == 1 {
             values[mask].push(nums[mask.trailing_zeros() as usize]);
             continue;
         }
@@ -135,18 +140,38 @@ fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
                 }
             }
         }
-        // Duplicates multiply the work of every superset. Sets of n − 1 numbers have no
-        // superset but the full one, whose test below reads them once: they stay unsorted.
-        if mask.count_ones() + 1 < n as u32 {
-            out.sort_unstable();
-            out.dedup();
-        }
+        // Duplicates multiply the work of every superset.
+        out.sort_unstable();
+        out.dedup();
         values[mask] = out;
     }
-    splits(full).any(|(a, b)| {
+    // Most draws are solvable: test the cheap splits first and stop at the first hit. Splits
+    // into two listed parts need no new values.
+    let listed_split =
+        |(a, b): &(usize, usize)| a.count_ones() <= listed && b.count_ones() <= listed;
+    if splits(full).filter(listed_split).any(|(a, b)| {
         values[a]
             .iter()
             .any(|&x| values[b].iter().any(|&y| reaches(x, y, target)))
+    }) {
+        return true;
+    }
+    // One number against the other n − 1, whose values are made and tested as they come,
+    // never stored or sorted.
+    (0..n).any(|single| {
+        let x = nums[single];
+        let rest = full ^ (1 << single);
+        if rest.count_ones() <= listed {
+            return false; // tested above
+        }
+        splits(rest).any(|(a, b)| {
+            values[a].iter().any(|&p| {
+                values[b].iter().any(|&q| {
+                    let count = combine(p, q, &mut ops);
+                    ops[..count].iter().any(|op| reaches(op.result, x, target))
+                })
+            })
+        })
     })
 }
 
@@ -424,14 +449,19 @@ mod tests {
     #[test]
     fn subset_dp_agrees_with_the_dfs() {
         let mut rng = PyRandom::new(5);
+        let mut outcomes = [0usize; 2];
         for _ in 0..3000 {
-            let n = 3 + rng.below(2) as usize;
+            // 2 to 5 numbers: every branch of the early exits (listed splits, one number
+            // against the rest) is taken.
+            let n = 2 + rng.below(4) as usize;
             let nums: Vec<i64> = (0..n).map(|_| rng.randint(1, 30) as i64).collect();
             let target = rng.randint(1, 60) as i64;
             let mut buf = Vec::new();
             let by_dfs = dfs(&nums, target, &mut buf);
             assert_eq!(solvable(&nums, target), by_dfs, "{nums:?} -> {target}");
+            outcomes[by_dfs as usize] += 1;
         }
+        assert!(outcomes.iter().all(|&k| k > 300), "{outcomes:?}");
     }
 
     #[test]
