@@ -350,7 +350,8 @@ struct Micro {
     seqs: Vec<usize>,
     /// The same sequences packed for the native learner (`None` for burn).
     native: Option<NativeMicro>,
-    /// Rollout-policy log-probabilities (no gradient).
+    /// Rollout-policy log-probabilities (no gradient). The native learner leaves them empty
+    /// until the first inner step, whose forward pass is the rollout policy's own.
     old: HostMatrix,
     /// Reference-model log-probabilities.
     reference: HostMatrix,
@@ -372,6 +373,8 @@ struct UpdateSums {
     loss: f64,
     kl: f64,
     clipped: f64,
+    /// Σ old log-prob over trained tokens, where this pass filled in the old log-probs.
+    old_logp: f64,
 }
 
 /// A GRPO run.
@@ -511,11 +514,12 @@ impl GrpoTrainer {
     fn update(&mut self, seqs: &[PolicySeq], m: &mut GrpoMetrics) -> Result<(), TrainError> {
         let step = self.step + 1;
         let fail = |what: &str| TrainError::Other(format!("GRPO step {step}: {what}"));
-        let fixed = self.fixed_logprobs(seqs)?;
+        let mut fixed = self.fixed_logprobs(seqs)?;
         let trained = fixed.trained;
-        m.entropy = fixed.entropy_sum / trained.max(1.0);
         for _ in 0..self.config.inner_steps.max(1) {
-            let sums = self.accumulate(seqs, &fixed.micro)?;
+            let sums = self.accumulate(seqs, &mut fixed.micro)?;
+            fixed.entropy_sum -= sums.old_logp;
+            m.entropy = fixed.entropy_sum / trained.max(1.0);
             if !sums.loss.is_finite() {
                 return Err(fail("non-finite loss"));
             }
@@ -554,29 +558,20 @@ impl GrpoTrainer {
                     });
                 }
             }
-            Learner::Native {
-                policy, reference, ..
-            } => {
+            Learner::Native { reference, .. } => {
                 for idx in batches {
                     let packed = NativeMicro::new(seqs, &idx, self.config.kl_beta);
-                    let forward = |model: &NativeModel| {
-                        model
-                            .forward(&packed.batch)
-                            .map(|f| f.logprobs)
-                            .map_err(|e| TrainError::Other(e.to_string()))
-                    };
-                    let (old, refp) = (forward(policy)?, forward(reference)?);
-                    for (&lp, term) in old.iter().zip(&packed.terms) {
-                        if term.is_some() {
-                            entropy_sum -= lp as f64;
-                            trained += 1.0;
-                        }
-                    }
-                    let n = old.len();
+                    let refp = reference
+                        .forward(&packed.batch)
+                        .map(|f| f.logprobs)
+                        .map_err(|e| TrainError::Other(e.to_string()))?;
+                    trained += packed.terms.iter().filter(|t| t.is_some()).count() as f64;
+                    let n = refp.len();
                     micro.push(Micro {
                         seqs: idx,
                         native: Some(packed),
-                        old: (old, [1, n]),
+                        // Filled by the first inner step (see `accumulate`).
+                        old: (Vec::new(), [1, n]),
                         reference: (refp, [1, n]),
                     });
                 }
@@ -594,7 +589,7 @@ impl GrpoTrainer {
     fn accumulate(
         &mut self,
         seqs: &[PolicySeq],
-        micro: &[Micro],
+        micro: &mut [Micro],
     ) -> Result<UpdateSums, TrainError> {
         let eps = self.config.clip_eps;
         let mut sums = UpdateSums::default();
@@ -623,13 +618,25 @@ impl GrpoTrainer {
                 }
             }
             Learner::Native { policy, grads, .. } => {
-                for mb in micro {
+                for mb in micro.iter_mut() {
                     let Some(packed) = &mb.native else {
                         return Err(TrainError::Other("micro-batch not packed".into()));
                     };
                     let fwd = policy
                         .forward(&packed.batch)
                         .map_err(|e| TrainError::Other(e.to_string()))?;
+                    if mb.old.0.is_empty() {
+                        // The first inner step runs on the rollout policy's weights, so this
+                        // forward pass gives the old log-probabilities: one pass saved per update.
+                        sums.old_logp += fwd
+                            .logprobs
+                            .iter()
+                            .zip(&packed.terms)
+                            .filter(|(_, t)| t.is_some())
+                            .map(|(&lp, _)| lp as f64)
+                            .sum::<f64>();
+                        mb.old.0 = fwd.logprobs.clone();
+                    }
                     let mut dlogp = vec![0.0f32; packed.batch.len()];
                     for (p, term) in packed.terms.iter().enumerate() {
                         let Some(t) = term else { continue };
@@ -723,18 +730,21 @@ impl GrpoTrainer {
     }
 
     /// The GRPO loss on given sequences, with old and reference log-probabilities equal to the
-    /// current policy's, and its gradient norm (for tests). The weights are left unchanged (a
-    /// zero-learning-rate step), but the optimizer's moments and step count advance.
-    pub fn loss_and_grad_norm(&mut self, seqs: &[PolicySeq]) -> (f64, f64) {
-        let Ok(fixed) = self.fixed_logprobs(seqs) else {
-            return (f64::NAN, f64::NAN);
+    /// current policy's, its gradient norm and the entropy estimate (−mean old log-prob over
+    /// trained tokens), for tests. The weights are left unchanged (a zero-learning-rate step),
+    /// but the optimizer's moments and step count advance.
+    pub fn loss_and_grad_norm(&mut self, seqs: &[PolicySeq]) -> (f64, f64, f64) {
+        let nan = (f64::NAN, f64::NAN, f64::NAN);
+        let Ok(mut fixed) = self.fixed_logprobs(seqs) else {
+            return nan;
         };
-        let Ok(sums) = self.accumulate(seqs, &fixed.micro) else {
-            return (f64::NAN, f64::NAN);
+        let Ok(sums) = self.accumulate(seqs, &mut fixed.micro) else {
+            return nan;
         };
+        let entropy = (fixed.entropy_sum - sums.old_logp) / fixed.trained.max(1.0);
         // A zero learning rate leaves the weights as they are (decoupled decay is lr-scaled).
         let norm = self.optimizer_step(0.0).unwrap_or(f64::NAN);
-        (sums.loss, norm)
+        (sums.loss, norm, entropy)
     }
 }
 

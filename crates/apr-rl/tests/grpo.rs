@@ -180,12 +180,12 @@ fn equal_rewards_and_no_kl_give_zero_gradient() {
         let res = rollouts(1.0, 1.0);
         let adv = advantages(&[1.0, 1.0], 2, true);
         let seqs = policy_sequences(&res, &adv, EOS);
-        let (loss, norm) = trainer.loss_and_grad_norm(&seqs);
+        let (loss, norm, _) = trainer.loss_and_grad_norm(&seqs);
         assert_eq!(loss, 0.0, "{learner:?}");
         assert_eq!(norm, 0.0, "{learner:?}");
         // With unequal rewards the gradient is not zero.
         let adv = advantages(&[1.0, 0.0], 2, true);
-        let (_, norm) = trainer.loss_and_grad_norm(&policy_sequences(&res, &adv, EOS));
+        let (_, norm, _) = trainer.loss_and_grad_norm(&policy_sequences(&res, &adv, EOS));
         assert!(norm > 0.0, "{learner:?}");
     }
 }
@@ -201,9 +201,15 @@ fn native_and_autodiff_learners_agree_on_the_grpo_loss_and_gradient() {
         let dir = tempfile::tempdir().unwrap();
         trainer(learner, 0.01, dir.path()).loss_and_grad_norm(&seqs)
     };
-    let (burn_loss, burn_norm) = run(LearnerKind::Burn);
-    let (native_loss, native_norm) = run(LearnerKind::Native);
+    let (burn_loss, burn_norm, burn_entropy) = run(LearnerKind::Burn);
+    let (native_loss, native_norm, native_entropy) = run(LearnerKind::Native);
     assert!(burn_norm > 0.0);
+    // The native learner takes the old log-probs from its first update's forward pass.
+    assert!(burn_entropy > 0.0);
+    assert!(
+        (burn_entropy - native_entropy).abs() <= 1e-5 * burn_entropy,
+        "entropy {burn_entropy} vs {native_entropy}"
+    );
     assert!(
         (burn_loss - native_loss).abs() <= 1e-6 * burn_loss.abs().max(1.0),
         "loss {burn_loss} vs {native_loss}"
