@@ -519,7 +519,6 @@ impl GrpoTrainer {
         for _ in 0..self.config.inner_steps.max(1) {
             let sums = self.accumulate(seqs, &mut fixed.micro)?;
             fixed.entropy_sum -= sums.old_logp;
-            m.entropy = fixed.entropy_sum / trained.max(1.0);
             if !sums.loss.is_finite() {
                 return Err(fail("non-finite loss"));
             }
@@ -528,6 +527,8 @@ impl GrpoTrainer {
             m.kl = sums.kl / trained.max(1.0);
             m.clip_fraction = sums.clipped / trained.max(1.0);
         }
+        // Complete once the first inner step has filled in any old log-probs it had to.
+        m.entropy = fixed.entropy_sum / trained.max(1.0);
         Ok(())
     }
 
