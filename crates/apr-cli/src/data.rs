@@ -3,18 +3,22 @@
 use std::collections::HashSet;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use apr_countdown::io::{read_items, write_items, JsonlWriter};
 use apr_countdown::problem::{streams, Problem, ProblemSpec};
 use apr_countdown::record::{
-    write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TraceRecord,
+    write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TokenCounter,
+    TraceRecord,
 };
 use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_countdown::stats::{generate_facts, TraceStats};
 use apr_countdown::validate::validate;
+use apr_model::tokenizer::AprTokenizer;
 use clap::{Args, Subcommand, ValueEnum};
+use rayon::prelude::*;
 use serde_json::json;
 
 use crate::progress::bar;
@@ -109,6 +113,10 @@ pub struct StatsArgs {
     /// With --generate: the seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Count lengths in tokens of this HF `tokenizer.json` (each call as `BOS + text + EOS`)
+    /// instead of characters; `domain` is our own tokenizer.
+    #[arg(long)]
+    tokenizer: Option<String>,
 }
 
 #[derive(Clone, Copy, ValueEnum)]
@@ -228,9 +236,60 @@ fn validate_file(file: PathBuf) -> Result<ExitCode> {
     })
 }
 
+/// Lengths in tokens of a tokenizer, as training sequences count them. A text the tokenizer
+/// cannot encode counts 0 and is reported after the pass.
+struct TokenizerCounter {
+    tokenizer: AprTokenizer,
+    error: Mutex<Option<String>>,
+}
+
+impl TokenizerCounter {
+    fn len(&self, text: &str) -> usize {
+        self.tokenizer.encode(text).map_or_else(
+            |e| {
+                self.error.lock().unwrap().get_or_insert(e.to_string());
+                0
+            },
+            |ids| ids.len(),
+        )
+    }
+}
+
+impl TokenCounter for TokenizerCounter {
+    fn sequence(&self, text: &str) -> usize {
+        self.len(text) + 2
+    }
+    fn piece(&self, text: &str) -> usize {
+        self.len(text)
+    }
+}
+
 fn stats(args: StatsArgs) -> Result<ExitCode> {
+    let tokenizer = match args.tokenizer.as_deref() {
+        None => None,
+        Some("domain") => Some(AprTokenizer::domain()),
+        Some(file) => Some(AprTokenizer::from_file(file.as_ref())?),
+    };
+    let unit = match &args.tokenizer {
+        None => "characters".to_string(),
+        Some(name) => format!("tokens of {name} (BOS + call + EOS)"),
+    };
+    let token_counter = tokenizer.map(|tokenizer| TokenizerCounter {
+        tokenizer,
+        error: Mutex::new(None),
+    });
+    let counter: &dyn TokenCounter = match &token_counter {
+        Some(c) => c,
+        None => &CharCounter,
+    };
     let (stats, timing) = match (&args.file, args.generate) {
-        (Some(file), _) => (TraceStats::of(&read_items::<TraceRecord>(file)?), None),
+        (Some(file), _) => {
+            let mut records = read_items::<TraceRecord>(file)?;
+            if token_counter.is_some() {
+                records.par_iter_mut().for_each(|r| r.count_tokens(counter));
+            }
+            (TraceStats::of(&records, counter), None)
+        }
         (None, Some(count)) => {
             let spec = ProblemSpec {
                 numbers: args.numbers,
@@ -238,17 +297,25 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
             };
             spec.validate().map_err(anyhow::Error::msg)?;
             let progress = bar(count as u64, "solving");
-            let (facts, timing) =
-                generate_facts(&spec, &args.solver.config(), count, args.seed, &|done| {
-                    progress.set_position(done as u64)
-                });
+            let (facts, timing) = generate_facts(
+                &spec,
+                &args.solver.config(),
+                count,
+                args.seed,
+                counter,
+                &|done| progress.set_position(done as u64),
+            );
             progress.finish_and_clear();
             let timing = serde_json::to_value(timing)?;
             (TraceStats::of_facts(&facts), Some(timing))
         }
         (None, None) => bail!("give a trace file or --generate N"),
     };
+    if let Some(error) = token_counter.and_then(|c| c.error.into_inner().unwrap()) {
+        bail!("the tokenizer cannot encode the traces: {error}");
+    }
     let mut out = serde_json::to_value(stats)?;
+    out["unit"] = json!(unit);
     if let Some(timing) = timing {
         out["timing"] = timing;
     }

@@ -163,7 +163,7 @@ fn sft(
             .flat_map(|r| sequences(r, view, SftOptions::default(), &CharCounter))
             .collect();
         let examples = tokenize(&seqs, tok, plan.context, false).map_err(anyhow::Error::msg)?;
-        (examples, TraceStats::of(&traces))
+        (examples, TraceStats::of(&traces, &CharCounter))
     };
     let cfg = SftConfig {
         steps,

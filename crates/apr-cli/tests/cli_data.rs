@@ -71,7 +71,54 @@ fn problems_traces_validate_stats_round_trip() {
         assert!(out.status.success());
         let stats: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
         assert_eq!(stats["records"], 60);
+        assert_eq!(stats["unit"], "characters");
+        // The same records counted in domain tokens: fewer units (phrases are one token each),
+        // the same success rate.
+        let out = apr(&["data", "stats", s(&traces), "--tokenizer", "domain"]);
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let tokens: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        assert_eq!(tokens["success_rate"], stats["success_rate"]);
+        let (chars, toks) = (
+            stats["mean_call_length"].as_f64().unwrap(),
+            tokens["mean_call_length"].as_f64().unwrap(),
+        );
+        assert!(
+            toks > 0.0 && toks < chars / 2.0,
+            "{toks} tokens vs {chars} chars"
+        );
     }
+}
+
+#[test]
+fn stats_reports_text_the_tokenizer_cannot_encode() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = dir.path().join("p.jsonl");
+    let traces = dir.path().join("t.jsonl");
+    assert!(
+        apr(&["data", "problems", "--count", "5", "--out", s(&problems)])
+            .status
+            .success()
+    );
+    assert!(apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "sosp",
+        "--problems",
+        s(&problems),
+        "--out",
+        s(&traces)
+    ])
+    .status
+    .success());
+    let text = std::fs::read_to_string(&traces).unwrap();
+    std::fs::write(&traces, text.replace("Current State", "Current Stat\u{e9}")).unwrap();
+    let out = apr(&["data", "stats", s(&traces), "--tokenizer", "domain"]);
+    one_line_error(&out, "cannot encode");
 }
 
 #[test]

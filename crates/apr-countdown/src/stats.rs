@@ -7,7 +7,7 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::problem::{streams, ProblemSpec};
-use crate::record::{trace_for, CharCounter, SolverConfig, TraceRecord};
+use crate::record::{trace_for, SolverConfig, TokenCounter, TraceRecord};
 
 /// Mean, median and maximum of a quantity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -56,6 +56,9 @@ pub struct TraceStats {
     pub longest_thread: Summary,
     /// Total length with repeated parent prefixes counted once.
     pub total_length: Summary,
+    /// Mean length of one call as a training sequence: an APR thread segment (parent segment or
+    /// child), or a whole SoS+ trace.
+    pub mean_call_length: f64,
 }
 
 /// The per-record quantities the statistics need, so that large generated sets can be summarised
@@ -72,25 +75,38 @@ pub struct RecordFacts {
     pub longest: f64,
     /// Total length.
     pub total: f64,
+    /// Calls (thread segments; 1 for SoS+).
+    pub calls: usize,
+    /// Sum of the calls' lengths as training sequences.
+    pub call_length_sum: f64,
 }
 
 impl RecordFacts {
-    /// The facts of one record.
-    pub fn of(r: &TraceRecord) -> Self {
+    /// The facts of one record. Lengths of the record's own fields are taken as they are; the
+    /// per-call lengths are measured with `counter` (use the counter the record was counted
+    /// with, see [`TraceRecord::count_tokens`]).
+    pub fn of(r: &TraceRecord, counter: &dyn TokenCounter) -> Self {
+        let calls = r.calls();
         RecordFacts {
             solved: r.solved(),
             spawn_rounds: r.spawn_rounds(),
             children: r.children(),
             longest: r.longest_seq_token_count,
             total: r.token_count,
+            calls: calls.len(),
+            call_length_sum: calls.iter().map(|c| counter.sequence(c) as f64).sum(),
         }
     }
 }
 
 impl TraceStats {
-    /// Computes the statistics of records.
-    pub fn of(records: &[TraceRecord]) -> Self {
-        Self::of_facts(&records.iter().map(RecordFacts::of).collect::<Vec<_>>())
+    /// Computes the statistics of records whose lengths were counted with `counter`.
+    pub fn of(records: &[TraceRecord], counter: &dyn TokenCounter) -> Self {
+        let facts: Vec<RecordFacts> = records
+            .par_iter()
+            .map(|r| RecordFacts::of(r, counter))
+            .collect();
+        Self::of_facts(&facts)
     }
 
     /// Computes the statistics from per-record facts.
@@ -107,6 +123,8 @@ impl TraceStats {
             children_per_problem: Summary::of(facts.iter().map(|f| f.children as f64).collect()),
             longest_thread: Summary::of(facts.iter().map(|f| f.longest).collect()),
             total_length: Summary::of(facts.iter().map(|f| f.total).collect()),
+            mean_call_length: facts.iter().map(|f| f.call_length_sum).sum::<f64>()
+                / facts.iter().map(|f| f.calls).sum::<usize>().max(1) as f64,
         }
     }
 }
@@ -127,12 +145,14 @@ pub struct GenerationTiming {
 }
 
 /// Draws `count` problems and solves them in memory, chunk by chunk, keeping only each record's
-/// [`RecordFacts`] (the text of 500,000 APR records would not fit in memory). Timed.
+/// [`RecordFacts`] (the text of 500,000 APR records would not fit in memory); lengths are
+/// counted with `counter`. Timed.
 pub fn generate_facts(
     spec: &ProblemSpec,
     solver: &SolverConfig,
     count: usize,
     seed: u64,
+    counter: &dyn TokenCounter,
     progress: &(dyn Fn(usize) + Sync),
 ) -> (Vec<RecordFacts>, GenerationTiming) {
     const CHUNK: usize = 16_384;
@@ -149,11 +169,9 @@ pub fn generate_facts(
             .collect();
         problem_seconds += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        facts.par_extend(
-            problems.par_iter().enumerate().map(|(i, p)| {
-                RecordFacts::of(&trace_for(p, first + i, solver, seed, &CharCounter))
-            }),
-        );
+        facts.par_extend(problems.par_iter().enumerate().map(|(i, p)| {
+            RecordFacts::of(&trace_for(p, first + i, solver, seed, counter), counter)
+        }));
         trace_seconds += t.elapsed().as_secs_f64();
         progress(first + n);
     }

@@ -37,8 +37,8 @@ fn solver_statistics_match_the_reference() {
         11,
         &CharCounter,
     );
-    let a = TraceStats::of(&apr);
-    let s = TraceStats::of(&sosp);
+    let a = TraceStats::of(&apr, &CharCounter);
+    let s = TraceStats::of(&sosp, &CharCounter);
     assert!(
         (0.66..=0.76).contains(&a.success_rate),
         "APR success {}",
@@ -58,6 +58,14 @@ fn solver_statistics_match_the_reference() {
         a.spawn_rounds[1] > 0.75,
         "most APR problems spawn once: {:?}",
         a.spawn_rounds
+    );
+    // An SoS+ trace is one call; an APR call is shorter than the record's longest call.
+    assert!((s.mean_call_length - s.total_length.mean).abs() < 1e-9 * s.total_length.mean);
+    assert!(
+        a.mean_call_length > 0.0 && a.mean_call_length < a.longest_thread.mean,
+        "mean APR call {} vs longest {}",
+        a.mean_call_length,
+        a.longest_thread.mean
     );
 }
 
