@@ -5,7 +5,7 @@ use std::collections::HashSet;
 use std::hint::black_box;
 
 use apr_countdown::problem::{streams, ProblemSpec};
-use apr_countdown::pyrand::PyRandom;
+use apr_countdown::pyrand::{PyRandom, LANES};
 use apr_countdown::record::{
     trace_for, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig,
 };
@@ -73,9 +73,34 @@ fn solvers(c: &mut Criterion) {
     group.finish();
 }
 
+/// Seeding a Python-compatible stream per problem and per trace: one at a time, or
+/// [`LANES`] side by side as the generators do.
+fn seeding(c: &mut Criterion) {
+    let mut group = c.benchmark_group("pyrand");
+    group.throughput(Throughput::Elements(LANES as u64));
+    let mut base = 1u64 << 40;
+    group.bench_function("seed_one_at_a_time", |b| {
+        b.iter(|| {
+            for k in 0..LANES as u64 {
+                black_box(PyRandom::new(base + k));
+            }
+            base += LANES as u64;
+        })
+    });
+    group.bench_function("seed_lanes", |b| {
+        b.iter(|| {
+            black_box(PyRandom::new_lanes(std::array::from_fn(|k| {
+                base + k as u64
+            })));
+            base += LANES as u64;
+        })
+    });
+    group.finish();
+}
+
 criterion_group! {
     name = benches;
     config = Criterion::default().sample_size(20);
-    targets = solvers
+    targets = solvers, seeding
 }
 criterion_main!(benches);

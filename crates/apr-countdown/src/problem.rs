@@ -3,11 +3,10 @@
 
 use std::collections::HashSet;
 
-use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::arith::{combine, push_list, Op, MAX_NUMS};
-use crate::pyrand::{derive_seed, PyRandom};
+use crate::pyrand::{derive_seed, par_map_seeded, PyRandom};
 
 /// Smallest target.
 pub const MIN_TARGET: i64 = 10;
@@ -354,7 +353,9 @@ impl ProblemSpec {
         self.draw_with(&mut rng)
     }
 
-    fn draw_with(&self, rng: &mut PyRandom) -> Problem {
+    /// Draws from `rng` until a draw is solvable (what [`ProblemSpec::draw`] does with its
+    /// stream).
+    pub fn draw_with(&self, rng: &mut PyRandom) -> Problem {
         let span = (self.max_target - MIN_TARGET + 1) as usize;
         let target = MIN_TARGET + rng.choice_index(span) as i64;
         loop {
@@ -376,18 +377,16 @@ impl ProblemSpec {
         stream: u64,
         exclude: &HashSet<(Vec<i64>, i64)>,
     ) -> Vec<Problem> {
-        (0..count as u64)
-            .into_par_iter()
-            .map(|i| {
-                let mut rng = PyRandom::new(derive_seed(seed, stream, i));
-                loop {
-                    let p = self.draw_with(&mut rng);
-                    if exclude.is_empty() || !exclude.contains(&p.key()) {
-                        return p;
-                    }
+        par_map_seeded(
+            count,
+            |i| derive_seed(seed, stream, i),
+            |_, rng| loop {
+                let p = self.draw_with(rng);
+                if exclude.is_empty() || !exclude.contains(&p.key()) {
+                    return p;
                 }
-            })
-            .collect()
+            },
+        )
     }
 }
 

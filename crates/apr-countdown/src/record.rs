@@ -5,7 +5,7 @@ use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
 use crate::problem::{streams, Problem};
-use crate::pyrand::{derive_seed, PyRandom};
+use crate::pyrand::{derive_seed, par_map_seeded, PyRandom};
 use crate::search::{apr, sosp, TraceDict};
 
 /// Counts the length of sequences. Until a tokenizer is plugged in, lengths are characters.
@@ -413,11 +413,23 @@ pub fn generate_traces(
     seed: u64,
     counter: &dyn TokenCounter,
 ) -> Vec<TraceRecord> {
-    problems
-        .par_iter()
-        .enumerate()
-        .map(|(i, p)| trace_for(p, i, solver, seed, counter))
-        .collect()
+    traces_from(problems, 0, solver, seed, counter)
+}
+
+/// The records of `problems`, numbered from `first` in their file, as [`trace_for`] computes
+/// each (streams seeded side by side).
+fn traces_from(
+    problems: &[Problem],
+    first: usize,
+    solver: &SolverConfig,
+    seed: u64,
+    counter: &dyn TokenCounter,
+) -> Vec<TraceRecord> {
+    par_map_seeded(
+        problems.len(),
+        |i| derive_seed(seed, streams::SOLVER, first as u64 + i),
+        |i, rng| solve_problem(&problems[i], solver, rng, counter),
+    )
 }
 
 /// The record of problem number `index` of a file, as [`generate_traces`] computes it.
@@ -465,11 +477,7 @@ pub fn write_traces(
     let mut solve = std::time::Duration::ZERO;
     for (c, chunk) in problems.chunks(CHUNK).enumerate() {
         let t = std::time::Instant::now();
-        let records: Vec<TraceRecord> = chunk
-            .par_iter()
-            .enumerate()
-            .map(|(i, p)| trace_for(p, c * CHUNK + i, solver, seed, counter))
-            .collect();
+        let records = traces_from(chunk, c * CHUNK, solver, seed, counter);
         solve += t.elapsed();
         report.solved += records.iter().filter(|r| r.solved()).count();
         let lines: Vec<Vec<u8>> = records

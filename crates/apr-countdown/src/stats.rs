@@ -7,7 +7,8 @@ use std::time::Instant;
 use rayon::prelude::*;
 
 use crate::problem::{streams, ProblemSpec};
-use crate::record::{trace_for, SolverConfig, TokenCounter, TraceRecord};
+use crate::pyrand::{derive_seed, par_map_seeded};
+use crate::record::{solve_problem, SolverConfig, TokenCounter, TraceRecord};
 
 /// Mean, median and maximum of a quantity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -163,15 +164,18 @@ pub fn generate_facts(
     for first in (0..count).step_by(CHUNK) {
         let n = CHUNK.min(count - first);
         let t = Instant::now();
-        let problems: Vec<_> = (first..first + n)
-            .into_par_iter()
-            .map(|i| spec.draw(seed, streams::TRAIN, i as u64))
-            .collect();
+        let problems = par_map_seeded(
+            n,
+            |i| derive_seed(seed, streams::TRAIN, (first as u64) + i),
+            |_, rng| spec.draw_with(rng),
+        );
         problem_seconds += t.elapsed().as_secs_f64();
         let t = Instant::now();
-        facts.par_extend(problems.par_iter().enumerate().map(|(i, p)| {
-            RecordFacts::of(&trace_for(p, first + i, solver, seed, counter), counter)
-        }));
+        facts.extend(par_map_seeded(
+            n,
+            |i| derive_seed(seed, streams::SOLVER, (first as u64) + i),
+            |i, rng| RecordFacts::of(&solve_problem(&problems[i], solver, rng, counter), counter),
+        ));
         trace_seconds += t.elapsed().as_secs_f64();
         progress(first + n);
     }
