@@ -47,9 +47,10 @@ pub struct EvalArgs {
     /// Condition APR parents with `Sub Call Budget: N `.
     #[arg(long)]
     sub_call_budget: Option<u32>,
-    /// Per-thread context window in tokens.
-    #[arg(long, default_value_t = 4096)]
-    context: usize,
+    /// Per-thread context window in tokens (default: the model's `max_seq_len`; larger is an
+    /// error, as the model never saw those positions).
+    #[arg(long)]
+    context: Option<usize>,
     /// Tokens per problem in all.
     #[arg(long, default_value_t = 200_000)]
     max_total_tokens: usize,
@@ -72,9 +73,21 @@ pub struct EvalArgs {
     device: DeviceArgs,
 }
 
+/// The per-thread context: the model's `max_seq_len` unless asked for less.
+fn context_for(asked: Option<usize>, max_seq_len: usize) -> Result<usize> {
+    match asked {
+        None => Ok(max_seq_len),
+        Some(c) if c < 2 => bail!("--context must be at least 2"),
+        Some(c) if c > max_seq_len => bail!(
+            "--context {c} exceeds the model's max_seq_len {max_seq_len} (positions it never saw)"
+        ),
+        Some(c) => Ok(c),
+    }
+}
+
 pub fn run(args: EvalArgs) -> Result<ExitCode> {
-    if args.n == 0 || args.slots == 0 || args.context < 2 {
-        bail!("--n and --slots must be positive and --context at least 2");
+    if args.n == 0 || args.slots == 0 {
+        bail!("--n and --slots must be positive");
     }
     let temperature = args
         .temperature
@@ -97,7 +110,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         } else {
             Mode::Serial
         },
-        context: args.context,
+        context: context_for(args.context, model.config.max_seq_len)?,
         max_total_tokens: args.max_total_tokens,
         timeout: args.timeout.map(Duration::from_secs_f64),
         sampling: Sampling::temperature(temperature),
@@ -147,9 +160,9 @@ pub struct SolveArgs {
     /// Sampling temperature (0 = greedy).
     #[arg(long, default_value_t = 0.0)]
     temperature: f32,
-    /// Per-thread context.
-    #[arg(long, default_value_t = 4096)]
-    context: usize,
+    /// Per-thread context (default: the model's `max_seq_len`).
+    #[arg(long)]
+    context: Option<usize>,
     /// Print the whole record as JSON.
     #[arg(long)]
     json: bool,
@@ -181,7 +194,7 @@ pub fn solve(args: SolveArgs) -> Result<ExitCode> {
     let (model, tok, _) = load_model(&args.model, &args.device)?;
     let runtime = RuntimeConfig {
         mode: if args.serial { Mode::Serial } else { Mode::Apr },
-        context: args.context,
+        context: context_for(args.context, model.config.max_seq_len)?,
         sampling: Sampling::temperature(args.temperature),
         ..RuntimeConfig::default()
     };
