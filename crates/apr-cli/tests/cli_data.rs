@@ -2,7 +2,31 @@
 
 mod common;
 
+use std::path::{Path, PathBuf};
+
 use common::{apr, one_line_error, s};
+
+/// Writes `count` problems (seed 5) and their `solver` traces under `dir`; returns the traces.
+fn problems_and_traces(dir: &Path, count: &str, solver: &str) -> PathBuf {
+    let problems = dir.join("p.jsonl");
+    let traces = dir.join("t.jsonl");
+    let args = ["data", "problems", "--count", count, "--seed", "5"];
+    assert!(apr(&[&args[..], &["--out", s(&problems)]].concat())
+        .status
+        .success());
+    let args = [
+        "data",
+        "traces",
+        "--solver",
+        solver,
+        "--problems",
+        s(&problems),
+    ];
+    assert!(apr(&[&args[..], &["--out", s(&traces)]].concat())
+        .status
+        .success());
+    traces
+}
 
 #[test]
 fn problems_traces_validate_stats_round_trip() {
@@ -96,25 +120,7 @@ fn problems_traces_validate_stats_round_trip() {
 #[test]
 fn stats_reports_text_the_tokenizer_cannot_encode() {
     let dir = tempfile::tempdir().unwrap();
-    let problems = dir.path().join("p.jsonl");
-    let traces = dir.path().join("t.jsonl");
-    assert!(
-        apr(&["data", "problems", "--count", "5", "--out", s(&problems)])
-            .status
-            .success()
-    );
-    assert!(apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "sosp",
-        "--problems",
-        s(&problems),
-        "--out",
-        s(&traces)
-    ])
-    .status
-    .success());
+    let traces = problems_and_traces(dir.path(), "5", "sosp");
     let text = std::fs::read_to_string(&traces).unwrap();
     std::fs::write(&traces, text.replace("Current State", "Current Stat\u{e9}")).unwrap();
     let out = apr(&["data", "stats", s(&traces), "--tokenizer", "domain"]);
@@ -124,32 +130,7 @@ fn stats_reports_text_the_tokenizer_cannot_encode() {
 #[test]
 fn validate_fails_on_an_altered_record() {
     let dir = tempfile::tempdir().unwrap();
-    let problems = dir.path().join("p.jsonl");
-    let traces = dir.path().join("t.jsonl");
-    assert!(apr(&[
-        "data",
-        "problems",
-        "--count",
-        "40",
-        "--seed",
-        "5",
-        "--out",
-        s(&problems)
-    ])
-    .status
-    .success());
-    assert!(apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
-        s(&problems),
-        "--out",
-        s(&traces)
-    ])
-    .status
-    .success());
+    let traces = problems_and_traces(dir.path(), "40", "apr");
     let text = std::fs::read_to_string(&traces).unwrap();
     // Break the first join block of the file by one character.
     let altered = text.replacen("at level 1 at Node #0,", "at level 1 at Node #0;", 1);
