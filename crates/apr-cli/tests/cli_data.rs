@@ -10,21 +10,28 @@ use common::{apr, one_line_error, s};
 fn problems_and_traces(dir: &Path, count: &str, solver: &str) -> PathBuf {
     let problems = dir.join("p.jsonl");
     let traces = dir.join("t.jsonl");
-    let args = ["data", "problems", "--count", count, "--seed", "5"];
-    assert!(apr(&[&args[..], &["--out", s(&problems)]].concat())
-        .status
-        .success());
-    let args = [
+    let out = apr(&[
+        "data",
+        "problems",
+        "--count",
+        count,
+        "--seed",
+        "5",
+        "--out",
+        s(&problems),
+    ]);
+    assert!(out.status.success());
+    let out = apr(&[
         "data",
         "traces",
         "--solver",
         solver,
         "--problems",
         s(&problems),
-    ];
-    assert!(apr(&[&args[..], &["--out", s(&traces)]].concat())
-        .status
-        .success());
+        "--out",
+        s(&traces),
+    ]);
+    assert!(out.status.success());
     traces
 }
 
