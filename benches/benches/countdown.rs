@@ -89,7 +89,7 @@ fn seeding(c: &mut Criterion) {
     });
     group.bench_function("seed_lanes", |b| {
         b.iter(|| {
-            black_box(PyRandom::new_lanes(std::array::from_fn(|k| {
+            black_box(PyRandom::new_lanes::<LANES>(std::array::from_fn(|k| {
                 base + k as u64
             })));
             base += LANES as u64;

@@ -18,7 +18,6 @@ use apr_countdown::stats::{generate_facts, TraceStats};
 use apr_countdown::validate::validate;
 use apr_model::tokenizer::AprTokenizer;
 use clap::{Args, Subcommand, ValueEnum};
-use rayon::prelude::*;
 use serde_json::json;
 
 use crate::progress::bar;
@@ -283,13 +282,10 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
         None => &CharCounter,
     };
     let (stats, timing) = match (&args.file, args.generate) {
-        (Some(file), _) => {
-            let mut records = read_items::<TraceRecord>(file)?;
-            if token_counter.is_some() {
-                records.par_iter_mut().for_each(|r| r.count_tokens(counter));
-            }
-            (TraceStats::of(&records, counter), None)
-        }
+        (Some(file), _) => (
+            TraceStats::of(&read_items::<TraceRecord>(file)?, counter),
+            None,
+        ),
         (None, Some(count)) => {
             let spec = ProblemSpec {
                 numbers: args.numbers,

@@ -31,34 +31,26 @@ impl std::fmt::Debug for PyRandom {
 impl PyRandom {
     /// Same stream as `random.seed(seed)` for a non-negative integer seed.
     pub fn new(seed: u64) -> Self {
-        let mut key = [seed as u32, (seed >> 32) as u32];
-        let len = if seed >> 32 == 0 { 1 } else { 2 };
-        if seed == 0 {
-            key[0] = 0;
-        }
-        let mut rng = PyRandom {
-            state: [0; N],
-            index: N,
-        };
-        rng.init_by_array(&key[..len]);
+        let [rng] = Self::new_lanes([seed]);
         rng
     }
 
-    /// [`LANES`] streams at once, each the same as [`PyRandom::new`] of its seed. Seeding is a
-    /// chain of about 1,250 dependent multiplications; run side by side, the chains of eight
-    /// seeds overlap in the CPU (and vectorise), so each costs a fraction of a lone one.
-    pub fn new_lanes(seeds: [u64; LANES]) -> [PyRandom; LANES] {
+    /// `L` streams at once, each the same as [`PyRandom::new`] of its seed (CPython's
+    /// `init_by_array` on the seed's one or two 32-bit words). Seeding is a chain of about 1,250
+    /// dependent multiplications; run side by side ([`LANES`] of them), the chains of several
+    /// seeds overlap in the CPU, so each costs a fraction of a lone one.
+    pub fn new_lanes<const L: usize>(seeds: [u64; L]) -> [PyRandom; L] {
         // `init_by_array` adds `key[j] + j` with `j` cycling over the key: one or two 32-bit
         // words, so the addend alternates between two values per seed.
-        let mut add = [[0u32; LANES]; 2];
+        let mut add = [[0u32; L]; 2];
         for (lane, &seed) in seeds.iter().enumerate() {
             let (low, high) = (seed as u32, (seed >> 32) as u32);
             add[0][lane] = low;
             add[1][lane] = if high == 0 { low } else { high.wrapping_add(1) };
         }
-        // Lane-major: eight independent scalar chains, which the CPU overlaps (a lane-minor
-        // layout that invites vectorisation measured 1.5× slower without SSE4.1's `pmulld`).
-        let mut rngs: [PyRandom; LANES] = std::array::from_fn(|_| PyRandom {
+        // Lane-major: independent scalar chains, which the CPU overlaps (a lane-minor layout
+        // that invites vectorisation measured 1.5× slower without SSE4.1's `pmulld`).
+        let mut rngs: [PyRandom; L] = std::array::from_fn(|_| PyRandom {
             state: *base_state(),
             index: N,
         });
@@ -100,39 +92,6 @@ impl PyRandom {
                 .wrapping_add(i as u32);
         }
         self.index = N;
-    }
-
-    fn init_by_array(&mut self, key: &[u32]) {
-        self.state = *base_state();
-        self.index = N;
-        let mut i = 1;
-        let mut j = 0;
-        for _ in 0..N.max(key.len()) {
-            let prev = self.state[i - 1];
-            self.state[i] = (self.state[i] ^ (prev ^ (prev >> 30)).wrapping_mul(1_664_525))
-                .wrapping_add(key[j])
-                .wrapping_add(j as u32);
-            i += 1;
-            j += 1;
-            if i >= N {
-                self.state[0] = self.state[N - 1];
-                i = 1;
-            }
-            if j >= key.len() {
-                j = 0;
-            }
-        }
-        for _ in 0..N - 1 {
-            let prev = self.state[i - 1];
-            self.state[i] = (self.state[i] ^ (prev ^ (prev >> 30)).wrapping_mul(1_566_083_941))
-                .wrapping_sub(i as u32);
-            i += 1;
-            if i >= N {
-                self.state[0] = self.state[N - 1];
-                i = 1;
-            }
-        }
-        self.state[0] = 0x8000_0000;
     }
 
     fn twist(&mut self) {
@@ -241,7 +200,8 @@ pub fn par_map_seeded<T: Send>(
         .into_par_iter()
         .flat_map_iter(|group| {
             let first = group * LANES;
-            let rngs = PyRandom::new_lanes(std::array::from_fn(|k| seed_of((first + k) as u64)));
+            let rngs =
+                PyRandom::new_lanes::<LANES>(std::array::from_fn(|k| seed_of((first + k) as u64)));
             let f = &f;
             rngs.into_iter()
                 .take(count - first)
@@ -283,6 +243,17 @@ mod tests {
         let ints: Vec<u32> = (0..5).map(|_| r.randint(1, 10)).collect();
         assert_eq!(ints, [7, 5, 9, 3, 10]);
         assert_eq!(PyRandom::new(0).random(), 0.8444218515250481);
+        // Two-word keys (seeds of 2^32 and more, as `derive_seed` makes).
+        let mut r = PyRandom::new(7 << 40 | 3);
+        assert_eq!(
+            [r.next_u32(), r.next_u32(), r.next_u32()],
+            [3_479_967_204, 1_161_384_718, 3_372_813_660]
+        );
+        let mut r = PyRandom::new(u64::MAX >> 1);
+        assert_eq!(
+            [r.next_u32(), r.next_u32(), r.next_u32()],
+            [1_359_979_423, 2_819_855_560, 2_711_238_091]
+        );
     }
 
     #[test]

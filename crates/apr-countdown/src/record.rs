@@ -227,14 +227,15 @@ impl TraceRecord {
     }
 
     /// Recomputes the length statistics with `counter` (the reference's
-    /// `calculate_token_counts`).
-    pub fn count_tokens(&mut self, counter: &dyn TokenCounter) {
+    /// `calculate_token_counts`) and returns them.
+    pub fn count_tokens(&mut self, counter: &dyn TokenCounter) -> TokenStats {
         let stats = TokenStats::of(&self.calls(), counter);
         self.token_count = stats.total as f64;
         self.longest_seq_token_count = stats.longest as f64;
         self.avg_seq_token_count = stats.avg_seq;
         self.avg_sub_seq_token_count = stats.avg_sub_seq;
         self.sub_call_count = stats.sub_call_count;
+        stats
     }
 }
 
@@ -251,6 +252,10 @@ pub struct TokenStats {
     pub avg_sub_seq: f64,
     /// Children per spawn round.
     pub sub_call_count: f64,
+    /// Calls.
+    pub calls: usize,
+    /// Sum of the calls' lengths, shared prefixes counted in every call (as training sees them).
+    pub call_sum: usize,
 }
 
 impl TokenStats {
@@ -265,6 +270,8 @@ impl TokenStats {
                 avg_seq: n as f64,
                 avg_sub_seq: 0.0,
                 sub_call_count: 0.0,
+                calls: calls.len(),
+                call_sum: n,
             };
         }
         let is_root = |c: &&str| c.starts_with("Moving to Node #0\n");
@@ -293,8 +300,11 @@ impl TokenStats {
                 }
             })
             .sum();
+        let call_sum = total;
         let total = total - redundant.min(total);
         TokenStats {
+            calls: calls.len(),
+            call_sum,
             total,
             longest,
             avg_seq: total as f64 / calls.len() as f64,
@@ -326,6 +336,16 @@ pub fn solve_problem(
     rng: &mut PyRandom,
     counter: &dyn TokenCounter,
 ) -> TraceRecord {
+    solve_counted(problem, solver, rng, counter).0
+}
+
+/// [`solve_problem`], also returning the length statistics it counted into the record.
+pub fn solve_counted(
+    problem: &Problem,
+    solver: &SolverConfig,
+    rng: &mut PyRandom,
+    counter: &dyn TokenCounter,
+) -> (TraceRecord, TokenStats) {
     let start_size = if problem.start_size == 0 {
         problem.nums.len()
     } else {
@@ -401,8 +421,8 @@ pub fn solve_problem(
             record.beam_size = Some(beam);
         }
     }
-    record.count_tokens(counter);
-    record
+    let stats = record.count_tokens(counter);
+    (record, stats)
 }
 
 /// Solves every problem in parallel; problem `i` draws from its own stream

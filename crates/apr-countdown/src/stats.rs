@@ -8,7 +8,7 @@ use rayon::prelude::*;
 
 use crate::problem::{streams, ProblemSpec};
 use crate::pyrand::{derive_seed, par_map_seeded};
-use crate::record::{solve_problem, SolverConfig, TokenCounter, TraceRecord};
+use crate::record::{solve_counted, SolverConfig, TokenCounter, TokenStats, TraceRecord};
 
 /// Mean, median and maximum of a quantity.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
@@ -83,25 +83,28 @@ pub struct RecordFacts {
 }
 
 impl RecordFacts {
-    /// The facts of one record. Lengths of the record's own fields are taken as they are; the
-    /// per-call lengths are measured with `counter` (use the counter the record was counted
-    /// with, see [`TraceRecord::count_tokens`]).
+    /// The facts of one record, its lengths measured with `counter` (a file's own counts, which
+    /// may be in another tokenizer's units, are not used).
     pub fn of(r: &TraceRecord, counter: &dyn TokenCounter) -> Self {
-        let calls = r.calls();
+        Self::counted(r, &TokenStats::of(&r.calls(), counter))
+    }
+
+    /// The facts of one record whose lengths are already counted.
+    pub fn counted(r: &TraceRecord, stats: &TokenStats) -> Self {
         RecordFacts {
             solved: r.solved(),
             spawn_rounds: r.spawn_rounds(),
             children: r.children(),
-            longest: r.longest_seq_token_count,
-            total: r.token_count,
-            calls: calls.len(),
-            call_length_sum: calls.iter().map(|c| counter.sequence(c) as f64).sum(),
+            longest: stats.longest as f64,
+            total: stats.total as f64,
+            calls: stats.calls,
+            call_length_sum: stats.call_sum as f64,
         }
     }
 }
 
 impl TraceStats {
-    /// Computes the statistics of records whose lengths were counted with `counter`.
+    /// Computes the statistics of records, lengths measured with `counter`.
     pub fn of(records: &[TraceRecord], counter: &dyn TokenCounter) -> Self {
         let facts: Vec<RecordFacts> = records
             .par_iter()
@@ -174,7 +177,10 @@ pub fn generate_facts(
         facts.extend(par_map_seeded(
             n,
             |i| derive_seed(seed, streams::SOLVER, (first as u64) + i),
-            |i, rng| RecordFacts::of(&solve_problem(&problems[i], solver, rng, counter), counter),
+            |i, rng| {
+                let (record, stats) = solve_counted(&problems[i], solver, rng, counter);
+                RecordFacts::counted(&record, &stats)
+            },
         ));
         trace_seconds += t.elapsed().as_secs_f64();
         progress(first + n);
