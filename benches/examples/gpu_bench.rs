@@ -1,0 +1,252 @@
+//! Training and decode throughput of one preset on a chosen backend, for `scripts/gpu_bench.sh`
+//! (which runs it beside PyTorch on the same card). One measurement per process, because burn
+//! fixes a device's float type before its first tensor and because an out-of-memory failure
+//! should cost one row of the table, not the run. Prints one JSON line.
+//!
+//! ```text
+//! gpu_bench train  BACKEND PRESET DTYPE MICRO_BATCH SEQ ACCUM STEPS
+//! gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN
+//! gpu_bench parts  BACKEND PRESET DTYPE MICRO_BATCH SEQ REPEATS
+//! ```
+//! `DTYPE` is `f32` or `bf16` (every tensor in that type: weights, activations, optimizer
+//! state). A training step is `ACCUM` micro-batches of `MICRO_BATCH × SEQ` tokens through the
+//! burn learner (autodiff, AdamW), timed after two warm-up steps; decode prefills `PROMPT`
+//! tokens into every slot, then times `NEW_TOKENS` greedy steps of all slots through the
+//! engine (a second pass, after one that compiles every kernel shape it meets).
+
+use std::time::Instant;
+
+use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
+use apr_model::backend::Backend;
+use apr_model::burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_rl::optim::{AdamW, AdamWConfig};
+use apr_rl::sft::{masked_nll, pad_batch, Example};
+
+fn fail(message: impl std::fmt::Display) -> ! {
+    eprintln!("error: {message}");
+    std::process::exit(2)
+}
+
+fn number(args: &[String], i: usize) -> usize {
+    args.get(i)
+        .and_then(|a| a.parse().ok())
+        .unwrap_or_else(|| fail(format!("argument {} must be a whole number", i + 1)))
+}
+
+/// The device, its float type set before any tensor exists.
+fn device(backend: &str, dtype: &str) -> Device {
+    let backend: Backend = backend.parse().unwrap_or_else(|e| fail(e));
+    let mut device = backend.device(0).unwrap_or_else(|e| fail(e));
+    let float = match dtype {
+        "f32" => FloatDType::F32,
+        "bf16" => FloatDType::BF16,
+        other => fail(format!("dtype {other:?}: expected f32 or bf16")),
+    };
+    device
+        .configure(float)
+        .unwrap_or_else(|e| fail(format!("{dtype} on {backend:?}: {e:?}")));
+    device
+}
+
+fn model(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, Model) {
+    let preset: Preset = preset.parse().unwrap_or_else(|e| fail(e));
+    let tok = AprTokenizer::domain();
+    let config = ModelConfig {
+        max_seq_len: max_len,
+        ..ModelConfig::preset(preset, tok.vocab_size())
+    };
+    let weights = init_weights(&config, 0);
+    let model = Model::new(config.clone(), &weights, device).unwrap_or_else(|e| fail(e));
+    (config, model)
+}
+
+fn train(args: &[String]) {
+    let (mb, seq, accum, steps) = (
+        number(args, 4),
+        number(args, 5),
+        number(args, 6),
+        number(args, 7),
+    );
+    let device = device(&args[1], &args[3]).autodiff();
+    let (config, mut model) = model(&args[2], seq, &device);
+    let examples: Vec<Example> = (0..mb)
+        .map(|i| Example {
+            tokens: (0..=seq)
+                .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
+                .collect(),
+            loss_from: 1,
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let mut adam = AdamW::new(AdamWConfig::default());
+    let mut dtype = String::new();
+    let mut step = || {
+        for _ in 0..accum {
+            let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
+            let loss = masked_nll(&model, inputs, targets, mask);
+            dtype = format!("{:?}", loss.dtype());
+            adam.accumulate(&model.llama, &loss.backward());
+        }
+        // The step reads the gradient norm back: the device has finished when it returns.
+        let (llama, _) = adam
+            .step(model.llama.clone(), 1e-4)
+            .unwrap_or_else(|(_, e)| fail(e));
+        model.llama = llama;
+    };
+    let start = Instant::now();
+    step();
+    let first_s = start.elapsed().as_secs_f64();
+    step();
+    let start = Instant::now();
+    for _ in 0..steps {
+        step();
+    }
+    let step_s = start.elapsed().as_secs_f64() / steps as f64;
+    let tokens = (mb * seq * accum) as f64;
+    println!(
+        "{{\"what\":\"train\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{dtype}\",\"params\":{},\"micro_batch\":{mb},\"seq\":{seq},\"accum\":{accum},\"first_step_s\":{first_s:.2},\"step_s\":{step_s:.4},\"tokens_per_s\":{:.0}}}",
+        args[1],
+        args[2],
+        config.total_params(),
+        tokens / step_s
+    );
+}
+
+/// Where a training step's time goes: one micro-batch's forward alone (no autodiff), forward and
+/// backward, the optimizer update alone, and one `[SEQ, d_model] × [d_model, d_ff]` matmul.
+fn parts(args: &[String]) {
+    let (mb, seq, repeats) = (number(args, 4), number(args, 5), number(args, 6));
+    let base = device(&args[1], &args[3]);
+    let device = base.clone().autodiff();
+    let (config, mut model) = model(&args[2], seq, &device);
+    let examples: Vec<Example> = (0..mb)
+        .map(|i| Example {
+            tokens: (0..=seq)
+                .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
+                .collect(),
+            loss_from: 1,
+        })
+        .collect();
+    let refs: Vec<&Example> = examples.iter().collect();
+    let time = |f: &mut dyn FnMut()| {
+        f();
+        f();
+        let start = Instant::now();
+        for _ in 0..repeats {
+            f();
+        }
+        base.sync().unwrap_or_else(|e| fail(format!("{e:?}")));
+        start.elapsed().as_secs_f64() / repeats as f64
+    };
+    let inference = model.valid();
+    let forward_s = time(&mut || {
+        let (inputs, targets, mask) = pad_batch(&refs, 0, &base);
+        let _: f32 = masked_nll(&inference, inputs, targets, mask).into_scalar();
+    });
+    let mut adam = AdamW::new(AdamWConfig::default());
+    let backward_s = time(&mut || {
+        let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
+        let grads = masked_nll(&model, inputs, targets, mask).backward();
+        adam.accumulate(&model.llama, &grads);
+        base.sync().unwrap_or_else(|e| fail(format!("{e:?}")));
+    });
+    let optimizer_s = time(&mut || {
+        let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
+        let grads = masked_nll(&model, inputs, targets, mask).backward();
+        adam.accumulate(&model.llama, &grads);
+        let (llama, _) = adam
+            .step(model.llama.clone(), 1e-4)
+            .unwrap_or_else(|(_, e)| fail(e));
+        model.llama = llama;
+    }) - backward_s;
+    let (m, k, n) = (seq, config.d_model, config.d_ff);
+    let a = Tensor::<2>::random([m, k], Distribution::Default, &base);
+    let b = Tensor::<2>::random([k, n], Distribution::Default, &base);
+    // Products are kept until the time is taken, so none can be skipped.
+    let mut products = Vec::new();
+    let matmul_s = time(&mut || products.push(a.clone().matmul(b.clone())));
+    drop(products);
+    println!(
+        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1}}}",
+        args[1],
+        args[2],
+        args[3],
+        2.0 * (m * k * n) as f64 / matmul_s / 1e12
+    );
+}
+
+fn greedy(slot: usize, tokens: &[u32]) -> StepInput<'_> {
+    StepInput {
+        slot,
+        tokens,
+        sampling: Sampling::GREEDY,
+        seed: slot as u64,
+    }
+}
+
+fn decode(args: &[String]) {
+    let (slots, prompt, new_tokens, max_len) = (
+        number(args, 4),
+        number(args, 5),
+        number(args, 6),
+        number(args, 7),
+    );
+    if prompt == 0 || prompt + new_tokens > max_len {
+        fail("need 0 < PROMPT and PROMPT + NEW_TOKENS <= MAX_LEN");
+    }
+    let device = device(&args[1], &args[3]);
+    let (_, model) = model(&args[2], max_len, &device);
+    let mut engine = Engine::new(model, slots, max_len, 0);
+    let prompts: Vec<Vec<u32>> = (0..slots)
+        .map(|s| (0..prompt).map(|t| 4 + ((t + 5 * s) % 50) as u32).collect())
+        .collect();
+    let pass = |engine: &mut Engine| -> (f64, f64) {
+        for s in 0..slots {
+            engine.release(s);
+        }
+        let start = Instant::now();
+        let inputs: Vec<StepInput> = (0..slots).map(|s| greedy(s, &prompts[s])).collect();
+        let mut last: Vec<[u32; 1]> = engine
+            .step(&inputs)
+            .unwrap_or_else(|e| fail(e))
+            .iter()
+            .map(|s| [s.token])
+            .collect();
+        let prefill_s = start.elapsed().as_secs_f64();
+        let start = Instant::now();
+        for _ in 0..new_tokens {
+            let inputs: Vec<StepInput> = (0..slots).map(|s| greedy(s, &last[s])).collect();
+            let sampled = engine.step(&inputs).unwrap_or_else(|e| fail(e));
+            for (l, s) in last.iter_mut().zip(sampled) {
+                *l = [s.token];
+            }
+        }
+        (prefill_s, start.elapsed().as_secs_f64())
+    };
+    let (first_prefill_s, first_decode_s) = pass(&mut engine);
+    let (prefill_s, decode_s) = pass(&mut engine);
+    let step_ms = decode_s * 1e3 / new_tokens as f64;
+    println!(
+        "{{\"what\":\"decode\",\"impl\":\"apr-rs engine\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}}}",
+        args[1],
+        args[2],
+        args[3],
+        first_prefill_s + first_decode_s,
+        (slots * new_tokens) as f64 / decode_s
+    );
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match (args.first().map(String::as_str), args.len()) {
+        (Some("train"), 8) => train(&args),
+        (Some("decode"), 8) => decode(&args),
+        (Some("parts"), 7) => parts(&args),
+        _ => fail(
+            "usage: gpu_bench train BACKEND PRESET DTYPE MICRO_BATCH SEQ ACCUM STEPS | \
+             gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN | \
+             gpu_bench parts BACKEND PRESET DTYPE MICRO_BATCH SEQ REPEATS",
+        ),
+    }
+}

@@ -1,0 +1,162 @@
+"""PyTorch on the same card and shapes as benches/examples/gpu_bench.rs (one JSON line per call).
+
+Usage:
+  python scripts/gpu_baseline.py train  PRESET BATCH SEQ STEPS        bf16 autocast, fused AdamW
+  python scripts/gpu_baseline.py decode PRESET BATCH PROMPT NEW       bf16, static KV cache, eager
+  python scripts/gpu_baseline.py hf     PRESET BATCH PROMPT NEW       transformers' generate
+
+The model is scripts/cpu_baseline.py's (the same Llama as crates/apr-model/src/model.rs). Training
+keeps f32 weights and runs the forward under bf16 autocast with `scaled_dot_product_attention`
+(flash attention), as a PyTorch user would; timed after two warm-up steps. Decoding writes each
+step's keys and values into a preallocated cache and attends over the filled part, reading the
+greedy token ids back to the host every step, as the apr-rs engine does; timed on a second pass.
+Runs on the CPU too (for checking the script), with `DEVICE=cpu`.
+"""
+import json
+import os
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from cpu_baseline import PRESETS, VOCAB, Llama  # noqa: E402
+
+DEVICE = os.environ.get("DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
+
+
+def sync():
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def card():
+    return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
+
+
+def train(preset, batch, seq, steps):
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], seq).to(DEVICE)
+    fused = DEVICE == "cuda"
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
+    ids = (4 + (torch.arange(seq + 1)[None, :] * 7 + torch.arange(batch)[:, None] * 3) % 50)
+    ids = ids.long().to(DEVICE)
+
+    def step():
+        with torch.autocast(DEVICE, dtype=torch.bfloat16):
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    step()
+    step()
+    sync()
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    sync()
+    step_s = (time.perf_counter() - start) / steps
+    return {"what": "train", "impl": "pytorch eager (bf16 autocast, SDPA)", "preset": preset,
+            "batch": batch, "seq": seq, "step_s": round(step_s, 4),
+            "tokens_per_s": round(batch * seq / step_s)}
+
+
+@torch.no_grad()
+def decode(preset, batch, prompt, new):
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    max_len = prompt + new
+    model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], max_len)
+    model = model.to(DEVICE, torch.bfloat16)
+    heads, hd = cfg["heads"], cfg["d"] // cfg["heads"]
+    shape = (len(model.blocks), batch, heads, max_len, hd)
+    keys = torch.zeros(shape, dtype=torch.bfloat16, device=DEVICE)
+    values = torch.zeros_like(keys)
+
+    def forward(ids, pos):
+        b, s = ids.shape
+        cos, sin = model.cos[pos:pos + s], model.sin[pos:pos + s]
+        x = model.embed(ids)
+        for i, blk in enumerate(model.blocks):
+            h = blk.n1(x)
+            split = lambda t: t.view(b, s, heads, hd).transpose(1, 2)
+            q, k, v = split(blk.q(h)), split(blk.k(h)), split(blk.v(h))
+
+            def rope(t):
+                rot = torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+                return t * cos + rot * sin
+
+            keys[i, :, :, pos:pos + s] = rope(k)
+            values[i, :, :, pos:pos + s] = v
+            a = F.scaled_dot_product_attention(rope(q), keys[i, :, :, :pos + s],
+                                               values[i, :, :, :pos + s], is_causal=s > 1)
+            x = x + blk.o(a.transpose(1, 2).reshape(b, s, -1))
+            h = blk.n2(x)
+            x = x + blk.down(F.silu(blk.gate(h)) * blk.up(h))
+        return model.head(model.norm(x[:, -1]))
+
+    ids = (4 + (torch.arange(prompt)[None, :] + 5 * torch.arange(batch)[:, None]) % 50)
+    ids = ids.long().to(DEVICE)
+
+    def run():
+        token = forward(ids, 0).argmax(-1).cpu()
+        sync()
+        start = time.perf_counter()
+        for t in range(new):
+            token = forward(token.to(DEVICE)[:, None], prompt + t).argmax(-1).cpu()
+        return time.perf_counter() - start
+
+    run()
+    seconds = run()
+    return {"what": "decode", "impl": "pytorch eager (static KV cache)", "preset": preset,
+            "slots": batch, "prompt": prompt, "new_tokens": new,
+            "step_ms": round(seconds * 1e3 / new, 3), "tokens_per_s": round(batch * new / seconds)}
+
+
+@torch.no_grad()
+def hf(preset, batch, prompt, new):
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = PRESETS[preset]
+    config = LlamaConfig(vocab_size=VOCAB, hidden_size=cfg["d"], intermediate_size=cfg["ff"],
+                         num_hidden_layers=cfg["layers"], num_attention_heads=cfg["heads"],
+                         max_position_embeddings=prompt + new, rms_norm_eps=1e-6,
+                         pad_token_id=0, bos_token_id=1, eos_token_id=2)
+    model = LlamaForCausalLM(config).to(DEVICE, torch.bfloat16).eval()
+    ids = (4 + (torch.arange(prompt)[None, :] + 5 * torch.arange(batch)[:, None]) % 50)
+    ids = ids.long().to(DEVICE)
+
+    def run():
+        sync()
+        start = time.perf_counter()
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=new,
+                             min_new_tokens=new, do_sample=False)
+        sync()
+        assert out.shape[1] == prompt + new
+        return time.perf_counter() - start
+
+    run()
+    seconds = run()
+    return {"what": "decode", "impl": "HF generate", "preset": preset, "slots": batch,
+            "prompt": prompt, "new_tokens": new, "step_ms": round(seconds * 1e3 / new, 3),
+            "tokens_per_s": round(batch * new / seconds)}
+
+
+def main():
+    if len(sys.argv) != 6 or sys.argv[1] not in ("train", "decode", "hf"):
+        sys.exit(__doc__)
+    what, preset = sys.argv[1], sys.argv[2]
+    a, b, c = (int(x) for x in sys.argv[3:6])
+    row = {"train": train, "decode": decode, "hf": hf}[what](preset, a, b, c)
+    row.update(device=card(), torch=torch.__version__)
+    print(json.dumps(row))
+
+
+if __name__ == "__main__":
+    main()
