@@ -98,21 +98,22 @@ impl Rope {
         }
     }
 
-    /// Rotates `x: [b, h, s, hd]` at `positions: [b, s]`.
-    fn apply(&self, x: Tensor<4>, positions: &Tensor<2, Int>) -> Tensor<4> {
+    /// The tables at `positions: [b, s]`, gathered once per cached forward and shared by every
+    /// layer's queries and keys (on a GPU each gather is a kernel launch, and a decode step is
+    /// launch-bound).
+    fn at(&self, positions: &Tensor<2, Int>) -> RopeAt {
         let [b, s] = positions.dims();
         let flat = positions.clone().reshape([b * s]);
-        let cos = self
-            .cos
-            .clone()
-            .select(0, flat.clone())
-            .reshape([b, 1, s, self.head_dim]);
-        let sin = self
-            .sin
-            .clone()
-            .select(0, flat)
-            .reshape([b, 1, s, self.head_dim]);
-        self.rotate(x, cos, sin)
+        let gather = |table: &Tensor<2>| {
+            table
+                .clone()
+                .select(0, flat.clone())
+                .reshape([b, 1, s, self.head_dim])
+        };
+        RopeAt {
+            cos: gather(&self.cos),
+            sin: gather(&self.sin),
+        }
     }
 
     /// Rotates `x: [b, h, s, hd]` at positions `0..s` (training).
@@ -132,13 +133,30 @@ impl Rope {
     }
 
     fn rotate(&self, x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
-        let [b, h, s, hd] = x.dims();
-        let half = hd / 2;
-        let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
-        let x2 = x.clone().slice([0..b, 0..h, 0..s, half..hd]);
-        let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
-        x * cos + rotated * sin
+        rotate(x, cos, sin)
     }
+}
+
+/// RoPE tables gathered at one batch's positions: `cos`, `sin` of shape `[b, 1, s, head_dim]`.
+struct RopeAt {
+    cos: Tensor<4>,
+    sin: Tensor<4>,
+}
+
+impl RopeAt {
+    fn apply(&self, x: Tensor<4>) -> Tensor<4> {
+        rotate(x, self.cos.clone(), self.sin.clone())
+    }
+}
+
+/// `x · cos + rotate_half(x) · sin` (HF's half rotation).
+fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
+    let [b, h, s, hd] = x.dims();
+    let half = hd / 2;
+    let x1 = x.clone().slice([0..b, 0..h, 0..s, 0..half]);
+    let x2 = x.clone().slice([0..b, 0..h, 0..s, half..hd]);
+    let rotated = Tensor::cat(vec![x2.neg(), x1], 3);
+    x * cos + rotated * sin
 }
 
 /// Per-layer key/value caches of a slot pool, one row per (slot, position):
@@ -511,17 +529,10 @@ impl Llama {
         let mask: Tensor<4, Bool> = key_pos
             .greater(positions.clone().reshape([b, l, 1]))
             .reshape([b, 1, l, batch.kv_len]);
+        let rope = rope.at(&positions);
         let mut x = self.embed_tokens.forward(tokens);
         for (layer, block) in self.layers.iter().enumerate() {
-            x = block.forward_cached(
-                x,
-                &positions,
-                &mask,
-                &rows,
-                &mut cache.layers[layer],
-                rope,
-                n_heads,
-            );
+            x = block.forward_cached(x, &mask, &rows, &mut cache.layers[layer], &rope, n_heads);
         }
         // The hidden state at each row's last new token.
         let d = x.dims()[2];
@@ -555,20 +566,17 @@ impl Block {
         x + h
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward_cached(
         &self,
         x: Tensor<3>,
-        positions: &Tensor<2, Int>,
         mask: &Tensor<4, Bool>,
         rows: &CacheRows,
         cache: &mut (Tensor<2>, Tensor<2>),
-        rope: &Rope,
+        rope: &RopeAt,
         n_heads: usize,
     ) -> Tensor<3> {
         let h = self.self_attn.forward_cached(
             self.input_layernorm.forward(x.clone()),
-            positions,
             mask,
             rows,
             cache,
@@ -624,19 +632,17 @@ impl Attention {
         self.merge(scaled_attention(q, k, v, mask))
     }
 
-    #[allow(clippy::too_many_arguments)]
     fn forward_cached(
         &self,
         x: Tensor<3>,
-        positions: &Tensor<2, Int>,
         mask: &Tensor<4, Bool>,
         rows: &CacheRows,
         cache: &mut (Tensor<2>, Tensor<2>),
-        rope: &Rope,
+        rope: &RopeAt,
         n_heads: usize,
     ) -> Tensor<3> {
         let (q, k, v) = self.qkv(x, n_heads);
-        let (q, k) = (rope.apply(q, positions), rope.apply(k, positions));
+        let (q, k) = (rope.apply(q), rope.apply(k));
         let [b, h, l, hd] = k.dims();
         let kv_len = rows.read.dims()[0] / b;
         // New keys/values as rows `[b × l, d]`; the real ones go to their cache rows in one
