@@ -350,9 +350,9 @@ struct Micro {
     seqs: Vec<usize>,
     /// The same sequences packed for the native learner (`None` for burn).
     native: Option<NativeMicro>,
-    /// Rollout-policy log-probabilities (no gradient). The native learner leaves them empty
+    /// Rollout-policy log-probabilities (no gradient). The native learner leaves them `None`
     /// until the first inner step, whose forward pass is the rollout policy's own.
-    old: HostMatrix,
+    old: Option<HostMatrix>,
     /// Reference-model log-probabilities.
     reference: HostMatrix,
 }
@@ -554,7 +554,7 @@ impl GrpoTrainer {
                     micro.push(Micro {
                         seqs: idx,
                         native: None,
-                        old: to_host(old),
+                        old: Some(to_host(old)),
                         reference: to_host(refp),
                     });
                 }
@@ -572,7 +572,7 @@ impl GrpoTrainer {
                         seqs: idx,
                         native: Some(packed),
                         // Filled by the first inner step (see `accumulate`).
-                        old: (Vec::new(), [1, n]),
+                        old: None,
                         reference: (refp, [1, n]),
                     });
                 }
@@ -602,7 +602,10 @@ impl GrpoTrainer {
                 for mb in micro {
                     let refs: Vec<&PolicySeq> = mb.seqs.iter().map(|&i| &seqs[i]).collect();
                     let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
-                    let old = from_host(&mb.old, &train_device);
+                    let Some(old) = &mb.old else {
+                        return Err(TrainError::Other("old log-probs missing".into()));
+                    };
+                    let old = from_host(old, &train_device);
                     let reference = from_host(&mb.reference, &train_device);
                     let (loss, kl, clip) = loss(policy, &b, old, reference, eps);
                     let value = scalar(loss.clone());
@@ -626,24 +629,27 @@ impl GrpoTrainer {
                     let fwd = policy
                         .forward(&packed.batch)
                         .map_err(|e| TrainError::Other(e.to_string()))?;
-                    if mb.old.0.is_empty() {
-                        // The first inner step runs on the rollout policy's weights, so this
-                        // forward pass gives the old log-probabilities: one pass saved per update.
-                        sums.old_logp += fwd
-                            .logprobs
-                            .iter()
-                            .zip(&packed.terms)
-                            .filter(|(_, t)| t.is_some())
-                            .map(|(&lp, _)| lp as f64)
-                            .sum::<f64>();
-                        mb.old.0 = fwd.logprobs.clone();
-                    }
+                    // The first inner step runs on the rollout policy's weights, so its forward
+                    // pass gives the old log-probabilities: one pass saved per update.
+                    let old = &mb
+                        .old
+                        .get_or_insert_with(|| {
+                            sums.old_logp += fwd
+                                .logprobs
+                                .iter()
+                                .zip(&packed.terms)
+                                .filter(|(_, t)| t.is_some())
+                                .map(|(&lp, _)| lp as f64)
+                                .sum::<f64>();
+                            (fwd.logprobs.clone(), [1, fwd.logprobs.len()])
+                        })
+                        .0;
                     let mut dlogp = vec![0.0f32; packed.batch.len()];
                     for (p, term) in packed.terms.iter().enumerate() {
                         let Some(t) = term else { continue };
                         let o = token_objective(
                             fwd.logprobs[p] as f64,
-                            mb.old.0[p] as f64,
+                            old[p] as f64,
                             mb.reference.0[p] as f64,
                             t.advantage,
                             eps,
