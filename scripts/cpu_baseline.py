@@ -85,6 +85,29 @@ class Llama(nn.Module):
         return self.head(self.norm(x))
 
 
+def synthetic_ids(batch, seq):
+    """The token rows every throughput script trains on (benches' `synthetic_examples`)."""
+    return (4 + (torch.arange(seq + 1)[None, :] * 7 + torch.arange(batch)[:, None] * 3) % 50).long()
+
+
+def train_step(model, opt, ids, autocast=None):
+    """One AdamW step on next-token cross-entropy; `autocast` names a device to run the
+    forward under bf16 autocast on."""
+    def step():
+        if autocast:
+            with torch.autocast(autocast, dtype=torch.bfloat16):
+                logits = model(ids[:, :-1])
+        else:
+            logits = model(ids[:, :-1])
+        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+
+    return step
+
+
 def main():
     preset = sys.argv[1] if len(sys.argv) > 1 else "small"
     batch, seq, steps = (int(a) for a in (sys.argv[2:5] + ["8", "1024", "5"][len(sys.argv[2:5]):]))
@@ -92,15 +115,8 @@ def main():
     cfg = PRESETS[preset]
     model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], seq)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3, betas=(0.9, 0.999), weight_decay=0.01)
-    ids = (4 + (torch.arange(seq + 1)[None, :] * 7 + torch.arange(batch)[:, None] * 3) % 50).long()
-
-    def step():
-        logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    ids = synthetic_ids(batch, seq)
+    step = train_step(model, opt, ids)
 
     step()
     step()

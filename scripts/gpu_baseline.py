@@ -21,7 +21,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from cpu_baseline import PRESETS, VOCAB, Llama  # noqa: E402
+from cpu_baseline import PRESETS, VOCAB, Llama, synthetic_ids, train_step  # noqa: E402
 
 DEVICE = os.environ.get("DEVICE", "cuda" if torch.cuda.is_available() else "cpu")
 
@@ -41,17 +41,7 @@ def train(preset, batch, seq, steps):
     model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], seq).to(DEVICE)
     fused = DEVICE == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
-    ids = (4 + (torch.arange(seq + 1)[None, :] * 7 + torch.arange(batch)[:, None] * 3) % 50)
-    ids = ids.long().to(DEVICE)
-
-    def step():
-        with torch.autocast(DEVICE, dtype=torch.bfloat16):
-            logits = model(ids[:, :-1])
-        loss = F.cross_entropy(logits.float().reshape(-1, VOCAB), ids[:, 1:].reshape(-1))
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        opt.step()
+    step = train_step(model, opt, synthetic_ids(batch, seq).to(DEVICE), autocast=DEVICE)
 
     step()
     step()

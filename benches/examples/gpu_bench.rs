@@ -16,6 +16,7 @@
 
 use std::time::Instant;
 
+use apr_benches::synthetic_examples;
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
 use apr_model::burn::tensor::{Device, Distribution, FloatDType, Tensor};
@@ -70,14 +71,7 @@ fn train(args: &[String]) {
     );
     let device = device(&args[1], &args[3]).autodiff();
     let (config, mut model) = model(&args[2], seq, &device);
-    let examples: Vec<Example> = (0..mb)
-        .map(|i| Example {
-            tokens: (0..=seq)
-                .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
-                .collect(),
-            loss_from: 1,
-        })
-        .collect();
+    let examples = synthetic_examples(mb, seq);
     let refs: Vec<&Example> = examples.iter().collect();
     let mut adam = AdamW::new(AdamWConfig::default());
     let mut dtype = String::new();
@@ -120,14 +114,7 @@ fn parts(args: &[String]) {
     let base = device(&args[1], &args[3]);
     let device = base.clone().autodiff();
     let (config, mut model) = model(&args[2], seq, &device);
-    let examples: Vec<Example> = (0..mb)
-        .map(|i| Example {
-            tokens: (0..=seq)
-                .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
-                .collect(),
-            loss_from: 1,
-        })
-        .collect();
+    let examples = synthetic_examples(mb, seq);
     let refs: Vec<&Example> = examples.iter().collect();
     let time = |f: &mut dyn FnMut()| {
         f();

@@ -5,6 +5,7 @@
 
 use std::time::Instant;
 
+use apr_benches::synthetic_examples;
 use apr_model::backend::Backend;
 use apr_model::native::{NativeModel, PackedBatch};
 use apr_model::{init_weights, AprTokenizer, Model, ModelConfig};
@@ -31,14 +32,7 @@ fn main() {
         max_seq_len: seq,
         ..ModelConfig::preset(preset, tok.vocab_size())
     };
-    let examples: Vec<Example> = (0..batch)
-        .map(|i| Example {
-            tokens: (0..=seq)
-                .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
-                .collect(),
-            loss_from: 1,
-        })
-        .collect();
+    let examples = synthetic_examples(batch, seq);
     let tokens = (batch * seq) as f64;
     let weights = init_weights(&config, 0);
 
