@@ -19,7 +19,7 @@ use std::time::Instant;
 use apr_benches::synthetic_examples;
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
-use apr_model::burn::tensor::{Device, Distribution, FloatDType, Tensor};
+use apr_model::burn::tensor::{Device, Distribution, FloatDType, Int, Tensor};
 use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
 use apr_rl::optim::{AdamW, AdamWConfig};
 use apr_rl::sft::{masked_nll, pad_batch, Example};
@@ -184,6 +184,13 @@ fn decode(args: &[String]) {
     }
     let device = device(&args[1], &args[3]);
     let (_, model) = model(&args[2], max_len, &device);
+    // The type the device really computes in (a one-token forward), not the one asked for.
+    let dtype = format!(
+        "{:?}",
+        model
+            .forward(Tensor::<2, Int>::zeros([1, 1], &device))
+            .dtype()
+    );
     let mut engine = Engine::new(model, slots, max_len, 0);
     let prompts: Vec<Vec<u32>> = (0..slots)
         .map(|s| (0..prompt).map(|t| 4 + ((t + 5 * s) % 50) as u32).collect())
@@ -218,7 +225,7 @@ fn decode(args: &[String]) {
         "{{\"what\":\"decode\",\"impl\":\"apr-rs engine\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}}}",
         args[1],
         args[2],
-        args[3],
+        dtype,
         first_prefill_s + first_decode_s,
         (slots * new_tokens) as f64 / decode_s
     );
