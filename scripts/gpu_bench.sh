@@ -38,6 +38,7 @@ fi
 [[ ${1:-} == run ]] || { echo "usage: $0 build | run [OUTDIR]" >&2; exit 2; }
 out=${2:-gpu-out}
 bin=$(mktemp -d)
+trap 'rm -rf "$bin"' EXIT
 mkdir -p "$out"
 rows="$out/rows.jsonl"
 : >"$rows"

@@ -62,6 +62,13 @@ fn model(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, Model) 
     (config, model)
 }
 
+/// The float type the model really computes in on its device (a one-token forward), not the one
+/// asked for.
+fn computed_dtype(model: &Model, device: &Device) -> String {
+    let logits = model.forward(Tensor::<2, Int>::zeros([1, 1], device));
+    format!("{:?}", logits.dtype())
+}
+
 fn train(args: &[String]) {
     let (mb, seq, accum, steps) = (
         number(args, 4),
@@ -73,13 +80,12 @@ fn train(args: &[String]) {
     let (config, mut model) = model(&args[2], seq, &device);
     let examples = synthetic_examples(mb, seq);
     let refs: Vec<&Example> = examples.iter().collect();
+    let dtype = computed_dtype(&model, &device);
     let mut adam = AdamW::new(AdamWConfig::default());
-    let mut dtype = String::new();
     let mut step = || {
         for _ in 0..accum {
             let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
             let loss = masked_nll(&model, inputs, targets, mask);
-            dtype = format!("{:?}", loss.dtype());
             adam.accumulate(&model.llama, &loss.backward());
         }
         // The step reads the gradient norm back: the device has finished when it returns.
@@ -114,6 +120,7 @@ fn parts(args: &[String]) {
     let base = device(&args[1], &args[3]);
     let device = base.clone().autodiff();
     let (config, mut model) = model(&args[2], seq, &device);
+    let dtype = computed_dtype(&model, &device);
     let examples = synthetic_examples(mb, seq);
     let refs: Vec<&Example> = examples.iter().collect();
     let time = |f: &mut dyn FnMut()| {
@@ -158,7 +165,7 @@ fn parts(args: &[String]) {
         "{{\"what\":\"parts\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1}}}",
         args[1],
         args[2],
-        args[3],
+        dtype,
         2.0 * (m * k * n) as f64 / matmul_s / 1e12
     );
 }
@@ -184,13 +191,7 @@ fn decode(args: &[String]) {
     }
     let device = device(&args[1], &args[3]);
     let (_, model) = model(&args[2], max_len, &device);
-    // The type the device really computes in (a one-token forward), not the one asked for.
-    let dtype = format!(
-        "{:?}",
-        model
-            .forward(Tensor::<2, Int>::zeros([1, 1], &device))
-            .dtype()
-    );
+    let dtype = computed_dtype(&model, &device);
     let mut engine = Engine::new(model, slots, max_len, 0);
     let prompts: Vec<Vec<u32>> = (0..slots)
         .map(|s| (0..prompt).map(|t| 4 + ((t + 5 * s) % 50) as u32).collect())

@@ -129,10 +129,6 @@ impl Rope {
             .clone()
             .narrow(0, 0, s)
             .reshape([1, 1, s, self.head_dim]);
-        self.rotate(x, cos, sin)
-    }
-
-    fn rotate(&self, x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
         rotate(x, cos, sin)
     }
 }

@@ -346,15 +346,24 @@ enum Learner {
 
 /// One micro-batch of an update: built once, used by every inner step.
 struct Micro {
-    /// Indices into the update's sequences.
-    seqs: Vec<usize>,
-    /// The same sequences packed for the native learner (`None` for burn).
-    native: Option<NativeMicro>,
-    /// Rollout-policy log-probabilities (no gradient). The native learner leaves them `None`
-    /// until the first inner step, whose forward pass is the rollout policy's own.
-    old: Option<HostMatrix>,
+    /// What the learner reads of it.
+    inputs: MicroInputs,
     /// Reference-model log-probabilities.
     reference: HostMatrix,
+}
+
+/// A micro-batch as each learner holds it, with the rollout policy's log-probabilities (no
+/// gradient).
+enum MicroInputs {
+    /// Indices into the update's sequences (batched afresh on the device each inner step), and
+    /// the old log-probabilities from a forward pass of the frozen policy.
+    Burn { seqs: Vec<usize>, old: HostMatrix },
+    /// The sequences packed once; the old log-probabilities are `None` until the first inner
+    /// step, whose forward pass is the rollout policy's own.
+    Native {
+        packed: NativeMicro,
+        old: Option<Vec<f32>>,
+    },
 }
 
 /// The micro-batches of an update and the sums over trained tokens that the entropy estimate
@@ -552,9 +561,10 @@ impl GrpoTrainer {
                     entropy_sum -= scalar((old.clone() * b.mask.clone()).sum());
                     trained += scalar(b.mask.sum());
                     micro.push(Micro {
-                        seqs: idx,
-                        native: None,
-                        old: Some(to_host(old)),
+                        inputs: MicroInputs::Burn {
+                            seqs: idx,
+                            old: to_host(old),
+                        },
                         reference: to_host(refp),
                     });
                 }
@@ -569,10 +579,8 @@ impl GrpoTrainer {
                     trained += packed.terms.iter().filter(|t| t.is_some()).count() as f64;
                     let n = refp.len();
                     micro.push(Micro {
-                        seqs: idx,
-                        native: Some(packed),
-                        // Filled by the first inner step (see `accumulate`).
-                        old: None,
+                        // `old` is filled by the first inner step (see `accumulate`).
+                        inputs: MicroInputs::Native { packed, old: None },
                         reference: (refp, [1, n]),
                     });
                 }
@@ -600,11 +608,13 @@ impl GrpoTrainer {
                 let pad = self.tokenizer.pad_id();
                 let count = micro.len() as f64;
                 for mb in micro {
-                    let refs: Vec<&PolicySeq> = mb.seqs.iter().map(|&i| &seqs[i]).collect();
-                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
-                    let Some(old) = &mb.old else {
-                        return Err(TrainError::Other("old log-probs missing".into()));
+                    let MicroInputs::Burn { seqs: idx, old } = &mb.inputs else {
+                        return Err(TrainError::Other(
+                            "micro-batch built for another learner".into(),
+                        ));
                     };
+                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
+                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
                     let old = from_host(old, &train_device);
                     let reference = from_host(&mb.reference, &train_device);
                     let (loss, kl, clip) = loss(policy, &b, old, reference, eps);
@@ -623,27 +633,26 @@ impl GrpoTrainer {
             }
             Learner::Native { policy, grads, .. } => {
                 for mb in micro.iter_mut() {
-                    let Some(packed) = &mb.native else {
-                        return Err(TrainError::Other("micro-batch not packed".into()));
+                    let MicroInputs::Native { packed, old } = &mut mb.inputs else {
+                        return Err(TrainError::Other(
+                            "micro-batch built for another learner".into(),
+                        ));
                     };
                     let fwd = policy
                         .forward(&packed.batch)
                         .map_err(|e| TrainError::Other(e.to_string()))?;
                     // The first inner step runs on the rollout policy's weights, so its forward
                     // pass gives the old log-probabilities: one pass saved per update.
-                    let old = &mb
-                        .old
-                        .get_or_insert_with(|| {
-                            sums.old_logp += fwd
-                                .logprobs
-                                .iter()
-                                .zip(&packed.terms)
-                                .filter(|(_, t)| t.is_some())
-                                .map(|(&lp, _)| lp as f64)
-                                .sum::<f64>();
-                            (fwd.logprobs.clone(), [1, fwd.logprobs.len()])
-                        })
-                        .0;
+                    let old = old.get_or_insert_with(|| {
+                        sums.old_logp += fwd
+                            .logprobs
+                            .iter()
+                            .zip(&packed.terms)
+                            .filter(|(_, t)| t.is_some())
+                            .map(|(&lp, _)| lp as f64)
+                            .sum::<f64>();
+                        fwd.logprobs.clone()
+                    });
                     let mut dlogp = vec![0.0f32; packed.batch.len()];
                     for (p, term) in packed.terms.iter().enumerate() {
                         let Some(t) = term else { continue };
