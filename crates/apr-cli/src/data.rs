@@ -7,20 +7,25 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use apr_countdown::io::{read_items, write_items, JsonlWriter};
+use apr_countdown::io::{for_each_chunk, read_items, write_items, JsonlWriter};
 use apr_countdown::problem::{streams, Problem, ProblemSpec};
 use apr_countdown::record::{
     write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TokenCounter,
     TraceRecord,
 };
 use apr_countdown::sft::{sequences, SftOptions, SftView};
-use apr_countdown::stats::{generate_facts, TraceStats};
-use apr_countdown::validate::validate;
+use apr_countdown::stats::{generate_facts, RecordFacts, TraceStats};
+use apr_countdown::validate::Validator;
 use apr_model::tokenizer::AprTokenizer;
 use clap::{Args, Subcommand, ValueEnum};
+use rayon::prelude::*;
 use serde_json::json;
 
-use crate::progress::bar;
+use crate::progress::{bar, counter};
+
+/// Trace records held at once when a command reads a trace file: files larger than memory
+/// stream through.
+pub(crate) const CHUNK: usize = 4096;
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -225,8 +230,14 @@ fn traces(args: TracesArgs) -> Result<ExitCode> {
 }
 
 fn validate_file(file: PathBuf) -> Result<ExitCode> {
-    let records: Vec<TraceRecord> = read_items(&file)?;
-    let summary = validate(&records);
+    let mut validator = Validator::default();
+    let progress = counter("validating");
+    for_each_chunk(&file, CHUNK, |records: Vec<TraceRecord>| {
+        validator.add(&records);
+        progress.inc(records.len() as u64);
+    })?;
+    progress.finish_and_clear();
+    let summary = validator.finish();
     println!("{}", serde_json::to_string_pretty(&summary)?);
     Ok(if summary.inconsistent == 0 {
         ExitCode::SUCCESS
@@ -282,10 +293,13 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
         None => &CharCounter,
     };
     let (stats, timing) = match (&args.file, args.generate) {
-        (Some(file), _) => (
-            TraceStats::of(&read_items::<TraceRecord>(file)?, counter),
-            None,
-        ),
+        (Some(file), _) => {
+            let mut facts = Vec::new();
+            for_each_chunk(file, CHUNK, |records: Vec<TraceRecord>| {
+                facts.par_extend(records.par_iter().map(|r| RecordFacts::of(r, counter)));
+            })?;
+            (TraceStats::of_facts(&facts), None)
+        }
         (None, Some(count)) => {
             let spec = ProblemSpec {
                 numbers: args.numbers,
@@ -320,7 +334,6 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
 }
 
 fn sft(args: SftArgs) -> Result<ExitCode> {
-    let records: Vec<TraceRecord> = read_items(&args.traces)?;
     let view = match args.view {
         ViewArg::Apr => SftView::Apr,
         ViewArg::Sosp => SftView::Sosp,
@@ -331,16 +344,22 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     };
     let mut writer = JsonlWriter::create(&args.out)?;
     let mut count = 0;
-    for record in &records {
-        for seq in sequences(record, view, options, &CharCounter) {
-            writer.write(&seq)?;
-            count += 1;
+    let mut written = Ok(());
+    let records = for_each_chunk(&args.traces, CHUNK, |records: Vec<TraceRecord>| {
+        for record in &records {
+            for seq in sequences(record, view, options, &CharCounter) {
+                if written.is_ok() {
+                    written = writer.write(&seq);
+                    count += 1;
+                }
+            }
         }
-    }
+    })?;
+    written?;
     writer.finish()?;
     println!(
         "{}",
-        json!({"records": records.len(), "sequences": count, "out": args.out})
+        json!({"records": records, "sequences": count, "out": args.out})
     );
     Ok(ExitCode::SUCCESS)
 }

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use apr_core::runtime::Mode;
-use apr_countdown::io::read_items;
+use apr_countdown::io::for_each_chunk;
 use apr_countdown::record::{CharCounter, TraceRecord};
 use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_model::{checkpoint, init_weights, Preset};
@@ -14,7 +14,7 @@ use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::data::load_problems;
+use crate::data::{load_problems, CHUNK};
 use crate::model::{model_config, tokenizer};
 use crate::progress::bar;
 use crate::DeviceArgs;
@@ -244,10 +244,6 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         bail!("--steps and --batch-tokens must be positive");
     }
     let device = args.device.device()?;
-    let records: Vec<TraceRecord> = read_items(&args.data)?;
-    if records.is_empty() {
-        bail!("{}: no trace records", args.data.display());
-    }
     let (tok, model_config, weights) = match &args.init {
         Some(dir) => {
             let ck = checkpoint::load(dir)?;
@@ -270,10 +266,18 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         token_budget: false,
     };
     // Hold out 2% of sequences (at least one) for validation loss.
-    let seqs: Vec<_> = records
-        .iter()
-        .flat_map(|r| sequences(r, view, options, &CharCounter))
-        .collect();
+    // Records stream through: only their training sequences are kept.
+    let mut seqs = Vec::new();
+    let records = for_each_chunk(&args.data, CHUNK, |records: Vec<TraceRecord>| {
+        seqs.extend(
+            records
+                .iter()
+                .flat_map(|r| sequences(r, view, options, &CharCounter)),
+        );
+    })?;
+    if records == 0 {
+        bail!("{}: no trace records", args.data.display());
+    }
     let mut examples =
         tokenize(&seqs, &tok, context, args.mask_prompt).map_err(anyhow::Error::msg)?;
     let val_n = (examples.len() / 50)

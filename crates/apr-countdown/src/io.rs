@@ -2,10 +2,12 @@
 //! either one compressed with zstd when the path ends in `.zst`.
 
 use std::fs::File;
-use std::io::{BufRead, BufReader, BufWriter, Read, Write};
+use std::io::{BufRead, BufReader, BufWriter, Write};
+use std::marker::PhantomData;
 use std::path::{Path, PathBuf};
 
-use serde::de::DeserializeOwned;
+use rayon::prelude::*;
+use serde::de::{DeserializeOwned, SeqAccess, Visitor};
 use serde::Serialize;
 
 /// A dataset file that could not be read or written.
@@ -49,13 +51,31 @@ fn open_reader(path: &Path) -> Result<Box<dyn BufRead>, DataError> {
 }
 
 /// Reads every item of a JSONL file or a JSON array file (optionally `.zst`).
-pub fn read_items<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, DataError> {
+pub fn read_items<T: DeserializeOwned + Send>(path: &Path) -> Result<Vec<T>, DataError> {
+    let mut items = Vec::new();
+    for_each_chunk(path, CHUNK, |chunk| items.extend(chunk))?;
+    Ok(items)
+}
+
+/// Items per chunk of [`read_items`]: enough to keep every core parsing, little memory.
+const CHUNK: usize = 4096;
+
+/// Calls `each` with consecutive chunks of at most `chunk` items of a JSONL file or a JSON array
+/// file (optionally `.zst`), in file order, and returns how many items there were. Only one chunk
+/// is held at a time, so files larger than memory (the reference's 13.5 GB trace release) can be
+/// validated or summarised. JSON Lines are parsed in parallel within a chunk.
+pub fn for_each_chunk<T: DeserializeOwned + Send>(
+    path: &Path,
+    chunk: usize,
+    mut each: impl FnMut(Vec<T>),
+) -> Result<usize, DataError> {
+    let chunk = chunk.max(1);
     let mut reader = open_reader(path)?;
     // Peek at the first non-blank byte to tell an array from JSON Lines.
     let first = loop {
         let buf = reader.fill_buf().map_err(io_err(path))?;
         if buf.is_empty() {
-            return Ok(Vec::new());
+            return Ok(0);
         }
         match buf.iter().position(|b| !b.is_ascii_whitespace()) {
             Some(i) => {
@@ -69,29 +89,82 @@ pub fn read_items<T: DeserializeOwned>(path: &Path) -> Result<Vec<T>, DataError>
             }
         }
     };
+    let parse_error = |line: usize, e: serde_json::Error| DataError::Parse {
+        path: path.to_owned(),
+        line,
+        message: e.to_string(),
+    };
     if first == b'[' {
-        let mut text = String::new();
-        reader.read_to_string(&mut text).map_err(io_err(path))?;
-        return serde_json::from_str(&text).map_err(|e| DataError::Parse {
-            path: path.to_owned(),
-            line: e.line(),
-            message: e.to_string(),
-        });
+        let mut de = serde_json::Deserializer::from_reader(reader);
+        let count = serde::Deserializer::deserialize_seq(
+            &mut de,
+            ArrayChunks {
+                chunk,
+                each: &mut each,
+                _item: PhantomData,
+            },
+        )
+        .and_then(|count| de.end().map(|()| count))
+        .map_err(|e| parse_error(e.line(), e))?;
+        return Ok(count);
     }
-    let mut items = Vec::new();
+    let mut count = 0;
+    let mut lines: Vec<(usize, String)> = Vec::with_capacity(chunk);
+    let mut flush = |lines: &mut Vec<(usize, String)>| -> Result<(), DataError> {
+        let items = lines
+            .par_iter()
+            .map(|(number, line)| serde_json::from_str(line).map_err(|e| parse_error(*number, e)))
+            .collect::<Result<Vec<T>, _>>()?;
+        lines.clear();
+        count += items.len();
+        each(items);
+        Ok(())
+    };
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io_err(path))?;
         if line.trim().is_empty() {
             continue;
         }
-        let item = serde_json::from_str(&line).map_err(|e| DataError::Parse {
-            path: path.to_owned(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
-        items.push(item);
+        lines.push((i + 1, line));
+        if lines.len() == chunk {
+            flush(&mut lines)?;
+        }
     }
-    Ok(items)
+    if !lines.is_empty() {
+        flush(&mut lines)?;
+    }
+    Ok(count)
+}
+
+/// Visits a JSON array element by element, handing out chunks as they fill.
+struct ArrayChunks<'a, T, F> {
+    chunk: usize,
+    each: &'a mut F,
+    _item: PhantomData<T>,
+}
+
+impl<'de, T: DeserializeOwned, F: FnMut(Vec<T>)> Visitor<'de> for ArrayChunks<'_, T, F> {
+    type Value = usize;
+
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a JSON array of records")
+    }
+
+    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
+        let mut count = 0;
+        let mut items = Vec::with_capacity(self.chunk.min(CHUNK));
+        while let Some(item) = seq.next_element::<T>()? {
+            items.push(item);
+            count += 1;
+            if items.len() == self.chunk {
+                (self.each)(std::mem::take(&mut items));
+            }
+        }
+        if !items.is_empty() {
+            (self.each)(items);
+        }
+        Ok(count)
+    }
 }
 
 /// Writes JSON Lines to a file (zstd-compressed when the path ends in `.zst`). The file appears
@@ -208,6 +281,40 @@ mod tests {
         let array = dir.path().join("p.json");
         std::fs::write(&array, serde_json::to_string_pretty(&items).unwrap()).unwrap();
         assert_eq!(read_items::<Problem>(&array).unwrap(), items);
+    }
+
+    #[test]
+    fn chunks_keep_file_order_in_both_formats() {
+        let dir = tempfile::tempdir().unwrap();
+        let items: Vec<Problem> = (1..=10)
+            .map(|i| Problem::solved(vec![i, 1, 2], i + 3).unwrap())
+            .collect();
+        let lines = dir.path().join("p.jsonl.zst");
+        write_items(&lines, &items).unwrap();
+        let array = dir.path().join("p.json");
+        std::fs::write(&array, serde_json::to_string(&items).unwrap()).unwrap();
+        for path in [lines, array] {
+            let mut chunks = Vec::new();
+            let count = for_each_chunk(&path, 4, |c: Vec<Problem>| chunks.push(c)).unwrap();
+            assert_eq!(count, 10);
+            assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
+            assert_eq!(chunks.concat(), items, "{}", path.display());
+        }
+    }
+
+    #[test]
+    fn a_bad_array_element_or_trailing_text_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("bad.json");
+        std::fs::write(
+            &path,
+            "[{\"nums\": [1, 2, 3], \"target\": 6},\n {\"nums\": 5}]",
+        )
+        .unwrap();
+        let err = read_items::<Problem>(&path).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{}:2:", path.display())), "{err}");
+        std::fs::write(&path, "[{\"nums\": [1, 2, 3], \"target\": 6}] x").unwrap();
+        assert!(read_items::<Problem>(&path).is_err());
     }
 
     #[test]

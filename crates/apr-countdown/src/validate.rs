@@ -2,6 +2,7 @@
 //! child prompt, every join and every solved answer.
 
 use apr_core::{ends_with_spawn, join_context, split_spawn, JoinBlock, JoinEntry, Task};
+use rayon::prelude::*;
 use serde::Serialize;
 
 use crate::record::{SolverKind, TraceRecord};
@@ -31,30 +32,58 @@ pub const MAX_MISMATCHES: usize = 10;
 
 /// Validates records (see [`check_record`]).
 pub fn validate(records: &[TraceRecord]) -> ValidationSummary {
-    let mut summary = ValidationSummary {
-        records: records.len(),
-        ..Default::default()
-    };
-    for (i, record) in records.iter().enumerate() {
-        let solved = record.solved();
-        let verified = solved && verify_trace(&record.problem(), &record.search_path);
-        summary.solved += solved as usize;
-        summary.verified += verified as usize;
-        let mut problem = check_record(record).err();
-        if problem.is_none() && solved && !verified {
-            problem = Some("solved search_path fails the strict verifier".to_owned());
-        }
-        match problem {
-            None => summary.consistent += 1,
-            Some(message) => {
-                summary.inconsistent += 1;
-                if summary.mismatches.len() < MAX_MISMATCHES {
-                    summary.mismatches.push(format!("record {i}: {message}"));
+    let mut validator = Validator::default();
+    validator.add(records);
+    validator.finish()
+}
+
+/// Validation of a file read chunk by chunk: [`Validator::add`] each chunk in file order, then
+/// [`Validator::finish`]. Records of a chunk are checked in parallel; the summary (mismatches in
+/// file order included) does not depend on the chunking or the thread count.
+#[derive(Clone, Debug, Default)]
+pub struct Validator {
+    summary: ValidationSummary,
+}
+
+impl Validator {
+    /// Checks the next records of the file.
+    pub fn add(&mut self, records: &[TraceRecord]) {
+        let outcomes: Vec<(bool, bool, Option<String>)> = records
+            .par_iter()
+            .map(|record| {
+                let solved = record.solved();
+                let verified = solved && verify_trace(&record.problem(), &record.search_path);
+                let mut problem = check_record(record).err();
+                if problem.is_none() && solved && !verified {
+                    problem = Some("solved search_path fails the strict verifier".to_owned());
+                }
+                (solved, verified, problem)
+            })
+            .collect();
+        let summary = &mut self.summary;
+        for (solved, verified, problem) in outcomes {
+            let index = summary.records;
+            summary.records += 1;
+            summary.solved += solved as usize;
+            summary.verified += verified as usize;
+            match problem {
+                None => summary.consistent += 1,
+                Some(message) => {
+                    summary.inconsistent += 1;
+                    if summary.mismatches.len() < MAX_MISMATCHES {
+                        summary
+                            .mismatches
+                            .push(format!("record {index}: {message}"));
+                    }
                 }
             }
         }
     }
-    summary
+
+    /// The summary of everything added.
+    pub fn finish(self) -> ValidationSummary {
+        self.summary
+    }
 }
 
 /// Checks one record's structure: the prompt, and for APR every spawn round (child prompts are

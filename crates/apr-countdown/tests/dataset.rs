@@ -9,7 +9,7 @@ use apr_countdown::record::{
 };
 use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_countdown::stats::TraceStats;
-use apr_countdown::validate::validate;
+use apr_countdown::validate::{validate, Validator};
 
 fn apr_records(n: usize, seed: u64) -> Vec<TraceRecord> {
     let problems = ProblemSpec::default().generate(n, seed, streams::TRAIN, &HashSet::new());
@@ -110,6 +110,33 @@ fn validation_passes_on_our_output_and_catches_one_character_edits() {
         summary.mismatches[0].contains("main call 1 differs"),
         "{}",
         summary.mismatches[0]
+    );
+}
+
+#[test]
+fn chunked_validation_equals_one_pass() {
+    let mut records = apr_records(120, 6);
+    // Two bad records, in different chunks: mismatches keep file order and file indices.
+    for r in [17, 95] {
+        records[r].search_path.insert(0, 'X');
+    }
+    let whole = validate(&records);
+    assert_eq!(whole.inconsistent, 2, "{:?}", whole.mismatches);
+    let mut chunked = Validator::default();
+    for chunk in records.chunks(50) {
+        chunked.add(chunk);
+    }
+    let chunked = chunked.finish();
+    assert_eq!(chunked, whole);
+    assert!(
+        chunked.mismatches[0].starts_with("record 17:"),
+        "{:?}",
+        chunked.mismatches
+    );
+    assert!(
+        chunked.mismatches[1].starts_with("record 95:"),
+        "{:?}",
+        chunked.mismatches
     );
 }
 
