@@ -118,7 +118,7 @@ pub struct StatsArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Count lengths in tokens of this HF `tokenizer.json` (each call as `BOS + text + EOS`)
-    /// instead of characters; `domain` is our own tokenizer.
+    /// instead of characters; `domain` and `numbers` are our own tokenizers.
     #[arg(long)]
     tokenizer: Option<String>,
 }
@@ -277,8 +277,10 @@ impl TokenCounter for TokenizerCounter {
 fn stats(args: StatsArgs) -> Result<ExitCode> {
     let tokenizer = match args.tokenizer.as_deref() {
         None => None,
-        Some("domain") => Some(AprTokenizer::domain()),
-        Some(file) => Some(AprTokenizer::from_file(file.as_ref())?),
+        Some(name) => Some(match AprTokenizer::builtin(name) {
+            Some(tok) => tok,
+            None => AprTokenizer::from_file(name.as_ref())?,
+        }),
     };
     let unit = match &args.tokenizer {
         None => "characters".to_string(),

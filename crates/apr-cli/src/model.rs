@@ -26,7 +26,8 @@ pub struct InitArgs {
     /// A JSON model configuration instead of a preset.
     #[arg(long)]
     config: Option<PathBuf>,
-    /// A tokenizer.json to use instead of the domain tokenizer.
+    /// `numbers` (the domain tokenizer with a token per number up to 999) or a `tokenizer.json`,
+    /// instead of the domain tokenizer.
     #[arg(long)]
     tokenizer: Option<PathBuf>,
     /// Initialisation seed.
@@ -37,10 +38,14 @@ pub struct InitArgs {
     out: PathBuf,
 }
 
-/// Loads a tokenizer (the domain one by default).
-pub fn tokenizer(path: Option<&PathBuf>) -> Result<AprTokenizer> {
-    Ok(match path {
-        Some(p) => AprTokenizer::from_file(p)?,
+/// A built-in tokenizer by name (`domain`, `numbers`) or an HF `tokenizer.json`; the domain one
+/// by default.
+pub fn tokenizer(name_or_path: Option<&PathBuf>) -> Result<AprTokenizer> {
+    Ok(match name_or_path {
+        Some(p) => match p.to_str().and_then(AprTokenizer::builtin) {
+            Some(tok) => tok,
+            None => AprTokenizer::from_file(p)?,
+        },
         None => AprTokenizer::domain(),
     })
 }

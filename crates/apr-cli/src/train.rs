@@ -111,6 +111,10 @@ pub struct SftArgs {
     /// A JSON model configuration instead of a preset.
     #[arg(long)]
     config: Option<PathBuf>,
+    /// Tokenizer when not starting from --init: `domain` (one token per digit), `numbers` (one
+    /// per number up to 999) or a `tokenizer.json`.
+    #[arg(long)]
+    tokenizer: Option<PathBuf>,
     /// Start from this checkpoint instead of random weights.
     #[arg(long)]
     init: Option<PathBuf>,
@@ -250,7 +254,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
             (ck.tokenizer, ck.meta.model, ck.weights)
         }
         None => {
-            let tok = tokenizer(None)?;
+            let tok = tokenizer(args.tokenizer.as_ref())?;
             let config = model_config(args.preset, args.config.as_ref(), tok.vocab_size())?;
             let weights = init_weights(&config, args.seed);
             (tok, config, weights)
