@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
-use apr_rl::eval::EvalSummary;
+use apr_rl::eval::{AtSamples, EvalSummary};
 use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
@@ -177,13 +177,35 @@ fn figures(runs: &[Run]) -> Vec<Figure<'static>> {
             })
             .collect()
     };
+    // Fig. 4a: a sampled run is two curves, pass@k and cons@k over its first k samples, at what
+    // k samples cost; a single-sample run is one point.
+    let mut scaling = Vec::new();
+    for r in runs {
+        let curve = &r.summary.by_samples;
+        if r.summary.samples > 1 && curve.len() > 1 {
+            for (what, pick) in [
+                ("pass@k", (|a: &AtSamples| a.pass) as fn(&AtSamples) -> f64),
+                ("cons@k", |a: &AtSamples| a.cons),
+            ] {
+                scaling.push(Series {
+                    name: format!("{} {what}", r.name),
+                    points: curve.iter().map(|a| (a.total_tokens, pick(a))).collect(),
+                });
+            }
+        } else {
+            scaling.push(Series {
+                name: r.name.clone(),
+                points: vec![(r.summary.mean_total_tokens, r.summary.accuracy)],
+            });
+        }
+    }
     vec![
         Figure {
             file: "accuracy_vs_total_tokens",
             title: "Accuracy vs total tokens (paper Fig. 4a)",
             x_label: "mean total tokens per problem",
-            series: point(&|s| s.mean_total_tokens),
-            lines: false,
+            series: scaling,
+            lines: true,
         },
         Figure {
             file: "accuracy_vs_context_window",

@@ -61,6 +61,23 @@ pub struct EvalSummary {
     /// Cumulative accuracy at context windows: (window, accuracy counting only samples whose
     /// longest thread fits).
     pub accuracy_by_window: Vec<(usize, f64)>,
+    /// pass@k and cons@k over the first k samples of every problem, k = 1, 2, 4, … and n: the
+    /// self-consistency curve of one sampled run (paper Fig. 4a).
+    #[serde(default)]
+    pub by_samples: Vec<AtSamples>,
+}
+
+/// Self-consistency at k samples.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+pub struct AtSamples {
+    /// Samples per problem.
+    pub k: usize,
+    /// Problems with a correct answer among the first k samples.
+    pub pass: f64,
+    /// Problems whose majority answer over the first k samples is correct.
+    pub cons: f64,
+    /// Mean total tokens a problem costs with k samples.
+    pub total_tokens: f64,
 }
 
 /// An evaluation's settings.
@@ -131,6 +148,28 @@ pub fn evaluate(
     (records, summary)
 }
 
+/// Whether some sample is correct, and whether the majority answer over the samples that found
+/// one is (ties go to the answer seen first).
+fn pass_and_consensus(samples: &[&EvalRecord]) -> (bool, bool) {
+    let pass = samples.iter().any(|r| r.correct);
+    let mut votes: Vec<(&str, usize, bool)> = Vec::new();
+    for r in samples {
+        if let Some(answer) = r.result.answer.as_deref() {
+            match votes.iter_mut().find(|(a, _, _)| *a == answer) {
+                Some(v) => v.1 += 1,
+                None => votes.push((answer, 1, r.correct)),
+            }
+        }
+    }
+    let best = votes
+        .iter()
+        .fold(None::<&(&str, usize, bool)>, |best, v| match best {
+            Some(b) if b.1 >= v.1 => Some(b),
+            _ => Some(v),
+        });
+    (pass, best.is_some_and(|b| b.2))
+}
+
 /// Aggregates records (see [`EvalSummary`]).
 pub fn summarize(
     records: &[EvalRecord],
@@ -144,44 +183,47 @@ pub fn summarize(
     for r in records {
         by_problem.entry(r.problem).or_default().push(r);
     }
-    let mut pass = 0usize;
-    let mut cons = 0usize;
-    for recs in by_problem.values() {
-        if recs.iter().any(|r| r.correct) {
-            pass += 1;
-        }
-        // Majority vote over the final paths of samples that found one; ties go to the answer
-        // seen first.
-        let mut votes: Vec<(&str, usize, bool)> = Vec::new();
-        for r in recs {
-            if let Some(answer) = r.result.answer.as_deref() {
-                match votes.iter_mut().find(|(a, _, _)| *a == answer) {
-                    Some(v) => v.1 += 1,
-                    None => votes.push((answer, 1, r.correct)),
-                }
-            }
-        }
-        let best = votes
-            .iter()
-            .fold(None::<&(&str, usize, bool)>, |best, v| match best {
-                Some(b) if b.1 >= v.1 => Some(b),
-                _ => Some(v),
-            });
-        if best.is_some_and(|b| b.2) {
-            cons += 1;
-        }
+    for recs in by_problem.values_mut() {
+        recs.sort_by_key(|r| r.sample);
     }
+    let at = |k: usize| {
+        let (mut pass, mut cons, mut tokens) = (0usize, 0usize, 0usize);
+        for recs in by_problem.values() {
+            let first = &recs[..k.min(recs.len())];
+            let (p, c) = pass_and_consensus(first);
+            pass += p as usize;
+            cons += c as usize;
+            tokens += first
+                .iter()
+                .map(|r| r.result.metrics.total_tokens)
+                .sum::<usize>();
+        }
+        let problems = problems.max(1) as f64;
+        AtSamples {
+            k,
+            pass: pass as f64 / problems,
+            cons: cons as f64 / problems,
+            total_tokens: tokens as f64 / problems,
+        }
+    };
+    let mut ks: Vec<usize> = std::iter::successors(Some(1usize), |k| k.checked_mul(2))
+        .take_while(|&k| k < samples)
+        .collect();
+    ks.push(samples.max(1));
+    let by_samples: Vec<AtSamples> = ks.into_iter().map(at).collect();
+    let all = by_samples.last().cloned().unwrap_or_default();
     let generated: usize = records
         .iter()
         .map(|r| r.result.metrics.generated_tokens)
         .sum();
-    let windows = [512, 1024, 1536, 2048, 2560, 3072, 3584, 4096];
+    // Every 128 tokens up to 1,024 (CPU-scale contexts), then every 512 up to the paper's 4,096.
+    let windows = (128..=1024).step_by(128).chain((1536..=4096).step_by(512));
     EvalSummary {
         problems,
         samples,
         accuracy: mean(&|r| r.correct as u8 as f64),
-        pass_at_n: pass as f64 / problems.max(1) as f64,
-        cons_at_n: cons as f64 / problems.max(1) as f64,
+        pass_at_n: all.pass,
+        cons_at_n: all.cons,
         mean_total_tokens: mean(&|r| r.result.metrics.total_tokens as f64),
         mean_sequential_tokens: mean(&|r| r.result.metrics.sequential_tokens as f64),
         mean_longest_thread: mean(&|r| r.result.metrics.longest_thread as f64),
@@ -192,13 +234,79 @@ pub fn summarize(
         seconds,
         failure_rate: mean(&|r| r.result.failure.is_some() as u8 as f64),
         accuracy_by_window: windows
-            .iter()
-            .map(|&w| {
+            .map(|w| {
                 (
                     w,
                     mean(&|r| (r.correct && r.result.metrics.longest_thread <= w) as u8 as f64),
                 )
             })
             .collect(),
+        by_samples,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use apr_core::runtime::Metrics;
+
+    fn record(problem: usize, sample: usize, answer: Option<&str>, correct: bool) -> EvalRecord {
+        EvalRecord {
+            problem,
+            sample,
+            nums: vec![1, 2, 3],
+            target: 6,
+            correct,
+            result: ProblemResult {
+                id: problem * 4 + sample,
+                prompt: String::new(),
+                segments: vec![],
+                answer: answer.map(str::to_owned),
+                reward: correct as u8 as f32,
+                failure: None,
+                metrics: Metrics {
+                    total_tokens: 100,
+                    longest_thread: 300 + 200 * sample,
+                    ..Metrics::default()
+                },
+            },
+        }
+    }
+
+    #[test]
+    fn pass_and_cons_at_k_use_the_first_k_samples() {
+        // Problem 0: wrong, right, wrong (same wrong answer twice), right.
+        // Problem 1: right once, then no answers.
+        let records = vec![
+            record(0, 3, Some("b"), true),
+            record(0, 0, Some("a"), false),
+            record(0, 1, Some("b"), true),
+            record(0, 2, Some("a"), false),
+            record(1, 0, Some("c"), true),
+            record(1, 1, None, false),
+            record(1, 2, None, false),
+            record(1, 3, None, false),
+        ];
+        let s = summarize(&records, 2, 4, 1.0);
+        let at: Vec<(usize, f64, f64, f64)> = s
+            .by_samples
+            .iter()
+            .map(|a| (a.k, a.pass, a.cons, a.total_tokens))
+            .collect();
+        // k = 1: only problem 1 is right. k = 2: problem 0 ties a/b, the first seen (a) wins.
+        // k = 4: b has two votes against a's two: still a tie, a first; problem 1 keeps c.
+        assert_eq!(
+            at,
+            [
+                (1, 0.5, 0.5, 100.0),
+                (2, 1.0, 0.5, 200.0),
+                (4, 1.0, 0.5, 400.0)
+            ]
+        );
+        assert_eq!((s.pass_at_n, s.cons_at_n), (1.0, 0.5));
+        assert_eq!(s.accuracy, 3.0 / 8.0);
+        // Samples 0..=1 of each problem fit 512 tokens; of those, two are right.
+        let at_512 = s.accuracy_by_window.iter().find(|(w, _)| *w == 512);
+        assert_eq!(at_512, Some(&(512, 2.0 / 8.0)));
     }
 }
