@@ -32,7 +32,8 @@ use crate::DeviceArgs;
 
 #[derive(Clone, Copy, ValueEnum, PartialEq, Eq, Debug)]
 pub enum PipelinePreset {
-    /// CPU, about half an hour: 3-number Countdown with targets up to 30, the `small` model.
+    /// CPU, about 20 minutes on 2 cores: 3-number Countdown with targets up to 30, number tokens,
+    /// the `small` model.
     Quick,
     /// The paper's scale (4 numbers, 500k problems, the `paper` model); needs a GPU.
     Paper,
@@ -62,9 +63,11 @@ struct Plan {
     train_problems: usize,
     val_problems: usize,
     model: Preset,
+    /// Number tokens (`AprTokenizer::numbers`) or one token per digit (`domain`).
+    number_tokens: bool,
     context: usize,
-    apr_sft_steps: usize,
-    sosp_sft_steps: usize,
+    /// SFT steps of each model (the same for both: equal training compute).
+    sft_steps: usize,
     batch_tokens: usize,
     lr: f64,
     grpo_steps: usize,
@@ -77,29 +80,29 @@ struct Plan {
 impl Plan {
     fn of(preset: PipelinePreset) -> Plan {
         match preset {
-            // Sized by measurement on a 2-core CPU (see README): ~8k training tokens/s for the
-            // small model with the native learner at 2,048-token batches, ~2.5k decode tokens/s
-            // with the native engine; the whole run took 21 min (29 min before the learner
-            // got faster: the time floor is 30).
-            // Targets up to 30 rather than 100: with two-digit operands only, the `small` model
-            // learns to copy numbers within the budget (training loss 0.25 vs 0.76 nats/token
-            // after 3M tokens with targets up to 100). Small batches: more updates per token
-            // helped more than larger batches at this scale.
+            // Sized by measurement on a 2-core CPU (see README): ~20k training tokens/s for the
+            // small model with the native learner at 2,048-token batches on the AMD EPYC VM of
+            // the last measurement, ~11k decode tokens/s with the native engine.
+            // Targets up to 30 rather than 100 and number tokens: both shorten what the small
+            // model must learn (copying numbers, stating results); with number tokens the SoS+
+            // model solved 34% of held-out problems after 6,000 steps instead of 15%. Both models
+            // get the same steps of the same token budget (the paper's equal training compute).
+            // Small batches: more updates per token helped more than larger batches here.
             PipelinePreset::Quick => Plan {
                 numbers: 3,
                 max_target: 30,
                 train_problems: 20_000,
-                val_problems: 200,
+                val_problems: 300,
                 model: Preset::Small,
+                number_tokens: true,
                 context: 1024,
-                apr_sft_steps: 1800,
-                sosp_sft_steps: 1000,
+                sft_steps: 6000,
                 batch_tokens: 2048,
                 lr: 3e-3,
                 grpo_steps: 4,
                 grpo_prompts: 8,
                 grpo_group: 4,
-                samples: 2,
+                samples: 4,
                 slots: 64,
             },
             PipelinePreset::Smoke => Plan {
@@ -108,9 +111,9 @@ impl Plan {
                 train_problems: 24,
                 val_problems: 6,
                 model: Preset::Tiny,
+                number_tokens: true,
                 context: 512,
-                apr_sft_steps: 3,
-                sosp_sft_steps: 2,
+                sft_steps: 2,
                 batch_tokens: 2048,
                 lr: 3e-3,
                 grpo_steps: 1,
@@ -125,9 +128,9 @@ impl Plan {
                 train_problems: 500_000,
                 val_problems: 1000,
                 model: Preset::Paper,
+                number_tokens: false,
                 context: 4096,
-                apr_sft_steps: 19_000,
-                sosp_sft_steps: 19_000,
+                sft_steps: 19_000,
                 batch_tokens: 256 * 4096,
                 lr: 5e-5,
                 grpo_steps: 150,
@@ -268,7 +271,11 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     debug_assert!(train.iter().all(|p| !val_keys.contains(&p.key())));
 
     // 2. SFT of both models on the same problems.
-    let tok = AprTokenizer::domain();
+    let tok = if plan.number_tokens {
+        AprTokenizer::numbers()
+    } else {
+        AprTokenizer::domain()
+    };
     let config = ModelConfig {
         max_seq_len: plan.context,
         ..ModelConfig::preset(plan.model, tok.vocab_size())
@@ -282,7 +289,7 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         &train,
         &tok,
         &config,
-        plan.apr_sft_steps,
+        plan.sft_steps,
         args.seed,
         &out,
         &device,
@@ -297,7 +304,7 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         &train,
         &tok,
         &config,
-        plan.sosp_sft_steps,
+        plan.sft_steps,
         args.seed,
         &out,
         &device,
@@ -455,8 +462,9 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     let se = |p: f64| (p * (1.0 - p) / n).sqrt();
     let mut md = String::new();
     let _ = writeln!(md, "# apr pipeline ({:?})\n", args.preset);
-    let _ = writeln!(md, "{} train / {} held-out {}-number problems (targets up to {}); model `{:?}` ({} parameters); {:.0} s in all.\n",
-        train.len(), val.len(), plan.numbers, plan.max_target, plan.model, config.total_params(), total_s);
+    let _ = writeln!(md, "{} train / {} held-out {}-number problems (targets up to {}); model `{:?}` ({} parameters, {}); {} SFT steps of {} tokens for each model; {:.0} s in all.\n",
+        train.len(), val.len(), plan.numbers, plan.max_target, plan.model, config.total_params(),
+        if plan.number_tokens { "number tokens" } else { "digit tokens" }, plan.sft_steps, plan.batch_tokens, total_s);
     let _ = writeln!(md, "| model | decoding | accuracy | ± s.e. | total tokens | sequential | longest thread | children |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     let row = |md: &mut String, name: &str, how: &str, s: &EvalSummary| {
@@ -478,8 +486,17 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     row(&mut md, "APR GRPO", "greedy", &grpo_greedy);
     row(&mut md, "APR GRPO", "τ=1 seed 1", &grpo_t1_a);
     row(&mut md, "APR GRPO", "τ=1 seed 2", &grpo_t1_b);
-    let _ = writeln!(md, "\nSoS+ with {} samples at τ=1: pass@{} {:.1}%, cons@{} {:.1}%, {:.0} total tokens per sample.",
-        plan.samples, plan.samples, 100.0 * sosp_sampled.pass_at_n, plan.samples, 100.0 * sosp_sampled.cons_at_n, sosp_sampled.mean_total_tokens);
+    let _ = writeln!(md, "\nSoS+ sampled at τ=1 (self-consistency over the first k of {} samples):\n\n| k | pass@k | cons@k | total tokens per problem |\n|---|---|---|---|", plan.samples);
+    for a in &sosp_sampled.by_samples {
+        let _ = writeln!(
+            md,
+            "| {} | {:.1}% | {:.1}% | {:.0} |",
+            a.k,
+            100.0 * a.pass,
+            100.0 * a.cons,
+            a.total_tokens
+        );
+    }
     let _ = writeln!(md, "\nCumulative accuracy by per-thread context window (greedy):\n\n| window | APR | SoS+ |\n|---|---|---|");
     for ((w, a), (_, s)) in apr_greedy
         .accuracy_by_window

@@ -155,6 +155,30 @@ fn init_generate_export_train_eval() {
 }
 
 #[test]
+fn builtin_tokenizers_by_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut vocab = Vec::new();
+    for name in ["domain", "numbers"] {
+        let model = dir.path().join(name);
+        ok(&apr(&[
+            "model",
+            "init",
+            "--preset",
+            "tiny",
+            "--tokenizer",
+            name,
+            "--out",
+            s(&model),
+        ]));
+        let config: serde_json::Value =
+            serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
+                .unwrap();
+        vocab.push(config["vocab_size"].as_u64().unwrap());
+    }
+    assert_eq!(vocab[1], vocab[0] + 990, "one token per number 10..=999");
+}
+
+#[test]
 fn pipeline_smoke_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
     let out = apr(&["pipeline", "--preset", "smoke", "--out", s(dir.path())]);
@@ -165,6 +189,7 @@ fn pipeline_smoke_writes_a_report() {
     );
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(report.contains("| APR SFT | greedy |") && report.contains("SoS+"));
+    assert!(report.contains("number tokens"), "{report}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
