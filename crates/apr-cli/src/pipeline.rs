@@ -96,7 +96,7 @@ impl Plan {
                 model: Preset::Small,
                 number_tokens: true,
                 context: 1024,
-                sft_steps: 6000,
+                sft_steps: 4500,
                 batch_tokens: 2048,
                 lr: 3e-3,
                 grpo_steps: 4,
