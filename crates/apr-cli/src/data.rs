@@ -7,7 +7,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use apr_countdown::io::{for_each_chunk, read_items, write_items, JsonlWriter};
+use apr_countdown::io::{for_each_chunk, read_items, write_items, JsonlWriter, CHUNK};
 use apr_countdown::problem::{streams, Problem, ProblemSpec};
 use apr_countdown::record::{
     write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TokenCounter,
@@ -22,10 +22,6 @@ use rayon::prelude::*;
 use serde_json::json;
 
 use crate::progress::{bar, counter};
-
-/// Trace records held at once when a command reads a trace file: files larger than memory
-/// stream through.
-pub(crate) const CHUNK: usize = 4096;
 
 #[derive(Subcommand)]
 pub enum DataCommand {
@@ -277,10 +273,7 @@ impl TokenCounter for TokenizerCounter {
 fn stats(args: StatsArgs) -> Result<ExitCode> {
     let tokenizer = match args.tokenizer.as_deref() {
         None => None,
-        Some(name) => Some(match AprTokenizer::builtin(name) {
-            Some(tok) => tok,
-            None => AprTokenizer::from_file(name.as_ref())?,
-        }),
+        Some(name) => Some(AprTokenizer::named_or_file(name.as_ref())?),
     };
     let unit = match &args.tokenizer {
         None => "characters".to_string(),

@@ -42,10 +42,7 @@ pub struct InitArgs {
 /// by default.
 pub fn tokenizer(name_or_path: Option<&PathBuf>) -> Result<AprTokenizer> {
     Ok(match name_or_path {
-        Some(p) => match p.to_str().and_then(AprTokenizer::builtin) {
-            Some(tok) => tok,
-            None => AprTokenizer::from_file(p)?,
-        },
+        Some(p) => AprTokenizer::named_or_file(p)?,
         None => AprTokenizer::domain(),
     })
 }

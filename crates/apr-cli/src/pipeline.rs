@@ -63,8 +63,8 @@ struct Plan {
     train_problems: usize,
     val_problems: usize,
     model: Preset,
-    /// Number tokens (`AprTokenizer::numbers`) or one token per digit (`domain`).
-    number_tokens: bool,
+    /// Built-in tokenizer: `numbers` (a token per number) or `domain` (a token per digit).
+    tokenizer: &'static str,
     context: usize,
     /// SFT steps of each model (the same for both: equal training compute).
     sft_steps: usize,
@@ -94,7 +94,7 @@ impl Plan {
                 train_problems: 20_000,
                 val_problems: 300,
                 model: Preset::Small,
-                number_tokens: true,
+                tokenizer: "numbers",
                 context: 1024,
                 sft_steps: 4500,
                 batch_tokens: 2048,
@@ -111,7 +111,7 @@ impl Plan {
                 train_problems: 24,
                 val_problems: 6,
                 model: Preset::Tiny,
-                number_tokens: true,
+                tokenizer: "numbers",
                 context: 512,
                 sft_steps: 2,
                 batch_tokens: 2048,
@@ -128,7 +128,7 @@ impl Plan {
                 train_problems: 500_000,
                 val_problems: 1000,
                 model: Preset::Paper,
-                number_tokens: false,
+                tokenizer: "domain",
                 context: 4096,
                 sft_steps: 19_000,
                 batch_tokens: 256 * 4096,
@@ -271,11 +271,7 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     debug_assert!(train.iter().all(|p| !val_keys.contains(&p.key())));
 
     // 2. SFT of both models on the same problems.
-    let tok = if plan.number_tokens {
-        AprTokenizer::numbers()
-    } else {
-        AprTokenizer::domain()
-    };
+    let tok = AprTokenizer::builtin(plan.tokenizer).expect("presets name built-in tokenizers");
     let config = ModelConfig {
         max_seq_len: plan.context,
         ..ModelConfig::preset(plan.model, tok.vocab_size())
@@ -462,9 +458,9 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     let se = |p: f64| (p * (1.0 - p) / n).sqrt();
     let mut md = String::new();
     let _ = writeln!(md, "# apr pipeline ({:?})\n", args.preset);
-    let _ = writeln!(md, "{} train / {} held-out {}-number problems (targets up to {}); model `{:?}` ({} parameters, {}); {} SFT steps of {} tokens for each model; {:.0} s in all.\n",
+    let _ = writeln!(md, "{} train / {} held-out {}-number problems (targets up to {}); model `{:?}` ({} parameters, `{}` tokenizer); {} SFT steps of {} tokens for each model; {:.0} s in all.\n",
         train.len(), val.len(), plan.numbers, plan.max_target, plan.model, config.total_params(),
-        if plan.number_tokens { "number tokens" } else { "digit tokens" }, plan.sft_steps, plan.batch_tokens, total_s);
+        plan.tokenizer, plan.sft_steps, plan.batch_tokens, total_s);
     let _ = writeln!(md, "| model | decoding | accuracy | ± s.e. | total tokens | sequential | longest thread | children |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|");
     let row = |md: &mut String, name: &str, how: &str, s: &EvalSummary| {

@@ -5,7 +5,7 @@ use std::process::ExitCode;
 
 use anyhow::{bail, Result};
 use apr_core::runtime::Mode;
-use apr_countdown::io::for_each_chunk;
+use apr_countdown::io::{for_each_chunk, CHUNK};
 use apr_countdown::record::{CharCounter, TraceRecord};
 use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_model::{checkpoint, init_weights, Preset};
@@ -14,7 +14,7 @@ use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
 
-use crate::data::{load_problems, CHUNK};
+use crate::data::load_problems;
 use crate::model::{model_config, tokenizer};
 use crate::progress::bar;
 use crate::DeviceArgs;
@@ -269,7 +269,6 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         sub_call_budget: args.sub_call_budget,
         token_budget: false,
     };
-    // Hold out 2% of sequences (at least one) for validation loss.
     // Records stream through: only their training sequences are kept.
     let mut seqs = Vec::new();
     let records = for_each_chunk(&args.data, CHUNK, |records: Vec<TraceRecord>| {
@@ -284,6 +283,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     }
     let mut examples =
         tokenize(&seqs, &tok, context, args.mask_prompt).map_err(anyhow::Error::msg)?;
+    // Hold out 2% of sequences (at least one) for validation loss.
     let val_n = (examples.len() / 50)
         .max(1)
         .min(examples.len().saturating_sub(1));

@@ -189,7 +189,7 @@ fn pipeline_smoke_writes_a_report() {
     );
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(report.contains("| APR SFT | greedy |") && report.contains("SoS+"));
-    assert!(report.contains("number tokens"), "{report}");
+    assert!(report.contains("`numbers` tokenizer"), "{report}");
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();

@@ -57,8 +57,9 @@ pub fn read_items<T: DeserializeOwned + Send>(path: &Path) -> Result<Vec<T>, Dat
     Ok(items)
 }
 
-/// Items per chunk of [`read_items`]: enough to keep every core parsing, little memory.
-const CHUNK: usize = 4096;
+/// Items per chunk when a whole file is read ([`read_items`]) or streamed by the commands: enough
+/// to keep every core parsing, little memory.
+pub const CHUNK: usize = 4096;
 
 /// Calls `each` with consecutive chunks of at most `chunk` items of a JSONL file or a JSON array
 /// file (optionally `.zst`), in file order, and returns how many items there were. Only one chunk

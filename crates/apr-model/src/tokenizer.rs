@@ -155,6 +155,15 @@ impl AprTokenizer {
         Self::wrap(tok).expect("domain tokenizer has its special tokens")
     }
 
+    /// A built-in tokenizer by name (see [`AprTokenizer::builtin`]), else the HF `tokenizer.json`
+    /// at that path.
+    pub fn named_or_file(name_or_path: &Path) -> Result<Self, TokenizerError> {
+        match name_or_path.to_str().and_then(Self::builtin) {
+            Some(tok) => Ok(tok),
+            None => Self::from_file(name_or_path),
+        }
+    }
+
     /// Loads any HF `tokenizer.json`.
     pub fn from_file(path: &Path) -> Result<Self, TokenizerError> {
         let tok =

@@ -198,12 +198,12 @@ pub fn summarize(
                 .map(|r| r.result.metrics.total_tokens)
                 .sum::<usize>();
         }
-        let problems = problems.max(1) as f64;
+        let n_problems = problems.max(1) as f64;
         AtSamples {
             k,
-            pass: pass as f64 / problems,
-            cons: cons as f64 / problems,
-            total_tokens: tokens as f64 / problems,
+            pass: pass as f64 / n_problems,
+            cons: cons as f64 / n_problems,
+            total_tokens: tokens as f64 / n_problems,
         }
     };
     let mut ks: Vec<usize> = std::iter::successors(Some(1usize), |k| k.checked_mul(2))
