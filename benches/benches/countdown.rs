@@ -9,7 +9,7 @@ use apr_countdown::pyrand::{PyRandom, LANES};
 use apr_countdown::record::{
     trace_for, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig,
 };
-use apr_countdown::search::{apr, sosp};
+use apr_countdown::search::{apr, sosp, SuccessorOrder};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 const BATCH: u64 = 256;
@@ -40,6 +40,7 @@ fn solvers(c: &mut Criterion) {
                     beam as usize,
                     sub as usize,
                     0.9,
+                    SuccessorOrder::Shuffled,
                     &mut rng,
                 ));
             }
@@ -50,7 +51,14 @@ fn solvers(c: &mut Criterion) {
             for (i, p) in problems.iter().enumerate() {
                 let mut rng = PyRandom::new(i as u64);
                 let beam = 1 + rng.below(5);
-                black_box(sosp(p.target, &p.nums, beam as usize, 0.5, &mut rng));
+                black_box(sosp(
+                    p.target,
+                    &p.nums,
+                    beam as usize,
+                    0.5,
+                    SuccessorOrder::Shuffled,
+                    &mut rng,
+                ));
             }
         })
     });

@@ -13,6 +13,7 @@ use apr_countdown::record::{
     write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TokenCounter,
     TraceRecord,
 };
+use apr_countdown::search::SuccessorOrder;
 use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_countdown::stats::{generate_facts, RecordFacts, TraceStats};
 use apr_countdown::validate::Validator;
@@ -72,11 +73,30 @@ pub enum SolverArg {
     Sosp,
 }
 
+/// Printed order of the kept successors of an expansion.
+#[derive(Clone, Copy, ValueEnum)]
+pub enum OrderArg {
+    /// Shuffled, as the reference prints them (the released data).
+    Shuffled,
+    /// In the order they are generated (pairs in order, then + * - /): easier for small models.
+    Expansion,
+}
+
 impl SolverArg {
-    fn config(self) -> SolverConfig {
+    fn config(self, order: OrderArg) -> SolverConfig {
+        let order = match order {
+            OrderArg::Shuffled => SuccessorOrder::Shuffled,
+            OrderArg::Expansion => SuccessorOrder::Expansion,
+        };
         match self {
-            SolverArg::Apr => SolverConfig::Apr(AprSolverConfig::default()),
-            SolverArg::Sosp => SolverConfig::Sosp(SospSolverConfig::default()),
+            SolverArg::Apr => SolverConfig::Apr(AprSolverConfig {
+                order,
+                ..AprSolverConfig::default()
+            }),
+            SolverArg::Sosp => SolverConfig::Sosp(SospSolverConfig {
+                order,
+                ..SospSolverConfig::default()
+            }),
         }
     }
 }
@@ -95,6 +115,9 @@ pub struct TracesArgs {
     /// Base seed of the solver's random streams (one per problem).
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// Printed order of each expansion's kept successors.
+    #[arg(long, value_enum, default_value = "shuffled")]
+    order: OrderArg,
 }
 
 #[derive(Args)]
@@ -113,6 +136,9 @@ pub struct StatsArgs {
     /// With --generate: the seed.
     #[arg(long, default_value_t = 42)]
     seed: u64,
+    /// With --generate: printed order of each expansion's kept successors.
+    #[arg(long, value_enum, default_value = "shuffled")]
+    order: OrderArg,
     /// Count lengths in tokens of this HF `tokenizer.json` (each call as `BOS + text + EOS`)
     /// instead of characters; `domain` and `numbers` are our own tokenizers.
     #[arg(long)]
@@ -201,7 +227,7 @@ fn traces(args: TracesArgs) -> Result<ExitCode> {
     let progress = bar(problems.len() as u64, "traces");
     let report = write_traces(
         &problems,
-        &args.solver.config(),
+        &args.solver.config(args.order),
         args.seed,
         &CharCounter,
         &args.out,
@@ -304,7 +330,7 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
             let progress = bar(count as u64, "solving");
             let (facts, timing) = generate_facts(
                 &spec,
-                &args.solver.config(),
+                &args.solver.config(args.order),
                 count,
                 args.seed,
                 counter,

@@ -208,3 +208,67 @@ fn bad_input_gives_one_line_errors() {
     let out = apr(&["data", "validate", s(&dir.path().join("missing.jsonl"))]);
     one_line_error(&out, "missing.jsonl");
 }
+
+#[test]
+fn expansion_order_traces_validate_and_say_so() {
+    let dir = tempfile::tempdir().unwrap();
+    let problems = dir.path().join("p.jsonl");
+    let out = apr(&[
+        "data",
+        "problems",
+        "--count",
+        "40",
+        "--seed",
+        "9",
+        "--out",
+        s(&problems),
+    ]);
+    assert!(out.status.success());
+    for solver in ["apr", "sosp"] {
+        for order in ["shuffled", "expansion"] {
+            let traces = dir.path().join(format!("{solver}-{order}.jsonl"));
+            let out = apr(&[
+                "data",
+                "traces",
+                "--solver",
+                solver,
+                "--order",
+                order,
+                "--problems",
+                s(&problems),
+                "--out",
+                s(&traces),
+            ]);
+            assert!(
+                out.status.success(),
+                "{}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            // Both orders are valid traces of the same grammar...
+            let out = apr(&["data", "validate", s(&traces)]);
+            let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            assert_eq!(summary["consistent"], 40, "{solver} {order}");
+            assert_eq!(summary["solved"], summary["verified"]);
+            // ...and only the non-reference order is recorded in the records.
+            let text = std::fs::read_to_string(&traces).unwrap();
+            let marked = text
+                .lines()
+                .filter(|l| l.contains("\"successor_order\":\"expansion\""));
+            let expected = if order == "expansion" { 40 } else { 0 };
+            assert_eq!(marked.count(), expected, "{solver} {order}");
+        }
+    }
+    let out = apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--order",
+        "sorted",
+        "--problems",
+        s(&problems),
+        "--out",
+        s(&dir.path().join("x.jsonl")),
+    ]);
+    assert!(!out.status.success());
+}

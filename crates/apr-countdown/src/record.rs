@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::problem::{streams, Problem};
 use crate::pyrand::{derive_seed, par_map_seeded, PyRandom};
-use crate::search::{apr, sosp, TraceDict};
+use crate::search::{apr, sosp, SuccessorOrder, TraceDict};
 
 /// Counts the length of sequences. Until a tokenizer is plugged in, lengths are characters.
 pub trait TokenCounter: Sync {
@@ -57,6 +57,9 @@ pub struct AprSolverConfig {
     pub max_sub_beam: u32,
     /// Probability of spawning at an eligible expansion (0.9 in the code; spec §3.3).
     pub promising: f64,
+    /// Printed order of kept successors (the reference's: shuffled).
+    #[serde(default)]
+    pub order: SuccessorOrder,
 }
 
 impl Default for AprSolverConfig {
@@ -65,6 +68,7 @@ impl Default for AprSolverConfig {
             max_beam: 10,
             max_sub_beam: 15,
             promising: 0.9,
+            order: SuccessorOrder::Shuffled,
         }
     }
 }
@@ -76,6 +80,9 @@ pub struct SospSolverConfig {
     pub max_beam: u32,
     /// Probability of a serial sub-search after an expansion.
     pub promising: f64,
+    /// Printed order of kept successors (the reference's: shuffled).
+    #[serde(default)]
+    pub order: SuccessorOrder,
 }
 
 impl Default for SospSolverConfig {
@@ -83,6 +90,7 @@ impl Default for SospSolverConfig {
         SospSolverConfig {
             max_beam: 5,
             promising: 0.5,
+            order: SuccessorOrder::Shuffled,
         }
     }
 }
@@ -160,6 +168,9 @@ pub struct TraceRecord {
     /// Children per spawn round.
     #[serde(default)]
     pub sub_call_count: f64,
+    /// Printed order of kept successors; written only when it is not the reference's.
+    #[serde(default, skip_serializing_if = "SuccessorOrder::is_shuffled")]
+    pub successor_order: SuccessorOrder,
 }
 
 /// The rating denominators of the reference (`max_rating` by `start_size`).
@@ -370,6 +381,7 @@ pub fn solve_counted(
         avg_seq_token_count: 0.0,
         avg_sub_seq_token_count: 0.0,
         sub_call_count: 0.0,
+        successor_order: SuccessorOrder::Shuffled,
     };
     match solver {
         SolverConfig::Apr(cfg) => {
@@ -385,6 +397,7 @@ pub fn solve_counted(
                 beam as usize,
                 sub_beam as usize,
                 cfg.promising,
+                cfg.order,
                 rng,
             );
             record.search_path = trace.search_path().to_owned();
@@ -398,6 +411,7 @@ pub fn solve_counted(
             record.promising_threshold = Some(cfg.promising);
             record.beam_size = Some(beam);
             record.sub_call_beam_size = Some(sub_beam);
+            record.successor_order = cfg.order;
             record.trace_dict = Some(trace.trace);
         }
         SolverConfig::Sosp(cfg) => {
@@ -409,6 +423,7 @@ pub fn solve_counted(
                 &problem.nums,
                 beam as usize,
                 cfg.promising,
+                cfg.order,
                 rng,
             );
             record.search_path = trace.search_path;
@@ -419,6 +434,7 @@ pub fn solve_counted(
             };
             record.search_type = format!("sosp_{beam}");
             record.beam_size = Some(beam);
+            record.successor_order = cfg.order;
         }
     }
     let stats = record.count_tokens(counter);
