@@ -1,13 +1,16 @@
 //! `apr data …`: problems, traces, validation, statistics and SFT views.
 
 use std::collections::HashSet;
+use std::ops::ControlFlow;
 use std::path::PathBuf;
 use std::process::ExitCode;
 use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
-use apr_countdown::io::{for_each_chunk, read_items, write_items, JsonlWriter, CHUNK};
+use apr_countdown::io::{
+    for_each_chunk, read_items, try_for_each_chunk, write_items, JsonlWriter, CHUNK,
+};
 use apr_countdown::problem::{streams, Problem, ProblemSpec};
 use apr_countdown::record::{
     write_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TokenCounter,
@@ -366,15 +369,19 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     let mut writer = JsonlWriter::create(&args.out)?;
     let mut count = 0;
     let mut written = Ok(());
-    let records = for_each_chunk(&args.traces, CHUNK, |records: Vec<TraceRecord>| {
+    // A write error (a full disk) stops the reading too; the unfinished output is removed, so no
+    // truncated file appears under the asked-for name (the input is only read).
+    let records = try_for_each_chunk(&args.traces, CHUNK, |records: Vec<TraceRecord>| {
         for record in &records {
             for seq in sequences(record, view, options, &CharCounter) {
-                if written.is_ok() {
-                    written = writer.write(&seq);
-                    count += 1;
+                written = writer.write(&seq);
+                if written.is_err() {
+                    return ControlFlow::Break(());
                 }
+                count += 1;
             }
         }
+        ControlFlow::Continue(())
     })?;
     written?;
     writer.finish()?;

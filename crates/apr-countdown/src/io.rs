@@ -4,6 +4,7 @@
 use std::fs::File;
 use std::io::{BufRead, BufReader, BufWriter, Write};
 use std::marker::PhantomData;
+use std::ops::ControlFlow;
 use std::path::{Path, PathBuf};
 
 use rayon::prelude::*;
@@ -70,6 +71,20 @@ pub fn for_each_chunk<T: DeserializeOwned + Send>(
     chunk: usize,
     mut each: impl FnMut(Vec<T>),
 ) -> Result<usize, DataError> {
+    try_for_each_chunk(path, chunk, |items| {
+        each(items);
+        ControlFlow::Continue(())
+    })
+}
+
+/// [`for_each_chunk`] that stops reading after the chunk for which `each` returns
+/// [`ControlFlow::Break`] (e.g. once its output can no longer be written); returns how many items
+/// were handed to `each`.
+pub fn try_for_each_chunk<T: DeserializeOwned + Send>(
+    path: &Path,
+    chunk: usize,
+    mut each: impl FnMut(Vec<T>) -> ControlFlow<()>,
+) -> Result<usize, DataError> {
     let chunk = chunk.max(1);
     let mut reader = open_reader(path)?;
     // Peek at the first non-blank byte to tell an array from JSON Lines.
@@ -97,29 +112,35 @@ pub fn for_each_chunk<T: DeserializeOwned + Send>(
     };
     if first == b'[' {
         let mut de = serde_json::Deserializer::from_reader(reader);
-        let count = serde::Deserializer::deserialize_seq(
+        let (mut handed, mut stopped) = (0, false);
+        let parsed = serde::Deserializer::deserialize_seq(
             &mut de,
             ArrayChunks {
                 chunk,
                 each: &mut each,
+                handed: &mut handed,
+                stopped: &mut stopped,
                 _item: PhantomData,
             },
-        )
-        .and_then(|count| de.end().map(|()| count))
-        .map_err(|e| parse_error(e.line(), e))?;
-        return Ok(count);
+        );
+        if stopped {
+            return Ok(handed);
+        }
+        parsed
+            .and_then(|()| de.end())
+            .map_err(|e| parse_error(e.line(), e))?;
+        return Ok(handed);
     }
     let mut count = 0;
     let mut lines: Vec<(usize, String)> = Vec::with_capacity(chunk);
-    let mut flush = |lines: &mut Vec<(usize, String)>| -> Result<(), DataError> {
+    let mut flush = |lines: &mut Vec<(usize, String)>| -> Result<ControlFlow<()>, DataError> {
         let items = lines
             .par_iter()
             .map(|(number, line)| serde_json::from_str(line).map_err(|e| parse_error(*number, e)))
             .collect::<Result<Vec<T>, _>>()?;
         lines.clear();
         count += items.len();
-        each(items);
-        Ok(())
+        Ok(each(items))
     };
     for (i, line) in reader.lines().enumerate() {
         let line = line.map_err(io_err(path))?;
@@ -127,44 +148,59 @@ pub fn for_each_chunk<T: DeserializeOwned + Send>(
             continue;
         }
         lines.push((i + 1, line));
-        if lines.len() == chunk {
-            flush(&mut lines)?;
+        if lines.len() == chunk && flush(&mut lines)?.is_break() {
+            return Ok(count);
         }
     }
     if !lines.is_empty() {
-        flush(&mut lines)?;
+        // The last chunk: there is nothing left to stop reading.
+        let _ = flush(&mut lines)?;
     }
     Ok(count)
 }
 
-/// Visits a JSON array element by element, handing out chunks as they fill.
+/// Visits a JSON array element by element, handing out chunks as they fill. A `Break` from
+/// `each` sets `stopped` and ends the visit with an error the caller discards.
 struct ArrayChunks<'a, T, F> {
     chunk: usize,
     each: &'a mut F,
+    handed: &'a mut usize,
+    stopped: &'a mut bool,
     _item: PhantomData<T>,
 }
 
-impl<'de, T: DeserializeOwned, F: FnMut(Vec<T>)> Visitor<'de> for ArrayChunks<'_, T, F> {
-    type Value = usize;
+impl<T, F: FnMut(Vec<T>) -> ControlFlow<()>> ArrayChunks<'_, T, F> {
+    fn hand<E: serde::de::Error>(&mut self, items: Vec<T>) -> Result<(), E> {
+        *self.handed += items.len();
+        if (self.each)(items).is_break() {
+            *self.stopped = true;
+            return Err(E::custom("stopped by the caller"));
+        }
+        Ok(())
+    }
+}
+
+impl<'de, T: DeserializeOwned, F: FnMut(Vec<T>) -> ControlFlow<()>> Visitor<'de>
+    for ArrayChunks<'_, T, F>
+{
+    type Value = ();
 
     fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
         f.write_str("a JSON array of records")
     }
 
-    fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<usize, A::Error> {
-        let mut count = 0;
+    fn visit_seq<A: SeqAccess<'de>>(mut self, mut seq: A) -> Result<(), A::Error> {
         let mut items = Vec::with_capacity(self.chunk.min(CHUNK));
         while let Some(item) = seq.next_element::<T>()? {
             items.push(item);
-            count += 1;
             if items.len() == self.chunk {
-                (self.each)(std::mem::take(&mut items));
+                self.hand(std::mem::take(&mut items))?;
             }
         }
         if !items.is_empty() {
-            (self.each)(items);
+            self.hand(items)?;
         }
-        Ok(count)
+        Ok(())
     }
 }
 
@@ -300,6 +336,18 @@ mod tests {
             assert_eq!(count, 10);
             assert_eq!(chunks.iter().map(Vec::len).collect::<Vec<_>>(), [4, 4, 2]);
             assert_eq!(chunks.concat(), items, "{}", path.display());
+            // Stopping after the second chunk reads no further.
+            let mut seen = Vec::new();
+            let handed = try_for_each_chunk(&path, 4, |c: Vec<Problem>| {
+                seen.push(c.len());
+                if seen.len() == 2 {
+                    ControlFlow::Break(())
+                } else {
+                    ControlFlow::Continue(())
+                }
+            })
+            .unwrap();
+            assert_eq!((handed, seen), (8, vec![4, 4]), "{}", path.display());
         }
     }
 
