@@ -22,7 +22,7 @@ const NO_PARENT: u32 = u32::MAX;
 /// The order in which an expansion prints its kept successors.
 ///
 /// The reference prints them shuffled (spec §3.1). A small model imitating that order has to
-/// remember which of up to ten successors it already wrote, and at CPU scale it does not: 40–50%
+/// remember which of up to ten successors it already wrote, and at CPU scale it does not: 40–60%
 /// of the root operations the quick pipeline's models wrote repeated an earlier one. In expansion
 /// order (pairs `i < j` in order, then `+ * - /`) each line follows from the one before. Which
 /// successors are kept and the random draws are the same in both orders; the printed order, the
@@ -279,7 +279,7 @@ impl Searcher {
             }
         }
         // Stable sort by heuristic, keep the best `beam`, then shuffle (spec §3.1). The shuffle
-        // draws from the stream in both orders, so that the rest of the search is the same.
+        // draws from the stream in both orders, so that every later draw is the same.
         self.generated.sort_by_key(|g| g.0);
         self.generated.truncate(beam);
         let mut kept = std::mem::take(&mut self.generated);
