@@ -112,6 +112,14 @@ impl SolverConfig {
             SolverConfig::Sosp(_) => SolverKind::Sosp,
         }
     }
+
+    /// The printed order of kept successors.
+    pub fn order(&self) -> SuccessorOrder {
+        match self {
+            SolverConfig::Apr(cfg) => cfg.order,
+            SolverConfig::Sosp(cfg) => cfg.order,
+        }
+    }
 }
 
 /// One solved (or failed) problem: the problem's fields, the trace and its statistics.
@@ -381,7 +389,7 @@ pub fn solve_counted(
         avg_seq_token_count: 0.0,
         avg_sub_seq_token_count: 0.0,
         sub_call_count: 0.0,
-        successor_order: SuccessorOrder::Shuffled,
+        successor_order: solver.order(),
     };
     match solver {
         SolverConfig::Apr(cfg) => {
@@ -411,7 +419,6 @@ pub fn solve_counted(
             record.promising_threshold = Some(cfg.promising);
             record.beam_size = Some(beam);
             record.sub_call_beam_size = Some(sub_beam);
-            record.successor_order = cfg.order;
             record.trace_dict = Some(trace.trace);
         }
         SolverConfig::Sosp(cfg) => {
@@ -434,7 +441,6 @@ pub fn solve_counted(
             };
             record.search_type = format!("sosp_{beam}");
             record.beam_size = Some(beam);
-            record.successor_order = cfg.order;
         }
     }
     let stats = record.count_tokens(counter);
