@@ -10,7 +10,7 @@ pub fn synthetic_examples(batch: usize, seq: usize) -> Vec<Example> {
             tokens: (0..=seq)
                 .map(|t| 4 + ((t * 7 + i * 3) % 50) as u32)
                 .collect(),
-            loss_from: 1,
+            untrained: Vec::new(),
         })
         .collect()
 }

@@ -26,7 +26,7 @@ fn training(c: &mut Criterion) {
         let examples: Vec<Example> = (0..16)
             .map(|i| Example {
                 tokens: (0..257).map(|t| 4 + ((t * 7 + i) % 50) as u32).collect(),
-                loss_from: 1,
+                untrained: Vec::new(),
             })
             .collect();
         let refs: Vec<&Example> = examples.iter().collect();

@@ -192,11 +192,52 @@ fn sft_views_split_apr_calls_and_prefix_budgets() {
     assert!(with_budget[0]
         .text
         .starts_with(&format!("Sub Call Budget: {n} Moving to Node #0")));
-    // Children carry no prefix; post-join parent calls do, and their prompt covers the join block.
+    // Children carry no prefix; post-join parent calls do, and their join block is marked.
     let parents = r.trace_dict.as_ref().unwrap().main_calls.len();
-    assert!(with_budget[1].text.starts_with("Sub Call Budget: "));
-    assert!(with_budget[1].text[..with_budget[1].prompt_len].ends_with("<End Sub Searches>\n"));
+    let post_join = &with_budget[1];
+    assert!(post_join.text.starts_with("Sub Call Budget: "));
+    let join = post_join
+        .join
+        .clone()
+        .expect("a post-join call has a join block");
+    assert!(post_join.text[join.clone()].starts_with("<Sub Searches>\n"));
+    assert!(post_join.text[join.clone()].ends_with("<End Sub Searches>\n"));
     assert!(with_budget[parents].text.starts_with("Moving to Node #0,"));
+    assert!(with_budget[parents].child && !post_join.child && !with_budget[0].child);
+}
+
+#[test]
+#[allow(clippy::single_range_in_vec_init)]
+fn loss_placements_mask_what_the_runtime_writes() {
+    use apr_countdown::sft::LossPlacement::{All, Generated, Once};
+    let records = apr_records(50, 8);
+    let r = records.iter().find(|r| r.children() >= 2).unwrap();
+    let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
+    let parents = r.trace_dict.as_ref().unwrap().main_calls.len();
+    let (root, post_join, child) = (&seqs[0], &seqs[1], &seqs[parents]);
+    let join = post_join.join.clone().unwrap();
+    // The reference trains every token; `mask_prompt` takes the given prompt out.
+    for s in [root, post_join, child] {
+        assert!(s.untrained(All, false).is_empty());
+    }
+    assert_eq!(root.untrained(All, true), [0..root.prompt_len]);
+    // Generated: a child's prompt and a join block; the root's prompt stays trained.
+    assert!(root.untrained(Generated, false).is_empty());
+    assert_eq!(post_join.untrained(Generated, false), vec![join.clone()]);
+    assert_eq!(
+        post_join.untrained(Generated, true),
+        [0..post_join.prompt_len, join.clone()]
+    );
+    assert_eq!(child.untrained(Generated, false), [0..child.prompt_len]);
+    // Once: a post-join call learns only what follows its join block.
+    assert_eq!(post_join.untrained(Once, false), [0..join.end]);
+    assert_eq!(child.untrained(Once, false), [0..child.prompt_len]);
+    assert!(root.untrained(Once, false).is_empty());
+    // The post-join call's text before the join is the first call's text before its spawn.
+    let spawn = root.text.find("<Calling Sub Searches>").unwrap();
+    assert_eq!(post_join.text[..join.start], root.text[..spawn]);
+    assert_eq!("once".parse(), Ok(Once));
+    assert!("none".parse::<apr_countdown::sft::LossPlacement>().is_err());
     let sosp = sequences(
         r,
         SftView::Sosp,

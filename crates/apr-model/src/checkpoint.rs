@@ -265,11 +265,23 @@ pub fn save(
     Ok(())
 }
 
+/// Puts back the previous checkpoint when a crash between the two renames of [`save`] left it
+/// only as `DIR.old`; a no-op otherwise. Whoever asks whether a checkpoint exists calls it first.
+pub fn recover(dir: &Path) -> Result<(), CheckpointError> {
+    let mut old = dir.as_os_str().to_owned();
+    old.push(".old");
+    let old = PathBuf::from(old);
+    if !dir.exists() && old.is_dir() {
+        fs::rename(&old, dir).map_err(io(dir))?;
+    }
+    Ok(())
+}
+
 /// Loads a checkpoint: ours (`apr.json`) or a plain HF Llama directory (`config.json`). The
 /// weights must match the configuration's shapes.
 pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
+    recover(dir)?;
     if !dir.is_dir() {
-        // A crash between the two renames of `save` leaves the previous checkpoint as DIR.old.
         return Err(format_err(dir, "no such checkpoint directory"));
     }
     let meta = match fs::read_to_string(dir.join("apr.json")) {

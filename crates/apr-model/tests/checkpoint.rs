@@ -43,4 +43,9 @@ fn save_load_round_trip_and_shape_mismatch() {
     );
     let err = load(&dir.path().join("missing")).unwrap_err().to_string();
     assert!(err.contains("no such checkpoint directory"), "{err}");
+    // A crash between save's two renames leaves only DIR.old: loading puts it back.
+    std::fs::rename(&path, dir.path().join("ckpt.old")).unwrap();
+    let ck = load(&path).unwrap();
+    assert_eq!(ck.weights, weights);
+    assert!(path.is_dir() && !dir.path().join("ckpt.old").exists());
 }

@@ -67,6 +67,14 @@ pub struct EvalSummary {
     pub by_samples: Vec<AtSamples>,
 }
 
+impl EvalSummary {
+    /// The standard error of a rate `p` measured on this run's problems (binomial over
+    /// problems: samples of one problem are not independent, so they do not shrink it).
+    pub fn standard_error(&self, p: f64) -> f64 {
+        (p * (1.0 - p) / self.problems.max(1) as f64).sqrt()
+    }
+}
+
 /// Self-consistency at k samples.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 pub struct AtSamples {
@@ -144,7 +152,13 @@ pub fn evaluate(
             }
         })
         .collect();
-    let summary = summarize(&records, problems.len(), samples, seconds);
+    let summary = summarize(
+        &records,
+        problems.len(),
+        samples,
+        config.runtime.context,
+        seconds,
+    );
     (records, summary)
 }
 
@@ -170,11 +184,24 @@ fn pass_and_consensus(samples: &[&EvalRecord]) -> (bool, bool) {
     (pass, best.is_some_and(|b| b.2))
 }
 
-/// Aggregates records (see [`EvalSummary`]).
+/// The context windows of a run at `context` tokens a thread: every 128 up to 1,024, every 512
+/// after, and the context itself.
+pub fn context_windows(context: usize) -> Vec<usize> {
+    let mut windows: Vec<usize> = (128..=1024)
+        .step_by(128)
+        .chain((1536..=4096).step_by(512))
+        .take_while(|&w| w < context)
+        .collect();
+    windows.push(context);
+    windows
+}
+
+/// Aggregates records (see [`EvalSummary`]) of a run at a per-thread `context`.
 pub fn summarize(
     records: &[EvalRecord],
     problems: usize,
     samples: usize,
+    context: usize,
     seconds: f64,
 ) -> EvalSummary {
     let n = records.len().max(1) as f64;
@@ -216,8 +243,9 @@ pub fn summarize(
         .iter()
         .map(|r| r.result.metrics.generated_tokens)
         .sum();
-    // Every 128 tokens up to 1,024 (CPU-scale contexts), then every 512 up to the paper's 4,096.
-    let windows = (128..=1024).step_by(128).chain((1536..=4096).step_by(512));
+    // Every 128 tokens up to 1,024 (CPU-scale contexts), then every 512 up to the paper's
+    // 4,096; none past the run's own context, where nothing changes.
+    let windows = context_windows(context);
     EvalSummary {
         problems,
         samples,
@@ -234,6 +262,7 @@ pub fn summarize(
         seconds,
         failure_rate: mean(&|r| r.result.failure.is_some() as u8 as f64),
         accuracy_by_window: windows
+            .into_iter()
             .map(|w| {
                 (
                     w,
@@ -287,7 +316,8 @@ mod tests {
             record(1, 2, None, false),
             record(1, 3, None, false),
         ];
-        let s = summarize(&records, 2, 4, 1.0);
+        let s = summarize(&records, 2, 4, 1024, 1.0);
+        assert_eq!(s.accuracy_by_window.last().map(|w| w.0), Some(1024));
         let at: Vec<(usize, f64, f64, f64)> = s
             .by_samples
             .iter()

@@ -19,6 +19,7 @@ use apr_model::native::{NativeEngine, NativeModel, PackedBatch};
 use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
 
+use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
 use crate::sft::{LearnerKind, TrainError};
 
@@ -709,18 +710,11 @@ impl GrpoTrainer {
         &mut self,
         progress: &mut dyn FnMut(&GrpoMetrics),
     ) -> Result<Vec<GrpoMetrics>, TrainError> {
-        use std::io::Write;
-        let path = self.out.join("metrics.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+        let mut log = MetricsLog::open(&self.out, self.step)?;
         let mut all = Vec::new();
         while self.step < self.config.steps {
             let m = self.train_step()?;
-            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
-                .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+            log.write(&m)?;
             progress(&m);
             if self
                 .step
@@ -734,15 +728,73 @@ impl GrpoTrainer {
         Ok(all)
     }
 
-    /// Writes the policy checkpoint atomically.
+    /// Writes the policy checkpoint with its optimizer state atomically.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let dir = self.out.join("checkpoint");
+        let (optimizer_steps, optimizer) = match &self.learner {
+            Learner::Burn { optim, .. } => optim.state(),
+            Learner::Native { policy, optim, .. } => (optim.steps(), optim.named_state(policy)),
+        };
         let meta = CheckpointMeta {
             model: self.model_config.clone(),
-            info: serde_json::json!({"step": self.step, "trainer": "grpo"}),
+            info: serde_json::json!({
+                "step": self.step, "trainer": "grpo", "optimizer_steps": optimizer_steps,
+            }),
         };
-        checkpoint::save(&dir, &meta, &self.weights(), &self.tokenizer, &[])?;
+        let optimizer = checkpoint::safetensors_bytes(&optimizer).map_err(TrainError::Other)?;
+        checkpoint::save(
+            &dir,
+            &meta,
+            &self.weights(),
+            &self.tokenizer,
+            &[("optimizer.safetensors", optimizer)],
+        )?;
         Ok(dir)
+    }
+
+    /// Continues the run in `out` from its checkpoint, if there is one: policy, optimizer and
+    /// step (rollout problems and seeds follow from the step, so the run goes on as if never
+    /// stopped). The reference model stays the one this trainer was built with. Returns the
+    /// step reached.
+    pub fn resume(&mut self) -> Result<usize, TrainError> {
+        let dir = self.out.join("checkpoint");
+        checkpoint::recover(&dir)?;
+        if !dir.join("apr.json").exists() {
+            return Ok(self.step);
+        }
+        let ck = checkpoint::load(&dir)?;
+        let bad = |what: String| TrainError::Other(format!("{}: {what}", dir.display()));
+        if ck.meta.info.get("trainer").and_then(|t| t.as_str()) != Some("grpo") {
+            return Err(bad("not a GRPO checkpoint".into()));
+        }
+        let count = |key: &str| ck.meta.info.get(key).and_then(|s| s.as_u64());
+        let (step, optimizer_steps) = count("step")
+            .zip(count("optimizer_steps"))
+            .ok_or_else(|| bad("no step or optimizer step count".into()))?;
+        let step = step as usize;
+        let saved = checkpoint::read_safetensors(&dir.join("optimizer.safetensors"))?;
+        match &mut self.learner {
+            Learner::Burn { policy, optim, .. } => {
+                *policy = Model::new(
+                    ck.meta.model.clone(),
+                    &ck.weights,
+                    &self.device.clone().autodiff(),
+                )
+                .map_err(|e| bad(e.to_string()))?;
+                optim
+                    .restore(&policy.llama, &self.device, optimizer_steps, &saved)
+                    .map_err(bad)?;
+            }
+            Learner::Native { policy, optim, .. } => {
+                *policy = NativeModel::from_weights(&ck.meta.model, &ck.weights)
+                    .map_err(|e| bad(e.to_string()))?;
+                optim
+                    .restore_named(policy, optimizer_steps, &saved)
+                    .map_err(bad)?;
+            }
+        }
+        self.step = step;
+        Ok(step)
     }
 
     /// The GRPO loss on given sequences, with old and reference log-probabilities equal to the

@@ -4,6 +4,7 @@
 
 pub mod eval;
 pub mod grpo;
+pub mod metrics_log;
 pub mod optim;
 pub mod schedule;
 pub mod sft;

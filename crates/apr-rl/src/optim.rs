@@ -9,6 +9,7 @@ use std::collections::BTreeMap;
 use apr_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
 use apr_model::burn::tensor::Gradients;
 use apr_model::burn::tensor::{Tensor, TensorData};
+use apr_model::native::NativeModel;
 use apr_model::HostTensor;
 use serde::{Deserialize, Serialize};
 
@@ -347,6 +348,30 @@ impl FlatAdamW {
     /// The two moments, flat, and the step count.
     pub fn state(&self) -> (u64, &[f32], &[f32]) {
         (self.step, &self.m, &self.v)
+    }
+
+    /// The moments as named host tensors (`m.<parameter>`, `v.<parameter>`) in `model`'s
+    /// layout: what a checkpoint's `optimizer.safetensors` holds.
+    pub fn named_state(&self, model: &NativeModel) -> BTreeMap<String, HostTensor> {
+        let mut out = BTreeMap::new();
+        for (prefix, flat) in [("m.", &self.m), ("v.", &self.v)] {
+            for (name, t) in model.split(flat) {
+                out.insert(format!("{prefix}{name}"), t);
+            }
+        }
+        out
+    }
+
+    /// Restores moments saved by [`FlatAdamW::named_state`] at optimizer step `step`.
+    pub fn restore_named(
+        &mut self,
+        model: &NativeModel,
+        step: u64,
+        saved: &BTreeMap<String, HostTensor>,
+    ) -> Result<(), String> {
+        let moments = model.join(saved, "m.").zip(model.join(saved, "v."));
+        let (m, v) = moments.ok_or("optimizer state was not written by the native learner")?;
+        self.restore(step, m, v)
     }
 
     /// Restores a state saved from [`FlatAdamW::state`].

@@ -2,11 +2,12 @@
 //! non-pad token (optionally not on the prompt), length-bucketed micro-batches, AdamW with
 //! warmup-cosine and clipping, accumulation, seeded order, atomic checkpoints, exact resume.
 
+use std::ops::Range;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use apr_countdown::pyrand::{derive_seed, PyRandom};
-use apr_countdown::sft::SftSequence;
+use apr_countdown::sft::{LossPlacement, SftSequence};
 use apr_model::burn::tensor::activation::log_softmax;
 use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
 use apr_model::checkpoint::{self, CheckpointMeta};
@@ -14,6 +15,7 @@ use apr_model::native::{NativeModel, PackedBatch};
 use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
 
+use crate::metrics_log::MetricsLog;
 use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
 use crate::schedule::WarmupCosine;
 
@@ -22,15 +24,28 @@ use crate::schedule::WarmupCosine;
 pub struct Example {
     /// `BOS + text + EOS`, truncated to the context + 1.
     pub tokens: Vec<u32>,
-    /// Targets before this index carry no loss (prompt masking; 1 = loss on everything).
-    pub loss_from: usize,
+    /// Positions in `tokens` whose token carries no loss as a target (sorted, disjoint; empty:
+    /// loss on every target).
+    pub untrained: Vec<Range<usize>>,
 }
 
-/// Tokenizes SFT sequences; text the tokenizer cannot encode is an error naming the sequence.
+impl Example {
+    /// Whether the token at `position` (≥ 1) is a training target.
+    pub fn trains(&self, position: usize) -> bool {
+        position >= 1
+            && position < self.tokens.len()
+            && !self.untrained.iter().any(|r| r.contains(&position))
+    }
+}
+
+/// Tokenizes SFT sequences, placing the loss by `placement` (and off the given prompt with
+/// `mask_prompt`); text the tokenizer cannot encode, or a loss boundary that splits a token, is
+/// an error naming the sequence.
 pub fn tokenize(
     sequences: &[SftSequence],
     tokenizer: &AprTokenizer,
     context: usize,
+    placement: LossPlacement,
     mask_prompt: bool,
 ) -> Result<Vec<Example>, String> {
     use rayon::prelude::*;
@@ -39,24 +54,35 @@ pub fn tokenize(
         .par_iter()
         .enumerate()
         .map(|(i, seq)| {
-            let mut tokens = vec![tokenizer.bos_id()];
-            tokens.extend(
+            let encode = |text: &str| {
                 tokenizer
-                    .encode(&seq.text)
-                    .map_err(|e| format!("sequence {i}: {e}"))?,
-            );
-            tokens.push(tokenizer.eos_id());
-            tokens.truncate(context + 1);
-            let loss_from = if mask_prompt {
-                let prompt = seq.text.get(..seq.prompt_len).unwrap_or(&seq.text);
-                1 + tokenizer.encode(prompt).map(|t| t.len()).unwrap_or(0)
-            } else {
-                1
+                    .encode(text)
+                    .map_err(|e| format!("sequence {i}: {e}"))
             };
-            Ok(Example {
-                loss_from: loss_from.min(tokens.len()),
-                tokens,
-            })
+            let mut tokens = vec![tokenizer.bos_id()];
+            tokens.extend(encode(&seq.text)?);
+            tokens.push(tokenizer.eos_id());
+            // Each untrained byte range becomes a token range by encoding the text up to its
+            // ends: the spans end at line and tag boundaries, which no token crosses (checked).
+            let mut untrained = Vec::new();
+            for range in seq.untrained(placement, mask_prompt) {
+                let at = |byte: usize| -> Result<usize, String> {
+                    let head = seq.text.get(..byte).ok_or_else(|| {
+                        format!("sequence {i}: loss boundary {byte} is not a character boundary")
+                    })?;
+                    let head = encode(head)?;
+                    if tokens.get(1..1 + head.len()) != Some(&head[..]) {
+                        return Err(format!("sequence {i}: loss boundary {byte} splits a token"));
+                    }
+                    Ok(1 + head.len())
+                };
+                let (start, end) = (at(range.start)?, at(range.end)?);
+                if start < end {
+                    untrained.push(start..end);
+                }
+            }
+            tokens.truncate(context + 1);
+            Ok(Example { tokens, untrained })
         })
         .collect()
 }
@@ -117,7 +143,7 @@ pub fn pad_batch(
             inputs.push(e.tokens.get(i).copied().unwrap_or(pad) as i64);
             let target = e.tokens.get(i + 1).copied();
             targets.push(target.unwrap_or(pad) as i64);
-            mask.push((target.is_some() && i + 1 >= e.loss_from) as u8 as f32);
+            mask.push(e.trains(i + 1) as u8 as f32);
         }
     }
     (
@@ -234,8 +260,14 @@ pub struct StepMetrics {
     pub lr: f64,
     /// Global gradient norm before clipping.
     pub grad_norm: f64,
-    /// Training tokens (non-pad) per second in this step.
+    /// Tokens (non-pad targets, with or without loss) the step processed per second.
     pub tokens_per_s: f64,
+    /// Tokens processed in this step (targets, with or without loss).
+    #[serde(default)]
+    pub tokens: f64,
+    /// Of those, the tokens that carried the loss.
+    #[serde(default)]
+    pub trained_tokens: f64,
     /// Validation loss, when measured.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub val_loss: Option<f64>,
@@ -299,6 +331,7 @@ impl SftTrainer {
     ) -> Result<Self, TrainError> {
         let ckpt_dir = out.join("checkpoint");
         let mut state = TrainState::default();
+        checkpoint::recover(&ckpt_dir)?;
         let (model_config, weights) = if resume && ckpt_dir.exists() {
             let ck = checkpoint::load(&ckpt_dir)?;
             let text = std::fs::read_to_string(ckpt_dir.join("train_state.json"))
@@ -327,17 +360,9 @@ impl SftTrainer {
                     .map_err(|e| TrainError::Other(e.to_string()))?;
                 let mut optim = FlatAdamW::new(config.adamw, model.num_params());
                 if state.step > 0 {
-                    let saved = saved_optimizer()?;
-                    let moments = model.join(&saved, "m.").zip(model.join(&saved, "v."));
-                    let (m, v) = moments.ok_or_else(|| {
-                        TrainError::Other(format!(
-                            "{}: optimizer state was not written by the native learner",
-                            ckpt_dir.display()
-                        ))
-                    })?;
                     optim
-                        .restore(state.step as u64, m, v)
-                        .map_err(TrainError::Other)?;
+                        .restore_named(&model, state.step as u64, &saved_optimizer()?)
+                        .map_err(|e| TrainError::Other(format!("{}: {e}", ckpt_dir.display())))?;
                 }
                 let grads = vec![0.0; model.num_params()];
                 Learner::Native {
@@ -406,7 +431,7 @@ impl SftTrainer {
         let start = Instant::now();
         let accum = self.config.accum.max(1);
         let mut loss_sum = 0.0;
-        let mut tokens = 0.0;
+        let (mut tokens, mut trained_tokens) = (0.0, 0.0);
         for _ in 0..accum {
             let idx = self.batch(self.state.batches_consumed);
             self.state.batches_consumed += 1;
@@ -414,6 +439,10 @@ impl SftTrainer {
                 return Err(TrainError::Other("no training examples".into()));
             }
             let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
+            tokens += batch
+                .iter()
+                .map(|e| e.tokens.len().saturating_sub(1))
+                .sum::<usize>() as f64;
             let (loss, n) = match &mut self.learner {
                 Learner::Burn { model, optim } => {
                     let device = model.rope_device();
@@ -455,7 +484,7 @@ impl SftTrainer {
                 )));
             }
             loss_sum += loss;
-            tokens += n;
+            trained_tokens += n;
         }
         let lr = self.schedule.lr(self.state.step);
         let step = self.state.step + 1;
@@ -493,6 +522,8 @@ impl SftTrainer {
             lr,
             grad_norm: norm,
             tokens_per_s: tokens / start.elapsed().as_secs_f64().max(1e-9),
+            tokens,
+            trained_tokens,
             val_loss: None,
             val_accuracy: None,
         })
@@ -542,16 +573,7 @@ impl SftTrainer {
         let dir = self.out.join("checkpoint");
         let opt = match &self.learner {
             Learner::Burn { optim, .. } => optim.state().1,
-            Learner::Native { model, optim, .. } => {
-                let (_, m, v) = optim.state();
-                let mut out = std::collections::BTreeMap::new();
-                for (prefix, flat) in [("m.", m), ("v.", v)] {
-                    for (name, t) in model.split(flat) {
-                        out.insert(format!("{prefix}{name}"), t);
-                    }
-                }
-                out
-            }
+            Learner::Native { model, optim, .. } => optim.named_state(model),
         };
         let opt_bytes = checkpoint::safetensors_bytes(&opt).map_err(TrainError::Other)?;
         let state = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
@@ -621,13 +643,7 @@ impl SftTrainer {
         val: Option<&ValProblems>,
         progress: &mut dyn FnMut(&StepMetrics),
     ) -> Result<Vec<StepMetrics>, TrainError> {
-        use std::io::Write;
-        let path = self.out.join("metrics.jsonl");
-        let mut log = std::fs::OpenOptions::new()
-            .create(true)
-            .append(true)
-            .open(&path)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+        let mut log = MetricsLog::open(&self.out, self.state.step)?;
         let mut all = Vec::new();
         while self.state.step < self.config.steps {
             let mut m = self.train_step()?;
@@ -640,8 +656,7 @@ impl SftTrainer {
                     m.val_accuracy = Some(self.val_accuracy(v));
                 }
             }
-            writeln!(log, "{}", serde_json::to_string(&m).unwrap_or_default())
-                .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+            log.write(&m)?;
             progress(&m);
             if step.is_multiple_of(self.config.checkpoint_every.max(1)) || step == self.config.steps
             {
@@ -664,7 +679,7 @@ fn pack(batch: &[&Example]) -> (PackedBatch, Vec<f32>) {
     let packed = PackedBatch::from_sequences(&seqs);
     let mut weights = Vec::with_capacity(packed.len());
     for e in batch.iter().filter(|e| e.tokens.len() >= 2) {
-        weights.extend((1..e.tokens.len()).map(|target| (target >= e.loss_from) as u8 as f32));
+        weights.extend((1..e.tokens.len()).map(|target| e.trains(target) as u8 as f32));
     }
     (packed, weights)
 }

@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::record::{generate_traces, AprSolverConfig, CharCounter, SolverConfig};
-use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
 use apr_model::backend::Backend;
 use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
 use apr_rl::optim::AdamWConfig;
@@ -27,7 +27,7 @@ fn data(tok: &AprTokenizer) -> Vec<Example> {
         .iter()
         .flat_map(|r| sequences(r, SftView::Apr, SftOptions::default(), &CharCounter))
         .collect();
-    tokenize(&seqs, tok, 512, false).unwrap()
+    tokenize(&seqs, tok, 512, LossPlacement::All, false).unwrap()
 }
 
 fn config(steps: usize, learner: LearnerKind) -> SftConfig {
@@ -174,4 +174,55 @@ fn loss_falls_and_resume_is_bit_identical(learner: LearnerKind) {
     let resumed_losses: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
     assert_eq!(resumed_losses, losses[3..].to_vec());
     assert_eq!(resumed.weights(), straight.weights());
+}
+
+#[test]
+fn loss_placements_become_token_masks() {
+    let tok = AprTokenizer::numbers();
+    let spec = ProblemSpec {
+        numbers: 3,
+        max_target: 30,
+    };
+    let problems = spec.generate(24, 1, streams::TRAIN, &HashSet::new());
+    let traces = generate_traces(
+        &problems,
+        &SolverConfig::Apr(AprSolverConfig::default()),
+        1,
+        &CharCounter,
+    );
+    let r = traces.iter().find(|r| r.children() >= 2).unwrap();
+    let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
+    let all = tokenize(&seqs, &tok, 1024, LossPlacement::All, false).unwrap();
+    let generated = tokenize(&seqs, &tok, 1024, LossPlacement::Generated, false).unwrap();
+    let once = tokenize(&seqs, &tok, 1024, LossPlacement::Once, false).unwrap();
+    let parents = r.trace_dict.as_ref().unwrap().main_calls.len();
+    let trained = |e: &Example| (1..e.tokens.len()).filter(|&p| e.trains(p)).count();
+    for (i, seq) in seqs.iter().enumerate() {
+        // Same tokens under every placement; only the loss moves.
+        assert_eq!(all[i].tokens, once[i].tokens);
+        assert_eq!(trained(&all[i]), all[i].tokens.len() - 1);
+        // The untrained tokens decode to exactly the untrained text.
+        let untrained_text: String = generated[i]
+            .untrained
+            .iter()
+            .map(|r| tok.decode(&generated[i].tokens[r.clone()]))
+            .collect();
+        let expected: String = seq
+            .untrained(LossPlacement::Generated, false)
+            .into_iter()
+            .map(|r| seq.text[r].to_string())
+            .collect();
+        assert_eq!(untrained_text, expected, "sequence {i}");
+        assert!(trained(&once[i]) <= trained(&generated[i]));
+    }
+    // A post-join call under `once` trains only after its join block, and the EOS.
+    let join = seqs[1].join.clone().unwrap();
+    let after = tok.encode(&seqs[1].text[join.end..]).unwrap().len();
+    assert_eq!(trained(&once[1]), after + 1);
+    // A child's prompt carries no loss under `generated`, the root's does.
+    assert!(generated[parents]
+        .untrained
+        .first()
+        .is_some_and(|r| r.start == 1));
+    assert!(generated[0].untrained.is_empty());
 }
