@@ -29,7 +29,7 @@ pub enum EvalMode {
 
 #[derive(Args)]
 pub struct EvalArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or the name of a shipped model (`apr-sft`, `apr-grpo`, `sosp`).
     #[arg(long)]
     model: PathBuf,
     /// Problems (JSONL or the reference's JSON array).
@@ -145,7 +145,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct SolveArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or the name of a shipped model (`apr-sft`, `apr-grpo`, `sosp`).
     #[arg(long)]
     model: PathBuf,
     /// Starting numbers, comma-separated (e.g. 22,26,31,53).

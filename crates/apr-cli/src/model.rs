@@ -1,6 +1,6 @@
 //! `apr model init`, `apr generate`, `apr export`.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 use anyhow::{bail, Context, Result};
@@ -89,7 +89,7 @@ pub fn run(cmd: ModelCommand) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct GenerateArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or the name of a shipped model (`apr-sft`, `apr-grpo`, `sosp`).
     #[arg(long)]
     model: PathBuf,
     /// Prompt text (BOS is added).
@@ -112,11 +112,49 @@ pub struct GenerateArgs {
 }
 
 /// Loads a checkpoint onto the selected device.
+/// Where shipped models live: `$APR_MODELS`, else `models/` of this source tree.
+pub fn models_dir() -> PathBuf {
+    std::env::var_os("APR_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models"))
+}
+
+/// A checkpoint directory given as a path, or by the name of a shipped model (`apr-grpo` is
+/// `models/apr-grpo`).
+pub fn resolve_model(name_or_path: &Path) -> Result<PathBuf> {
+    if name_or_path.exists() {
+        return Ok(name_or_path.to_owned());
+    }
+    let shipped = models_dir().join(name_or_path);
+    let is_name = name_or_path.components().count() == 1;
+    if is_name && shipped.join("config.json").exists() {
+        return Ok(shipped);
+    }
+    let names: Vec<String> = std::fs::read_dir(models_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().join("config.json").exists())
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let mut names = names;
+    names.sort();
+    bail!(
+        "{}: no such checkpoint directory, nor a shipped model (shipped: {})",
+        name_or_path.display(),
+        if names.is_empty() {
+            "none".to_owned()
+        } else {
+            names.join(", ")
+        }
+    )
+}
+
 pub fn load_model(
     dir: &std::path::Path,
     device: &DeviceArgs,
 ) -> Result<(Model, AprTokenizer, CheckpointMeta)> {
-    let ck = checkpoint::load(dir)?;
+    let ck = checkpoint::load(&resolve_model(dir)?)?;
     let dev = device.device()?;
     let model = Model::new(ck.meta.model.clone(), &ck.weights, &dev)?;
     Ok((model, ck.tokenizer, ck.meta))
@@ -168,7 +206,7 @@ pub fn generate(args: GenerateArgs) -> Result<ExitCode> {
 
 #[derive(Args)]
 pub struct ExportArgs {
-    /// Checkpoint directory.
+    /// Checkpoint directory, or the name of a shipped model (`apr-sft`, `apr-grpo`, `sosp`).
     #[arg(long)]
     model: PathBuf,
     /// Export format.
@@ -183,7 +221,7 @@ pub fn export(args: ExportArgs) -> Result<ExitCode> {
     if args.format != "hf" {
         bail!("unknown export format {:?} (expected hf)", args.format);
     }
-    let ck = checkpoint::load(&args.model)?;
+    let ck = checkpoint::load(&resolve_model(&args.model)?)?;
     checkpoint::export_hf(&ck, &args.out)?;
     println!("{}", json!({"out": args.out, "format": "hf"}));
     Ok(ExitCode::SUCCESS)

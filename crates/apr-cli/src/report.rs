@@ -21,6 +21,41 @@ pub struct ReportArgs {
     /// Where to write the figures and `report.md` (default: next to the first input).
     #[arg(long)]
     out: Option<PathBuf>,
+    /// SFT run directories (`metrics.jsonl` with held-out accuracy, `--eval-every`) to draw as
+    /// held-out accuracy against training tokens; `DIR@N` shifts a run that started from a
+    /// model trained on N tokens.
+    #[arg(long = "curve")]
+    curves: Vec<String>,
+}
+
+/// Held-out accuracy against cumulative training tokens, from an SFT run's `metrics.jsonl`.
+fn curve(spec: &str) -> Result<Series> {
+    let (dir, offset) = match spec.rsplit_once('@') {
+        Some((dir, n)) => (
+            dir,
+            n.parse::<f64>()
+                .with_context(|| format!("{spec}: the part after @ is not a token count"))?,
+        ),
+        None => (spec, 0.0),
+    };
+    let dir = Path::new(dir);
+    let metrics: Vec<apr_rl::sft::StepMetrics> = apr_rl::metrics_log::read(dir)?;
+    let mut tokens = offset;
+    let mut points = Vec::new();
+    for m in &metrics {
+        tokens += m.tokens;
+        if let Some(a) = m.val_accuracy {
+            points.push((tokens / 1e6, a));
+        }
+    }
+    if points.is_empty() {
+        bail!("{}: no held-out accuracy in metrics.jsonl", dir.display());
+    }
+    let name = dir
+        .file_name()
+        .map(|n| n.to_string_lossy().into_owned())
+        .unwrap_or_default();
+    Ok(Series { name, points })
 }
 
 /// One evaluation to draw.
@@ -102,14 +137,20 @@ struct Figure<'a> {
     lines: bool,
 }
 
+/// Width in pixels of the legend column right of the plot, so no label covers a curve.
+const LEGEND_WIDTH: u32 = 250;
+
 fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
 where
     DB::ErrorType: 'static,
 {
-    root.fill(&WHITE).map_err(|e| anyhow::anyhow!("{e}"))?;
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
+    root.fill(&WHITE).map_err(err)?;
+    let (width, _) = root.dim_in_pixel();
+    let (plot, legend) = root.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
     let xs = fig.series.iter().flat_map(|s| s.points.iter().map(|p| p.0));
     let x_max = xs.fold(1.0f64, f64::max) * 1.08;
-    let mut chart = ChartBuilder::on(&root)
+    let mut chart = ChartBuilder::on(&plot)
         .caption(fig.title, ("sans-serif", 22))
         .margin(16)
         .x_label_area_size(44)
@@ -129,27 +170,28 @@ where
     for (i, s) in fig.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, 100.0 * y)).collect();
-        let anno = if fig.lines {
-            chart.draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-        } else {
-            chart.draw_series(std::iter::empty::<Circle<(f64, f64), i32>>())
+        if fig.lines {
+            chart
+                .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
         }
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-        anno.label(&s.name)
-            .legend(move |(x, y)| Rectangle::new([(x, y - 5), (x + 14, y + 5)], color.filled()));
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))
             .map_err(|e| anyhow::anyhow!("{e}"))?;
+        // The legend: a swatch and the series' name, one row each, beside the plot.
+        let y = 60 + 24 * i as i32;
+        legend
+            .draw(&Rectangle::new([(8, y - 6), (22, y + 6)], color.filled()))
+            .map_err(err)?;
+        legend
+            .draw(&Text::new(
+                s.name.clone(),
+                (30, y - 8),
+                ("sans-serif", 14).into_font(),
+            ))
+            .map_err(err)?;
     }
-    chart
-        .configure_series_labels()
-        .background_style(WHITE.mix(0.85))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 14))
-        .position(SeriesLabelPosition::LowerRight)
-        .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
-    root.present().map_err(|e| anyhow::anyhow!("{e}"))?;
+    root.present().map_err(err)?;
     Ok(())
 }
 
@@ -158,11 +200,11 @@ fn save(out: &Path, fig: &Figure) -> Result<Vec<PathBuf>> {
     let png = out.join(format!("{}.png", fig.file));
     let svg = out.join(format!("{}.svg", fig.file));
     draw(
-        BitMapBackend::new(&png, (900, 600)).into_drawing_area(),
+        BitMapBackend::new(&png, (1100, 600)).into_drawing_area(),
         fig,
     )
     .with_context(|| format!("{}", png.display()))?;
-    draw(SVGBackend::new(&svg, (900, 600)).into_drawing_area(), fig)
+    draw(SVGBackend::new(&svg, (1100, 600)).into_drawing_area(), fig)
         .with_context(|| format!("{}", svg.display()))?;
     Ok(vec![png, svg])
 }
@@ -274,16 +316,30 @@ fn table(runs: &[Run]) -> String {
 
 /// Draws every figure for the runs under `dirs` into `out` and writes `out/report.md`'s table
 /// as `figures.md`; returns the files written.
-pub fn write_report(dirs: &[PathBuf], out: &Path) -> Result<Vec<PathBuf>> {
+pub fn write_report(dirs: &[PathBuf], curves: &[String], out: &Path) -> Result<Vec<PathBuf>> {
     let mut runs = Vec::new();
     for dir in dirs {
         runs.extend(collect(dir)?);
     }
+    let curves = curves
+        .iter()
+        .map(|c| curve(c))
+        .collect::<Result<Vec<_>>>()?;
     load_font()?;
     std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
     let mut written = Vec::new();
     let mut md = String::from("# Evaluation figures\n\n");
-    for fig in figures(&runs) {
+    let mut all = figures(&runs);
+    if !curves.is_empty() {
+        all.push(Figure {
+            file: "accuracy_vs_training_tokens",
+            title: "Held-out accuracy during SFT",
+            x_label: "training tokens (millions)",
+            series: curves,
+            lines: true,
+        });
+    }
+    for fig in all {
         written.extend(save(out, &fig)?);
         let _ = writeln!(md, "![{}]({}.png)\n", fig.title, fig.file);
     }
@@ -300,7 +356,7 @@ pub fn run(args: ReportArgs) -> Result<ExitCode> {
         Some(o) => o.clone(),
         None => args.dirs[0].join("figures"),
     };
-    let written = write_report(&args.dirs, &out)?;
+    let written = write_report(&args.dirs, &args.curves, &out)?;
     for path in &written {
         println!("{}", path.display());
     }

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use apr_core::runtime::Mode;
 use apr_countdown::io::{for_each_chunk, CHUNK};
 use apr_countdown::record::{CharCounter, TraceRecord};
-use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
 use apr_model::{checkpoint, init_weights, Preset};
 use apr_rl::optim::AdamWConfig;
 use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
@@ -139,7 +139,11 @@ pub struct SftArgs {
     /// Longest sequence in tokens (longer ones are truncated).
     #[arg(long, default_value_t = 2048)]
     context: usize,
-    /// No loss on prompt tokens (the reference trains on every token).
+    /// Which tokens carry the loss: `all` (the reference), `generated` (none on a child's
+    /// prompt or a join block) or `once` (also none on a post-join call before its join block).
+    #[arg(long, default_value_t = LossPlacement::default())]
+    loss: LossPlacement,
+    /// No loss on the given prompt either (the root's, an SoS+ trace's).
     #[arg(long)]
     mask_prompt: bool,
     /// What computes gradients: `native` (hand-written CPU forward/backward over packed
@@ -187,7 +191,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         bail!("--steps, --group and --batch must be positive");
     }
     let device = args.device.device()?;
-    let ck = checkpoint::load(&args.init)?;
+    let ck = checkpoint::load(&crate::model::resolve_model(&args.init)?)?;
     let problems = load_problems(&args.problems)?;
     if problems.is_empty() {
         bail!("{}: no problems", args.problems.display());
@@ -250,7 +254,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     let device = args.device.device()?;
     let (tok, model_config, weights) = match &args.init {
         Some(dir) => {
-            let ck = checkpoint::load(dir)?;
+            let ck = checkpoint::load(&crate::model::resolve_model(dir)?)?;
             (ck.tokenizer, ck.meta.model, ck.weights)
         }
         None => {
@@ -282,7 +286,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         bail!("{}: no trace records", args.data.display());
     }
     let mut examples =
-        tokenize(&seqs, &tok, context, args.mask_prompt).map_err(anyhow::Error::msg)?;
+        tokenize(&seqs, &tok, context, args.loss, args.mask_prompt).map_err(anyhow::Error::msg)?;
     // Hold out 2% of sequences (at least one) for validation loss.
     let val_n = (examples.len() / 50)
         .max(1)

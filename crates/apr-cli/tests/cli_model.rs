@@ -205,6 +205,30 @@ fn pipeline_smoke_writes_a_report() {
         assert!(svg.contains("<svg") && svg.contains("apr-greedy"));
     }
     assert!(report.contains("figures/accuracy_vs_total_tokens.png"));
+    // Run again after losing an evaluation and the GRPO stage: finished stages are read back,
+    // the lost ones redone, and the report is the same (but for the times).
+    std::fs::remove_dir_all(dir.path().join("eval/apr-sampled")).unwrap();
+    std::fs::remove_dir_all(dir.path().join("grpo-apr")).unwrap();
+    let sft_weights =
+        std::fs::read(dir.path().join("sft-apr/checkpoint/model.safetensors")).unwrap();
+    let out = apr(&["pipeline", "--preset", "smoke", "--out", s(dir.path())]);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let again = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    let without_times = |r: &str| -> String {
+        r.lines()
+            .filter(|l| !l.starts_with("Times"))
+            .collect::<Vec<_>>()
+            .join("\n")
+    };
+    assert_eq!(without_times(&again), without_times(&report));
+    assert_eq!(
+        std::fs::read(dir.path().join("sft-apr/checkpoint/model.safetensors")).unwrap(),
+        sft_weights
+    );
     let again = dir.path().join("again");
     let out = apr(&["report", s(&dir.path().join("eval")), "--out", s(&again)]);
     assert!(
@@ -237,6 +261,11 @@ fn wrong_input_gives_one_line_errors() {
             "x",
         ]),
         "no such checkpoint directory",
+    );
+    // A bare name is looked up among the shipped models too, and the error says so.
+    one_line_error(
+        &apr(&["generate", "--model", "no-such-model", "--prompt", "x"]),
+        "nor a shipped model",
     );
     let model = dir.path().join("m");
     ok(&apr(&[
