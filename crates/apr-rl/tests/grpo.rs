@@ -141,17 +141,27 @@ fn every_thread_gets_its_rollouts_advantage_on_sampled_tokens_weighted_by_one_ov
     assert_eq!(seqs[3].tokens, vec![1, 10, 11, 40, 41, 42, 43, 44, EOS]);
 }
 
-fn trainer(learner: LearnerKind, beta: f64, dir: &std::path::Path) -> GrpoTrainer {
-    let tok = AprTokenizer::domain();
-    let config = ModelConfig {
+/// The tiny model (seed 1, 64-token context) under GRPO `config`, with `tok` and `problems`.
+fn tiny_trainer(
+    config: GrpoConfig,
+    tok: AprTokenizer,
+    problems: Vec<apr_countdown::Problem>,
+    dir: &std::path::Path,
+) -> GrpoTrainer {
+    let model = ModelConfig {
         max_seq_len: 64,
         ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
     };
-    let weights = init_weights(&config, 1);
+    let weights = init_weights(&model, 1);
     let meta = CheckpointMeta {
-        model: config,
+        model,
         info: serde_json::Value::Null,
     };
+    let device = Backend::Cpu.device(0).unwrap();
+    GrpoTrainer::new(config, &meta, &weights, tok, problems, dir, &device).unwrap()
+}
+
+fn trainer(learner: LearnerKind, beta: f64, dir: &std::path::Path) -> GrpoTrainer {
     let config = GrpoConfig {
         steps: 1,
         prompts: 1,
@@ -168,8 +178,7 @@ fn trainer(learner: LearnerKind, beta: f64, dir: &std::path::Path) -> GrpoTraine
         checkpoint_every: 1,
         learner,
     };
-    let device = Backend::Cpu.device(0).unwrap();
-    GrpoTrainer::new(config, &meta, &weights, tok, vec![], dir, &device).unwrap()
+    tiny_trainer(config, AprTokenizer::domain(), vec![], dir)
 }
 
 #[test]
@@ -231,16 +240,6 @@ fn a_resumed_run_continues_bit_identically() {
     // Weight decay moves the policy off the reference at step 1, so the KL term gives later
     // steps a gradient and the optimizer moments matter.
     let make = |dir: &std::path::Path, steps: usize| {
-        let tok = AprTokenizer::numbers();
-        let config = ModelConfig {
-            max_seq_len: 64,
-            ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
-        };
-        let weights = init_weights(&config, 1);
-        let meta = CheckpointMeta {
-            model: config,
-            info: serde_json::Value::Null,
-        };
         let config = GrpoConfig {
             steps,
             prompts: 2,
@@ -261,8 +260,7 @@ fn a_resumed_run_continues_bit_identically() {
             checkpoint_every: 1,
             learner: LearnerKind::Native,
         };
-        let device = Backend::Cpu.device(0).unwrap();
-        GrpoTrainer::new(config, &meta, &weights, tok, problems.clone(), dir, &device).unwrap()
+        tiny_trainer(config, AprTokenizer::numbers(), problems.clone(), dir)
     };
     let straight = tempfile::tempdir().unwrap();
     let mut a = make(straight.path(), 3);
