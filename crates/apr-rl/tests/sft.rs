@@ -11,19 +11,23 @@ use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
 use apr_rl::optim::AdamWConfig;
 use apr_rl::sft::{tokenize, Example, LearnerKind, SftConfig, SftTrainer};
 
-fn data(tok: &AprTokenizer) -> Vec<Example> {
+/// APR solver traces of 24 3-number problems (seed 1) with targets up to `max_target`.
+fn apr_traces(max_target: i64) -> Vec<apr_countdown::record::TraceRecord> {
     let spec = ProblemSpec {
         numbers: 3,
-        max_target: 100,
+        max_target,
     };
     let problems = spec.generate(24, 1, streams::TRAIN, &HashSet::new());
-    let traces = generate_traces(
+    generate_traces(
         &problems,
         &SolverConfig::Apr(AprSolverConfig::default()),
         1,
         &CharCounter,
-    );
-    let seqs: Vec<_> = traces
+    )
+}
+
+fn data(tok: &AprTokenizer) -> Vec<Example> {
+    let seqs: Vec<_> = apr_traces(100)
         .iter()
         .flat_map(|r| sequences(r, SftView::Apr, SftOptions::default(), &CharCounter))
         .collect();
@@ -179,17 +183,7 @@ fn loss_falls_and_resume_is_bit_identical(learner: LearnerKind) {
 #[test]
 fn loss_placements_become_token_masks() {
     let tok = AprTokenizer::numbers();
-    let spec = ProblemSpec {
-        numbers: 3,
-        max_target: 30,
-    };
-    let problems = spec.generate(24, 1, streams::TRAIN, &HashSet::new());
-    let traces = generate_traces(
-        &problems,
-        &SolverConfig::Apr(AprSolverConfig::default()),
-        1,
-        &CharCounter,
-    );
+    let traces = apr_traces(30);
     let r = traces.iter().find(|r| r.children() >= 2).unwrap();
     let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
     let all = tokenize(&seqs, &tok, 1024, LossPlacement::All, false).unwrap();
