@@ -47,7 +47,10 @@ pub struct RuntimeConfig {
     pub max_children: usize,
     /// Most spawn rounds per problem.
     pub max_spawn_rounds: usize,
-    /// Most tokens a problem may process in all (every thread's prompt and output).
+    /// Most tokens a problem may process in all (every thread's prompt and output). The
+    /// children of a spawn share what the parent has left equally, so that where a budget runs out
+    /// never depends on how threads were batched: a child that uses up its share ends with
+    /// [`Finish::Budget`], a root thread fails the problem.
     pub max_total_tokens: usize,
     /// Wall-clock limit per problem.
     pub timeout: Option<Duration>,
@@ -96,6 +99,8 @@ pub enum Finish {
     Spawn,
     /// The thread reached the per-thread context.
     ContextLimit,
+    /// A child used up its share of the problem's token budget.
+    Budget,
     /// The problem was stopped (budget, timeout, error elsewhere in its tree).
     Cancelled,
 }
@@ -135,7 +140,9 @@ pub struct Segment {
     pub logprobs: Vec<f32>,
     /// Whether each of `tokens` was written by the model (false: injected by the runtime).
     pub sampled: Vec<bool>,
-    /// Prompt tokens that were already in the slot's KV cache (reused at a join).
+    /// Prompt tokens carried over from the call before (the pre-spawn prefix at a join): kept in
+    /// the slot's KV cache, or replayed if the parent lent its slot to its children. Either way
+    /// they are counted once in [`Metrics::total_tokens`].
     pub reused_prefix: usize,
 }
 
@@ -179,7 +186,8 @@ pub struct ProblemResult {
     pub id: usize,
     /// The root prompt (with conditioning).
     pub prompt: String,
-    /// Every segment, in the order they ended.
+    /// Every segment, depth-first through the thread tree: a parent call, the children it
+    /// spawned (by index), the next parent call. The order does not depend on batching.
     pub segments: Vec<Segment>,
     /// The final answer, if the root stated one.
     pub answer: Option<String>,
@@ -216,6 +224,10 @@ struct Thread {
     round: usize,
     index: usize,
     node: Option<crate::grammar::NodeId>,
+    /// Where the thread sits in its problem's tree: the parent's key, then `2·call + 1` and the
+    /// child's index (the root's is empty). It orders segments and seeds sampling, so both depend
+    /// only on the tree, never on which thread happened to be admitted first.
+    tree_key: Vec<usize>,
     seed: u64,
     state: ThreadState,
     slot: Option<SlotId>,
@@ -229,6 +241,13 @@ struct Thread {
     pending: Vec<u32>,
     /// Whether `pending` tokens were sampled (true) or supplied by the runtime.
     pending_sampled: Option<f32>,
+    /// Leading `pending` tokens that replay a context an evicted parent already held: compute,
+    /// not new tokens, so they count toward no budget or metric.
+    replayed: usize,
+    /// Tokens this thread may process, its children's included.
+    allowance: usize,
+    /// Tokens it has processed so far, those of its finished children included.
+    processed: usize,
     /// Current segment.
     segment_prompt: String,
     segment_prompt_tokens: Option<usize>,
@@ -250,15 +269,17 @@ struct ProblemState<P> {
     prompt: String,
     root: Option<usize>,
     started: Option<Instant>,
-    segments: Vec<Segment>,
+    /// Segments as they ended, each with its [`segment_key`].
+    segments: Vec<(Vec<usize>, Segment)>,
     failure: Option<String>,
     done: bool,
-    total_processed: usize,
     live_threads: usize,
     prefilled: usize,
     generated: usize,
     /// Per spawn round: lengths of its children, for sequential tokens.
     round_children: Vec<Vec<usize>>,
+    /// Its threads, in creation order.
+    threads: Vec<usize>,
 }
 
 /// Runs jobs to completion and returns one result per job, in job order.
@@ -291,15 +312,17 @@ pub fn run<T: Task, D: BatchedDecoder + ?Sized, C: TextCodec + ?Sized>(
                 segments: Vec::new(),
                 failure: None,
                 done: false,
-                total_processed: 0,
                 live_threads: 0,
                 prefilled: 0,
                 generated: 0,
                 round_children: Vec::new(),
+                threads: Vec::new(),
             })
             .collect(),
         threads: Vec::new(),
         free_slots: (0..decoder.slots()).rev().collect(),
+        owners: vec![None; decoder.slots()],
+        in_flight: Vec::new(),
         next_problem: 0,
         finished: 0,
         ready: VecDeque::new(),
@@ -319,16 +342,35 @@ struct Runtime<'a, T: Task, C: TextCodec + ?Sized> {
     problems: Vec<ProblemState<T::Problem>>,
     threads: Vec<Thread>,
     free_slots: Vec<SlotId>,
+    /// The thread holding each slot: every step looks only at these, never at all threads.
+    owners: Vec<Option<usize>>,
+    /// Problems admitted and not yet done.
+    in_flight: Vec<usize>,
     next_problem: usize,
     finished: usize,
     /// Threads waiting for a slot, children and resumes first.
     ready: VecDeque<usize>,
 }
 
-fn thread_seed(problem_seed: u64, thread: usize) -> u64 {
-    let mut z = problem_seed ^ (thread as u64 + 1).wrapping_mul(0xD1B5_4A32_D192_ED03);
-    z = (z ^ (z >> 31)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    z ^ (z >> 29)
+/// A thread's sampling seed: the problem's seed mixed with the thread's place in the tree.
+fn thread_seed(problem_seed: u64, tree_key: &[usize]) -> u64 {
+    let mut z = problem_seed;
+    for &k in std::iter::once(&usize::MAX).chain(tree_key) {
+        z ^= (k as u64)
+            .wrapping_add(1)
+            .wrapping_mul(0xD1B5_4A32_D192_ED03);
+        z = (z ^ (z >> 31)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        z ^= z >> 29;
+    }
+    z
+}
+
+/// Where a segment goes in its problem's record: depth-first through the tree, so that a parent
+/// call comes before the children it spawned and they come before the call after the join.
+fn segment_key(tree_key: &[usize], call: usize) -> Vec<usize> {
+    let mut key = tree_key.to_vec();
+    key.push(2 * call);
+    key
 }
 
 impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
@@ -342,11 +384,14 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             self.check_timeouts(decoder, progress);
             self.admit(decoder, progress);
             let running: Vec<usize> = self
-                .threads
+                .owners
                 .iter()
-                .enumerate()
-                .filter(|(_, t)| t.state == ThreadState::Running && !t.pending.is_empty())
-                .map(|(i, _)| i)
+                .flatten()
+                .copied()
+                .filter(|&t| {
+                    let th = &self.threads[t];
+                    th.state == ThreadState::Running && !th.pending.is_empty()
+                })
                 .collect();
             if running.is_empty() {
                 // Admission did all it could and nothing runs: no progress is possible (e.g. a
@@ -437,6 +482,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             let p = self.next_problem;
             self.next_problem += 1;
             self.problems[p].started = Some(Instant::now());
+            self.in_flight.push(p);
             let prompt = self.problems[p].prompt.clone();
             let t = self.new_thread(p, Role::Parent, None, 0, 0, None, prompt);
             self.problems[p].root = Some(t);
@@ -448,16 +494,17 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
     /// Frees the slot of a parent waiting for its children (it will re-prefill its context on
     /// resume). Returns false if there is none.
     fn evict_waiting_parent<D: BatchedDecoder + ?Sized>(&mut self, decoder: &mut D) -> bool {
-        let victim = self
-            .threads
-            .iter()
-            .position(|t| t.state == ThreadState::Waiting && t.slot.is_some());
+        let victim = self.owners.iter().flatten().copied().find(|&t| {
+            let th = &self.threads[t];
+            th.state == ThreadState::Waiting && th.slot.is_some()
+        });
         match victim {
             Some(v) => {
+                // Its tokens stay: on resume they are replayed exactly, so the model sees the
+                // same context whether or not the parent kept its slot.
                 let slot = self.threads[v].slot.take().expect("victim holds a slot");
                 decoder.release(slot);
-                self.threads[v].tokens.clear();
-                self.threads[v].text_ends.clear();
+                self.owners[slot] = None;
                 self.free_slots.push(slot);
                 true
             }
@@ -478,6 +525,19 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
     ) -> usize {
         let id = self.threads.len();
         self.problems[problem].live_threads += 1;
+        self.problems[problem].threads.push(id);
+        let tree_key = match parent {
+            Some(parent) => {
+                let parent = &self.threads[parent];
+                // The spawning call has just been recorded, so it is call `segment_count - 1`.
+                let call = parent.segment_count.saturating_sub(1);
+                let mut key = parent.tree_key.clone();
+                key.extend([2 * call + 1, index]);
+                key
+            }
+            None => Vec::new(),
+        };
+        let seed = thread_seed(self.problems[problem].job.seed, &tree_key);
         self.threads.push(Thread {
             problem,
             role,
@@ -485,7 +545,8 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             round,
             index,
             node,
-            seed: thread_seed(self.problems[problem].job.seed, id),
+            tree_key,
+            seed,
             state: ThreadState::Queued,
             slot: None,
             tokens: Vec::new(),
@@ -493,6 +554,9 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             text: String::new(),
             pending: Vec::new(),
             pending_sampled: None,
+            replayed: 0,
+            allowance: self.config.max_total_tokens,
+            processed: 0,
             segment_prompt: prompt,
             segment_prompt_tokens: None,
             segment_start_text: 0,
@@ -510,7 +574,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
     }
 
     /// Gives a thread a slot and queues its context: the whole segment prompt for a fresh
-    /// thread, the full context for an evicted parent.
+    /// thread; a resumed parent's context was queued by [`Self::join`].
     fn start_in_slot<D: BatchedDecoder + ?Sized>(
         &mut self,
         t: usize,
@@ -519,12 +583,14 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         progress: &mut dyn FnMut(usize),
     ) {
         decoder.release(slot);
+        self.owners[slot] = Some(t);
         let th = &mut self.threads[t];
         th.slot = Some(slot);
         th.state = ThreadState::Running;
-        if th.text.is_empty() {
-            th.text = th.segment_prompt.clone();
+        if !th.pending.is_empty() {
+            return; // a resumed parent: `join` queued its replay and join block
         }
+        th.text = th.segment_prompt.clone();
         th.tokens.clear();
         th.text_ends.clear();
         match self.codec.encode(&th.text) {
@@ -534,6 +600,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 th.pending = pending;
                 th.pending_sampled = None;
                 th.segment_start_text = th.text.len();
+                th.stop.restart(th.segment_start_text);
                 if th.pending.len() + 1 > self.context {
                     let p = th.problem;
                     self.fail(p, "prompt exceeds the context".into(), decoder, progress);
@@ -580,9 +647,10 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 th.tokens.push(tok);
                 th.text_ends.push(end);
             }
-            self.problems[p].total_processed += pending.len();
+            let new_tokens = pending.len() - std::mem::take(&mut th.replayed);
+            th.processed += new_tokens;
             if supplied {
-                self.problems[p].prefilled += pending.len();
+                self.problems[p].prefilled += new_tokens;
             }
         }
         self.problems[p].generated += 1;
@@ -598,12 +666,11 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         th.out_sampled.push(true);
         th.pending = vec![token];
         th.pending_sampled = Some(logprob);
-        let generated_from = th.segment_start_text;
         if let Some(hit) = th.stop.push(&piece) {
             // The model tried to write the join block itself: cut it and substitute the spawn
-            // opener (reference `decode_trace`), then let it continue.
-            let cut = generated_from + hit.start;
-            th.stop.reset();
+            // opener (reference `decode_trace`), then let it continue. The detector holds
+            // offsets into `text`, so the cut is exact however many substitutions came before.
+            let cut = hit.start;
             if let Err(reason) = self.substitute(t, cut, decoder) {
                 self.fail(p, reason, decoder, progress);
                 return;
@@ -614,8 +681,13 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             self.end_segment_with(t, Finish::ContextLimit, decoder, progress);
             return;
         }
-        if self.problems[p].total_processed + 1 > self.config.max_total_tokens {
-            self.fail(p, "total token budget exhausted".into(), decoder, progress);
+        if th.processed + 1 > th.allowance {
+            match th.role {
+                Role::Child => self.end_segment_with(t, Finish::Budget, decoder, progress),
+                Role::Parent => {
+                    self.fail(p, "total token budget exhausted".into(), decoder, progress)
+                }
+            }
         }
     }
 
@@ -645,6 +717,11 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         let injected = self.codec.encode(&redo)?;
         th.text.truncate(boundary);
         th.text.push_str(&redo);
+        // The detector sees the text as the thread now holds it, injected opener included.
+        th.stop.restart(boundary);
+        if th.stop.push(&redo).is_some() {
+            return Err("substitution wrote a join marker".into());
+        }
         // Simplest consistent record: the sampled tokens up to the boundary stay; everything the
         // runtime wrote is marked as injected.
         let mut text_len = th.segment_start_text;
@@ -689,8 +766,9 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         }
     }
 
-    fn take_segment(&mut self, t: usize, finish: Finish) -> Segment {
+    fn take_segment(&mut self, t: usize, finish: Finish) -> (Vec<usize>, Segment) {
         let th = &mut self.threads[t];
+        let key = segment_key(&th.tree_key, th.segment_count);
         let prompt_tokens_len = th.segment_prompt_tokens.unwrap_or(th.tokens.len());
         let prompt_tokens = th.tokens[..prompt_tokens_len.min(th.tokens.len())].to_vec();
         let seg = Segment {
@@ -713,7 +791,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         };
         th.segment_count += 1;
         th.segment_prompt_tokens = None;
-        seg
+        (key, seg)
     }
 
     /// Ends a thread for good (EOS without spawn, context limit).
@@ -726,13 +804,15 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
     ) {
         let seg = self.take_segment(t, finish);
         let p = self.threads[t].problem;
-        let seg_len = seg.len();
+        let seg_len = seg.1.len();
         self.problems[p].segments.push(seg);
         self.retire(t, decoder);
         let th = &self.threads[t];
         match (th.role, th.parent) {
             (Role::Child, Some(parent)) => {
                 let round = th.round;
+                let processed = th.processed;
+                self.threads[parent].processed += processed;
                 if let Some(lens) = self.problems[p].round_children.get_mut(round) {
                     lens.push(seg_len);
                 }
@@ -766,6 +846,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         th.pending.clear();
         if let Some(slot) = th.slot.take() {
             decoder.release(slot);
+            self.owners[slot] = None;
             self.free_slots.push(slot);
         }
         self.problems[th.problem].live_threads -= 1;
@@ -837,6 +918,13 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             );
             children.push(c);
         }
+        let share = self.threads[t]
+            .allowance
+            .saturating_sub(self.threads[t].processed)
+            / children.len().max(1);
+        for &c in &children {
+            self.threads[c].allowance = share;
+        }
         let th = &mut self.threads[t];
         th.spawn_rounds += 1;
         th.state = ThreadState::Waiting;
@@ -880,41 +968,56 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         let th = &mut self.threads[t];
         th.text = new_text.clone();
         th.segment_prompt = new_text;
-        th.state = ThreadState::Running;
-        th.stop.reset();
+        // Keep the context up to the last token boundary inside the pre-spawn text: in the
+        // slot's KV cache if the parent kept its slot, else replayed into a new one.
+        let keep = th
+            .text_ends
+            .iter()
+            .take_while(|&&e| e <= before_len)
+            .count()
+            .max(1)
+            .min(th.tokens.len());
+        if keep == 0 {
+            return self.fail(
+                p,
+                "join: the parent holds no context".into(),
+                decoder,
+                progress,
+            );
+        }
+        let boundary = th.text_ends[keep - 1];
+        th.tokens.truncate(keep);
+        th.text_ends.truncate(keep);
+        th.reused_prefix = keep;
+        let join_tokens = match self.codec.encode(&th.text[boundary..]) {
+            Ok(tokens) if !tokens.is_empty() => tokens,
+            Ok(_) => return self.fail(p, "join: empty join block".into(), decoder, progress),
+            Err(e) => return self.fail(p, format!("join: {e}"), decoder, progress),
+        };
+        th.pending_sampled = None;
+        th.segment_start_text = th.text.len();
+        th.stop.restart(th.segment_start_text);
+        if keep + join_tokens.len() + 1 > self.context {
+            // No room to write anything after the join block: the call ends where it starts.
+            th.tokens.extend(join_tokens);
+            th.segment_prompt_tokens = Some(th.tokens.len());
+            return self.end_segment_with(t, Finish::ContextLimit, decoder, progress);
+        }
         match th.slot {
             Some(slot) => {
-                // Keep the KV prefix up to the last token boundary inside the pre-spawn text.
-                let keep = th
-                    .text_ends
-                    .iter()
-                    .take_while(|&&e| e <= before_len)
-                    .count()
-                    .max(1);
-                let boundary = th.text_ends[keep - 1];
                 if let Err(e) = decoder.truncate(slot, keep) {
                     return self.fail(p, format!("join: {e}"), decoder, progress);
                 }
-                th.tokens.truncate(keep);
-                th.text_ends.truncate(keep);
-                th.reused_prefix = keep;
-                match self.codec.encode(&th.text[boundary..]) {
-                    Ok(tokens) if !tokens.is_empty() => {
-                        th.pending = tokens;
-                        th.pending_sampled = None;
-                        th.segment_start_text = th.text.len();
-                    }
-                    Ok(_) => {
-                        return self.fail(p, "join: empty join block".into(), decoder, progress)
-                    }
-                    Err(e) => return self.fail(p, format!("join: {e}"), decoder, progress),
-                }
-                if th.tokens.len() + th.pending.len() + 1 > self.context {
-                    self.end_segment_with(t, Finish::ContextLimit, decoder, progress);
-                }
+                th.pending = join_tokens;
+                th.state = ThreadState::Running;
             }
             None => {
-                // The slot was lent to children: re-prefill the whole context later.
+                // The slot was lent to children: replay the kept context in the next free one.
+                let mut pending = std::mem::take(&mut th.tokens);
+                th.text_ends.clear();
+                pending.extend(join_tokens);
+                th.pending = pending;
+                th.replayed = keep;
                 th.state = ThreadState::Queued;
                 self.ready.push_front(t);
             }
@@ -951,19 +1054,31 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             return;
         }
         // Cancel every live thread of the problem.
-        let live: Vec<usize> = (0..self.threads.len())
-            .filter(|&t| self.threads[t].problem == p && self.threads[t].state != ThreadState::Done)
+        let live: Vec<usize> = self.problems[p]
+            .threads
+            .iter()
+            .copied()
+            .filter(|&t| self.threads[t].state != ThreadState::Done)
             .collect();
         for t in live {
             let seg = self.take_segment(t, Finish::Cancelled);
-            if !seg.tokens.is_empty() || self.threads[t].role == Role::Child {
+            if !seg.1.tokens.is_empty() || self.threads[t].role == Role::Child {
                 self.problems[p].segments.push(seg);
             }
             self.retire(t, decoder);
         }
+        // Everything worth keeping is in the segments now: free the threads' buffers, so that
+        // memory follows the problems in flight, not the problems run.
+        for &t in &self.problems[p].threads {
+            let th = &mut self.threads[t];
+            th.text = String::new();
+            th.tokens = Vec::new();
+            th.text_ends = Vec::new();
+        }
         let prob = &mut self.problems[p];
         prob.failure = failure;
         prob.done = true;
+        self.in_flight.retain(|&q| q != p);
         self.finished += 1;
         progress(self.finished);
     }
@@ -976,7 +1091,10 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         let Some(limit) = self.config.timeout else {
             return;
         };
-        let expired: Vec<usize> = (0..self.problems.len())
+        let expired: Vec<usize> = self
+            .in_flight
+            .iter()
+            .copied()
             .filter(|&p| {
                 let prob = &self.problems[p];
                 !prob.done && prob.started.is_some_and(|s| s.elapsed() > limit)
@@ -988,10 +1106,11 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
     }
 }
 
-fn finish_problem<T: Task>(task: &T, p: ProblemState<T::Problem>) -> ProblemResult {
+fn finish_problem<T: Task>(task: &T, mut p: ProblemState<T::Problem>) -> ProblemResult {
     let latency = p.started.map_or(0.0, |s| s.elapsed().as_secs_f64());
-    let root_text = p
-        .segments
+    p.segments.sort_by(|a, b| a.0.cmp(&b.0));
+    let segments: Vec<Segment> = p.segments.into_iter().map(|(_, s)| s).collect();
+    let root_text = segments
         .iter()
         .rev()
         .find(|s| s.role == Role::Parent && s.finish == Finish::Eos)
@@ -1003,7 +1122,7 @@ fn finish_problem<T: Task>(task: &T, p: ProblemState<T::Problem>) -> ProblemResu
     };
     let reward = task.reward(&p.job.problem, answer.as_deref());
     let metrics = metrics(
-        &p.segments,
+        &segments,
         &p.round_children,
         p.prefilled,
         p.generated,
@@ -1012,7 +1131,7 @@ fn finish_problem<T: Task>(task: &T, p: ProblemState<T::Problem>) -> ProblemResu
     ProblemResult {
         id: p.job.id,
         prompt: p.prompt,
-        segments: p.segments,
+        segments,
         answer,
         reward,
         failure: p.failure,

@@ -68,14 +68,16 @@ impl StopDetector {
         None
     }
 
-    /// Forgets everything fed so far (same markers).
-    pub fn reset(&mut self) {
+    /// Forgets everything fed so far (same markers), as if `offset` bytes had been fed that
+    /// cannot be part of a marker: later hits are reported from `offset` on. A caller that feeds
+    /// a thread's text from byte `offset` gets hits as offsets into that text.
+    pub fn restart(&mut self, offset: usize) {
         self.window.clear();
-        self.fed = 0;
+        self.fed = offset;
         self.hit = None;
     }
 
-    /// Bytes fed so far.
+    /// Bytes fed so far (counted from the last restart's offset).
     pub fn fed(&self) -> usize {
         self.fed
     }

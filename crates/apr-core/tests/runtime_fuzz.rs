@@ -1,0 +1,138 @@
+//! The runtime against a chaotic model that writes the protocol's markers anywhere: it never
+//! fails on its own substitution, every segment it records is what the reference's decode loop
+//! would write, and the records do not depend on how many slots the batch has.
+
+mod chaos;
+
+use apr_core::runtime::{run, Finish, Job, Mode, Role, RuntimeConfig};
+use apr_core::scripted::{ByteCodec, ScriptedModel};
+use chaos::{check, run_chaos, Tally};
+
+#[test]
+fn chaotic_output_never_breaks_the_runtime() {
+    let mut tally = Tally::default();
+    for mode in [Mode::Apr, Mode::Serial] {
+        let (results, model) = run_chaos(mode, 0, 1_500, 16, false);
+        for r in &results {
+            if let Err(e) = check(&model, r, &mut tally) {
+                panic!("{mode:?}: {e}");
+            }
+        }
+    }
+    println!("chaos fuzz: {tally:?}");
+    // The fuzz must reach what it is for: substitutions, spawns that join, and exact checks.
+    assert!(tally.substitutions > 500, "{tally:?}");
+    assert!(tally.matched_reference > 1_000, "{tally:?}");
+    assert!(tally.failures < tally.problems, "{tally:?}");
+}
+
+#[test]
+fn several_substitutions_in_one_call_match_the_reference_loop() {
+    // The model writes `<Sub Searches>` twice in its first call; each time the runtime cuts it
+    // and writes `<Calling Sub Searches>` instead, and the model goes on from there.
+    let prompt = "Problem 1\n";
+    let first = format!("{prompt}A <Calling Sub Searches>");
+    let second = format!("{first}B\n<Calling Sub Searches>");
+    // Keys are the contexts after each substitution: the script continues only from those.
+    let scripts = vec![
+        (prompt.to_owned(), "A <Sub Searches>\nlost".to_owned()),
+        (first.clone(), "B\n<Sub Searches>".to_owned()),
+        (second.clone(), " C Goal Reached".to_owned()),
+    ];
+    for (slots, mode) in [(1, Mode::Serial), (4, Mode::Apr)] {
+        let mut model = ScriptedModel::new(scripts.clone(), slots, 1_000);
+        let config = RuntimeConfig {
+            mode,
+            context: 1_000,
+            ..RuntimeConfig::default()
+        };
+        let jobs = vec![Job {
+            id: 0,
+            problem: 1u64,
+            seed: 0,
+        }];
+        let results = run(
+            &chaos::ToyTask,
+            &mut model,
+            &ByteCodec,
+            jobs,
+            &config,
+            &mut |_| {},
+        );
+        let r = &results[0];
+        assert_eq!(r.failure, None);
+        assert_eq!(r.segments.len(), 1);
+        let seg = &r.segments[0];
+        assert_eq!(seg.role, Role::Parent);
+        assert_eq!(seg.finish, Finish::Eos);
+        assert_eq!(
+            seg.output,
+            "A <Calling Sub Searches>B\n<Calling Sub Searches> C Goal Reached"
+        );
+        // What the runtime wrote is marked as injected, what the model wrote as sampled.
+        let injected: String = seg
+            .tokens
+            .iter()
+            .zip(&seg.sampled)
+            .filter(|(_, s)| !**s)
+            .map(|(&t, _)| char::from((t - 3) as u8))
+            .collect();
+        assert_eq!(injected, "<Calling Sub Searches><Calling Sub Searches>");
+        assert_eq!(
+            r.answer.as_deref(),
+            Some("<Calling Sub Searches> C Goal Reached")
+        );
+    }
+}
+
+#[test]
+fn records_do_not_depend_on_the_number_of_slots() {
+    for mode in [Mode::Apr, Mode::Serial] {
+        let runs: Vec<Vec<String>> = [1, 7, 64]
+            .into_iter()
+            .map(|slots| {
+                let (results, _) = run_chaos(mode, 77, 300, slots, true);
+                results
+                    .into_iter()
+                    .map(|mut r| {
+                        r.metrics.latency_s = 0.0;
+                        serde_json::to_string(&r).unwrap()
+                    })
+                    .collect()
+            })
+            .collect();
+        for (slots, run) in [7, 64].iter().zip(&runs[1..]) {
+            for (id, (a, b)) in runs[0].iter().zip(run).enumerate() {
+                assert_eq!(a, b, "{mode:?}, problem {id}: 1 slot vs {slots}");
+            }
+        }
+    }
+}
+
+#[test]
+fn children_are_recorded_in_tree_order() {
+    let (results, _) = run_chaos(Mode::Apr, 5, 800, 9, true);
+    let mut checked = 0;
+    for r in &results {
+        // Depth-first: a parent call, then its round's children by index, then the next call.
+        let mut expected_call = 0;
+        let mut last_child: Option<(usize, usize)> = None;
+        for s in &r.segments {
+            match s.role {
+                Role::Parent => {
+                    assert_eq!(s.round, expected_call, "problem {}", r.id);
+                    expected_call += 1;
+                }
+                Role::Child => {
+                    assert_eq!(s.round + 1, expected_call, "problem {}", r.id);
+                    if let Some((round, index)) = last_child {
+                        assert!((round, index) < (s.round, s.index), "problem {}", r.id);
+                    }
+                    last_child = Some((s.round, s.index));
+                    checked += 1;
+                }
+            }
+        }
+    }
+    assert!(checked > 100, "only {checked} children");
+}
