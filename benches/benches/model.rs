@@ -1,10 +1,11 @@
 //! The model on the CPU backend: training-step throughput (tiny, small) and engine prefill and
-//! decode throughput at 1, 16 and 64 slots (small).
+//! decode throughput at 1, 16 and 64 slots (small), for the burn engine and the CPU engine.
 
 use std::hint::black_box;
 
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
+use apr_model::native::{NativeEngine, NativeModel};
 use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
 use apr_rl::sft::{masked_nll, pad_batch, Example};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
@@ -44,12 +45,22 @@ fn training(c: &mut Criterion) {
 
 fn engine(c: &mut Criterion) {
     let m = model(Preset::Small, false);
+    let native = NativeModel::from_weights(&m.config, &m.llama.to_weights()).unwrap();
+    let burn = |slots| Box::new(Engine::new(m.clone(), slots, 1024, 0)) as Box<dyn BatchedDecoder>;
+    let cpu =
+        |slots| Box::new(NativeEngine::new(native.clone(), slots, 1024)) as Box<dyn BatchedDecoder>;
+    engine_group(c, "engine", &burn);
+    engine_group(c, "native_engine", &cpu);
+}
+
+/// Prefill of 64 tokens and decode of one token, at 1, 16 and 64 slots.
+fn engine_group(c: &mut Criterion, name: &str, make: &dyn Fn(usize) -> Box<dyn BatchedDecoder>) {
     let prompt: Vec<u32> = (0..64).map(|t| 4 + (t % 50) as u32).collect();
-    let mut group = c.benchmark_group("engine");
+    let mut group = c.benchmark_group(name);
     for slots in [1usize, 16, 64] {
         group.throughput(Throughput::Elements((slots * prompt.len()) as u64));
         group.bench_function(format!("prefill_64_tokens_{slots}_slots"), |b| {
-            let mut e = Engine::new(m.clone(), slots, 1024, 0);
+            let mut e = make(slots);
             b.iter(|| {
                 for s in 0..slots {
                     e.release(s);
@@ -67,7 +78,7 @@ fn engine(c: &mut Criterion) {
         });
         group.throughput(Throughput::Elements(slots as u64));
         group.bench_function(format!("decode_{slots}_slots"), |b| {
-            let mut e = Engine::new(m.clone(), slots, 1024, 0);
+            let mut e = make(slots);
             let inputs: Vec<StepInput> = (0..slots)
                 .map(|s| StepInput {
                     slot: s,

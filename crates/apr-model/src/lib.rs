@@ -7,6 +7,7 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod engine;
+pub mod invariant;
 pub mod model;
 pub mod native;
 pub mod tokenizer;

@@ -17,6 +17,8 @@ use apr_core::decoder::{
     uniform_at, BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput,
 };
 use gemm::{gemm, Parallelism};
+
+use crate::invariant::{self, dot};
 use rayon::prelude::*;
 
 use crate::config::ModelConfig;
@@ -904,22 +906,6 @@ fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
     reduce_lanes(xs, 0.0, |z| exp(z - shift), |a, b| a + b)
 }
 
-/// `Σ aᵢ bᵢ`.
-fn dot(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0.0f32; LANES];
-    let (ca, cb) = (a.chunks_exact(LANES), b.chunks_exact(LANES));
-    let (ta, tb) = (ca.remainder(), cb.remainder());
-    for (x, y) in ca.zip(cb) {
-        for l in 0..LANES {
-            acc[l] += x[l] * y[l];
-        }
-    }
-    for (l, (x, y)) in ta.iter().zip(tb).enumerate() {
-        acc[l] += x * y;
-    }
-    acc.into_iter().sum()
-}
-
 /// In place, the softmax of `row`; returns its log-sum-exp.
 fn softmax_in_place(row: &mut [f32]) -> f32 {
     let max = max_of(row);
@@ -1028,17 +1014,6 @@ struct Mat<'a> {
     cols: usize,
     row_stride: usize,
     col_stride: usize,
-}
-
-/// Columns `offset..offset + cols` of `rows` rows of a row-major matrix `stride` wide.
-fn head_view(data: &[f32], offset: usize, rows: usize, cols: usize, stride: usize) -> Mat<'_> {
-    Mat {
-        data: &data[offset..],
-        rows,
-        cols,
-        row_stride: stride,
-        col_stride: 1,
-    }
 }
 
 /// A row-major `rows × cols` view.
@@ -1188,7 +1163,6 @@ impl NativeEngine {
         let (d, f, v, heads) = (c.d_model, c.d_ff, c.vocab_size, c.n_heads);
         let (hd, eps) = (d / heads, c.norm_eps as f32);
         let half = hd / 2;
-        let scale = 1.0 / (hd as f32).sqrt();
         let mut bounds = vec![0];
         let mut tokens = Vec::new();
         let mut positions = Vec::new();
@@ -1231,7 +1205,7 @@ impl NativeEngine {
             let (_, xn) = rms_forward(&x, model.p(o.attn_norm, d), d, eps);
             let project = |w: usize| {
                 let mut out = vec![0.0; n * d];
-                model.linear(&mut out, false, &xn, w, d, d);
+                invariant::linear(&mut out, false, &xn, model.p(w, d * d), d, d);
                 out
             };
             let (mut q, mut k, vv) = (project(o.q), project(o.k), project(o.v));
@@ -1250,39 +1224,18 @@ impl NativeEngine {
                 .zip(inputs.par_iter().zip(bounds.par_windows(2)))
                 .for_each(|(out, (input, w))| {
                     let (keys, values) = &cache[input.slot][layer];
-                    let (t, start) = (w[1] - w[0], lens[input.slot]);
-                    let kv = start + t;
-                    let qs = &q[w[0] * d..w[1] * d];
-                    let mut s = vec![0.0; t * kv];
-                    let mut o_head = vec![0.0; t * hd];
-                    for head in 0..heads {
-                        let view = |m, len| head_view(m, head * hd, len, hd, d);
-                        matmul(&mut s, false, view(qs, t), view(keys, kv).t(), scale, false);
-                        for i in 0..t {
-                            let row = &mut s[i * kv..][..kv];
-                            let visible = start + i + 1;
-                            softmax_in_place(&mut row[..visible]);
-                            row[visible..].fill(0.0);
-                        }
-                        matmul(
-                            &mut o_head,
-                            false,
-                            rows(&s, t, kv),
-                            view(values, kv),
-                            1.0,
-                            false,
-                        );
-                        for (dst, src) in out.chunks_mut(d).zip(o_head.chunks(hd)) {
-                            dst[head * hd..][..hd].copy_from_slice(src);
-                        }
-                    }
+                    let q = &q[w[0] * d..w[1] * d];
+                    let softmax = |row: &mut [f32]| {
+                        softmax_in_place(row);
+                    };
+                    invariant::attend(out, q, keys, values, lens[input.slot], d, heads, softmax);
                 });
-            model.linear(&mut x, true, &att, o.o, d, d);
+            invariant::linear(&mut x, true, &att, model.p(o.o, d * d), d, d);
             let (_, xn2) = rms_forward(&x, model.p(o.mlp_norm, d), d, eps);
             let mut gate = vec![0.0; n * f];
             let mut up = vec![0.0; n * f];
-            model.linear(&mut gate, false, &xn2, o.gate, f, d);
-            model.linear(&mut up, false, &xn2, o.up, f, d);
+            invariant::linear(&mut gate, false, &xn2, model.p(o.gate, f * d), f, d);
+            invariant::linear(&mut up, false, &xn2, model.p(o.up, f * d), f, d);
             gate.par_chunks_mut(f)
                 .zip(up.par_chunks(f))
                 .for_each(|(g, u)| {
@@ -1290,7 +1243,7 @@ impl NativeEngine {
                         g[j] = silu(g[j]) * u[j];
                     }
                 });
-            model.linear(&mut x, true, &gate, o.down, d, f);
+            invariant::linear(&mut x, true, &gate, model.p(o.down, d * f), d, f);
         }
         for input in inputs {
             self.lens[input.slot] += input.tokens.len();
@@ -1302,7 +1255,14 @@ impl NativeEngine {
         let b = inputs.len();
         let (_, xn) = rms_forward(&last, model.p(model.layout.norm, d), d, eps);
         let mut logits = vec![0.0; b * v];
-        model.linear(&mut logits, false, &xn, model.layout.head, v, d);
+        invariant::linear(
+            &mut logits,
+            false,
+            &xn,
+            model.p(model.layout.head, v * d),
+            v,
+            d,
+        );
         Ok(logits)
     }
 }
