@@ -9,7 +9,7 @@ use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
 use apr_countdown::io::{
-    for_each_chunk, read_items, try_for_each_chunk, write_items, JsonlWriter, CHUNK,
+    check_not_input, for_each_chunk, read_items, try_for_each_chunk, JsonlWriter, CHUNK,
 };
 use apr_countdown::problem::{streams, Problem, ProblemSpec};
 use apr_countdown::record::{
@@ -48,13 +48,13 @@ pub enum DataCommand {
 #[derive(Args)]
 pub struct ProblemsArgs {
     /// Starting numbers per problem (3–6).
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::args::count, default_value_t = 4)]
     numbers: usize,
     /// Largest target; inputs are drawn from 1..max-target.
     #[arg(long, default_value_t = 100)]
     max_target: i64,
     /// How many problems.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::problems)]
     count: usize,
     /// Base seed; problem i is drawn from its own stream of this seed.
     #[arg(long, default_value_t = 42)]
@@ -128,13 +128,13 @@ pub struct StatsArgs {
     /// Trace file to summarise.
     file: Option<PathBuf>,
     /// Instead of a file: draw this many problems and solve them in memory, timed.
-    #[arg(long, conflicts_with = "file")]
+    #[arg(long, value_parser = crate::args::problems, conflicts_with = "file")]
     generate: Option<usize>,
     /// With --generate: the solver.
     #[arg(long, value_enum, default_value = "apr")]
     solver: SolverArg,
     /// With --generate: starting numbers per problem.
-    #[arg(long, default_value_t = 4)]
+    #[arg(long, value_parser = crate::args::count, default_value_t = 4)]
     numbers: usize,
     /// With --generate: the seed.
     #[arg(long, default_value_t = 42)]
@@ -208,17 +208,30 @@ fn problems(args: ProblemsArgs) -> Result<ExitCode> {
         }
         None => (streams::TRAIN, HashSet::new()),
     };
-    let start = Instant::now();
-    let problems = spec.generate(args.count, args.seed, stream, &exclude);
-    let gen = start.elapsed().as_secs_f64();
-    let bytes = write_items(&args.out, &problems)?;
+    if let Some(exclude) = &args.exclude {
+        check_not_input(&args.out, &[exclude])?;
+    }
+    // Generated and written a chunk at a time: memory stays flat in --count.
+    let mut gen = 0.0;
+    let mut writer = JsonlWriter::create(&args.out)?;
+    for chunk_start in (0..args.count).step_by(CHUNK) {
+        let t = Instant::now();
+        let end = (chunk_start + CHUNK).min(args.count);
+        let problems = spec.generate_range(chunk_start..end, args.seed, stream, &exclude);
+        gen += t.elapsed().as_secs_f64();
+        for p in &problems {
+            writer.write(p)?;
+        }
+    }
+    let bytes = writer.bytes();
+    writer.finish()?;
     println!(
         "{}",
         json!({
-            "problems": problems.len(),
+            "problems": args.count,
             "out": args.out,
             "seconds": gen,
-            "problems_per_second": problems.len() as f64 / gen.max(1e-9),
+            "problems_per_second": args.count as f64 / gen.max(1e-9),
             "bytes": bytes,
         })
     );
@@ -226,6 +239,7 @@ fn problems(args: ProblemsArgs) -> Result<ExitCode> {
 }
 
 fn traces(args: TracesArgs) -> Result<ExitCode> {
+    check_not_input(&args.out, &[&args.problems])?;
     let problems = load_problems(&args.problems)?;
     let progress = bar(problems.len() as u64, "traces");
     let report = write_traces(
@@ -366,6 +380,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         sub_call_budget: args.sub_call_budget,
         token_budget: args.token_budget,
     };
+    check_not_input(&args.out, &[&args.traces])?;
     let mut writer = JsonlWriter::create(&args.out)?;
     let mut count = 0;
     let mut written = Ok(());

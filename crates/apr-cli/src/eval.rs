@@ -39,29 +39,32 @@ pub struct EvalArgs {
     #[arg(long, value_enum, default_value = "apr")]
     mode: EvalMode,
     /// Samples per problem (sample mode; APR/serial too, for pass@n).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = crate::args::samples, default_value_t = 1)]
     n: usize,
     /// Sampling temperature (0 = greedy; sample mode defaults to 1.0).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::temperature)]
     temperature: Option<f32>,
     /// Condition APR parents with `Sub Call Budget: N `.
     #[arg(long)]
     sub_call_budget: Option<u32>,
     /// Per-thread context window in tokens (default: the model's `max_seq_len`; larger is an
     /// error, as the model never saw those positions).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::context)]
     context: Option<usize>,
     /// Tokens per problem in all.
-    #[arg(long, default_value_t = 200_000)]
+    #[arg(long, value_parser = crate::args::tokens, default_value_t = 200_000)]
     max_total_tokens: usize,
     /// Wall-clock seconds per problem.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::seconds)]
     timeout: Option<f64>,
     /// Engine slots (threads decoded together).
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = crate::args::slots, default_value_t = 64)]
     slots: usize,
+    /// Refuse settings whose KV caches could exceed this many GB (default: 90% of RAM).
+    #[arg(long, value_parser = crate::args::gigabytes)]
+    max_memory: Option<f64>,
     /// Evaluate only the first P problems.
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::problems)]
     limit: Option<usize>,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]
@@ -103,14 +106,19 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     if let Some(limit) = args.limit {
         problems.truncate(limit);
     }
+    if problems.is_empty() {
+        bail!("{}: no problems to evaluate", args.problems.display());
+    }
     let (model, tok, _) = load_model(&args.model, &args.device)?;
+    let context = context_for(args.context, model.config.max_seq_len)?;
+    crate::args::check_kv_memory(&model.config, args.slots, context, args.max_memory)?;
     let runtime = RuntimeConfig {
         mode: if args.mode == EvalMode::Apr {
             Mode::Apr
         } else {
             Mode::Serial
         },
-        context: context_for(args.context, model.config.max_seq_len)?,
+        context,
         max_total_tokens: args.max_total_tokens,
         timeout: args.timeout.map(Duration::from_secs_f64),
         sampling: Sampling::temperature(temperature),
@@ -158,10 +166,10 @@ pub struct SolveArgs {
     #[arg(long)]
     serial: bool,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = crate::args::temperature, default_value_t = 0.0)]
     temperature: f32,
     /// Per-thread context (default: the model's `max_seq_len`).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::context)]
     context: Option<usize>,
     /// Print the whole record as JSON.
     #[arg(long)]

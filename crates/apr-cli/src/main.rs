@@ -5,6 +5,7 @@ use std::process::ExitCode;
 
 use clap::{Parser, Subcommand};
 
+mod args;
 mod data;
 mod eval;
 mod model;
@@ -18,7 +19,7 @@ mod train;
 #[command(name = "apr", version, about, long_about = None)]
 struct Cli {
     /// Worker threads for CPU-parallel work (default: all cores). Results do not depend on it.
-    #[arg(long, global = true)]
+    #[arg(long, global = true, value_parser = crate::args::threads)]
     threads: Option<usize>,
     #[command(subcommand)]
     command: Command,
@@ -83,10 +84,6 @@ fn main() -> ExitCode {
         }
     };
     if let Some(threads) = cli.threads {
-        if threads == 0 {
-            eprintln!("error: --threads must be at least 1");
-            return ExitCode::from(2);
-        }
         let _ = rayon::ThreadPoolBuilder::new()
             .num_threads(threads)
             .build_global();
@@ -105,9 +102,18 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => code,
         Err(e) => {
-            // One line: the chain of causes joined.
-            let msg: Vec<String> = e.chain().map(|c| c.to_string()).collect();
-            eprintln!("error: {}", msg.join(": "));
+            // One line: the chain of causes joined, each said once (an error that already
+            // quotes its source is not followed by it again).
+            let mut msg = String::new();
+            for cause in e.chain().map(|c| c.to_string()) {
+                if !msg.contains(&cause) {
+                    if !msg.is_empty() {
+                        msg.push_str(": ");
+                    }
+                    msg.push_str(&cause);
+                }
+            }
+            eprintln!("error: {}", msg.replace('\n', " "));
             ExitCode::from(1)
         }
     }

@@ -96,10 +96,10 @@ pub struct GenerateArgs {
     #[arg(long)]
     prompt: String,
     /// Tokens to generate at most.
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, value_parser = crate::args::tokens, default_value_t = 256)]
     max_tokens: usize,
     /// Sampling temperature (0 = greedy).
-    #[arg(long, default_value_t = 0.0)]
+    #[arg(long, value_parser = crate::args::temperature, default_value_t = 0.0)]
     temperature: f32,
     /// Sampling seed.
     #[arg(long, default_value_t = 0)]

@@ -10,6 +10,7 @@ use apr_countdown::record::{CharCounter, TraceRecord};
 use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
 use apr_model::{checkpoint, init_weights, Preset};
 use apr_rl::optim::AdamWConfig;
+use apr_rl::run_dir::{self, Start};
 use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
 use clap::{Args, Subcommand, ValueEnum};
 use serde_json::json;
@@ -36,22 +37,22 @@ pub struct GrpoArgs {
     #[arg(long)]
     problems: PathBuf,
     /// Steps.
-    #[arg(long, default_value_t = 150)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 150)]
     steps: usize,
     /// Rollouts per prompt.
-    #[arg(long, default_value_t = 5)]
+    #[arg(long, value_parser = crate::args::samples, default_value_t = 5)]
     group: usize,
     /// Prompts per step.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = crate::args::samples, default_value_t = 64)]
     batch: usize,
     /// Learning rate.
-    #[arg(long, default_value_t = 1e-5)]
+    #[arg(long, value_parser = crate::args::learning_rate, default_value_t = 1e-5)]
     lr: f64,
     /// KL weight β (reference: 0.001 APR, 0.01 SoS+).
-    #[arg(long)]
+    #[arg(long, value_parser = crate::args::coefficient)]
     kl_beta: Option<f64>,
     /// Updates per rollout batch.
-    #[arg(long, default_value_t = 2)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 2)]
     inner_steps: usize,
     /// Do not divide advantages by the group's std (Dr.GRPO).
     #[arg(long)]
@@ -60,19 +61,22 @@ pub struct GrpoArgs {
     #[arg(long)]
     serial: bool,
     /// Per-thread context.
-    #[arg(long, default_value_t = 4096)]
+    #[arg(long, value_parser = crate::args::context, default_value_t = 4096)]
     context: usize,
     /// Rollout temperature.
-    #[arg(long, default_value_t = 1.0)]
+    #[arg(long, value_parser = crate::args::temperature, default_value_t = 1.0)]
     temperature: f32,
     /// Engine slots for rollouts.
-    #[arg(long, default_value_t = 64)]
+    #[arg(long, value_parser = crate::args::slots, default_value_t = 64)]
     slots: usize,
+    /// Refuse settings whose KV caches could exceed this many GB (default: 90% of RAM).
+    #[arg(long, value_parser = crate::args::gigabytes)]
+    max_memory: Option<f64>,
     /// Tokens per training micro-batch.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, value_parser = crate::args::tokens, default_value_t = 8192)]
     batch_tokens: usize,
     /// Checkpoint every this many steps.
-    #[arg(long, default_value_t = 10)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 10)]
     checkpoint_every: usize,
     /// What computes gradients: `native` (hand-written CPU forward/backward; rollouts on the
     /// native engine; the default on --backend cpu) or `burn` (autodiff on any backend; the
@@ -82,6 +86,15 @@ pub struct GrpoArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    /// Continue the run in --out from its last checkpoint.
+    #[arg(long)]
+    resume: bool,
+    /// Start the run in --out over: remove its checkpoint and metrics (nothing else).
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
+    /// Resume even though data, seed or schedule differ from the run's recorded ones.
+    #[arg(long, requires = "resume")]
+    allow_changed: bool,
     /// Output directory (metrics.jsonl, checkpoint/).
     #[arg(long)]
     out: PathBuf,
@@ -89,7 +102,7 @@ pub struct GrpoArgs {
     device: DeviceArgs,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
+#[derive(Clone, Copy, Debug, ValueEnum)]
 pub enum View {
     /// Every APR call its own sequence.
     Apr,
@@ -119,25 +132,25 @@ pub struct SftArgs {
     #[arg(long)]
     init: Option<PathBuf>,
     /// Optimizer steps.
-    #[arg(long, default_value_t = 1000)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 1000)]
     steps: usize,
     /// Tokens (rows × padded length) per micro-batch.
-    #[arg(long, default_value_t = 8192)]
+    #[arg(long, value_parser = crate::args::tokens, default_value_t = 8192)]
     batch_tokens: usize,
     /// Micro-batches per step (gradient accumulation).
-    #[arg(long, default_value_t = 1)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 1)]
     accum: usize,
     /// Peak learning rate.
-    #[arg(long, default_value_t = 1e-3)]
+    #[arg(long, value_parser = crate::args::learning_rate, default_value_t = 1e-3)]
     lr: f64,
     /// Final learning rate.
-    #[arg(long, default_value_t = 1e-4)]
+    #[arg(long, value_parser = crate::args::coefficient, default_value_t = 1e-4)]
     min_lr: f64,
     /// Warmup steps.
-    #[arg(long, default_value_t = 50)]
+    #[arg(long, value_parser = crate::args::count, default_value_t = 50)]
     warmup: usize,
     /// Longest sequence in tokens (longer ones are truncated).
-    #[arg(long, default_value_t = 2048)]
+    #[arg(long, value_parser = crate::args::context, default_value_t = 2048)]
     context: usize,
     /// Which tokens carry the loss: `all` (the reference), `generated` (none on a child's
     /// prompt or a join block) or `once` (also none on a post-join call before its join block).
@@ -158,13 +171,13 @@ pub struct SftArgs {
     #[arg(long)]
     val_problems: Option<PathBuf>,
     /// How many of them to use.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = crate::args::problems, default_value_t = 100)]
     val_count: usize,
     /// Validation every this many steps (0: never).
-    #[arg(long, default_value_t = 0)]
+    #[arg(long, value_parser = crate::args::count, default_value_t = 0)]
     eval_every: usize,
     /// Checkpoint every this many steps.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, value_parser = crate::args::steps, default_value_t = 100)]
     checkpoint_every: usize,
     /// Seed of data order and initialisation.
     #[arg(long, default_value_t = 0)]
@@ -172,11 +185,34 @@ pub struct SftArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
+    /// Start the run in --out over: remove its checkpoint and metrics (nothing else).
+    #[arg(long, conflicts_with = "resume")]
+    force: bool,
+    /// Resume even though data, seed or schedule differ from the run's recorded ones.
+    #[arg(long, requires = "resume")]
+    allow_changed: bool,
     /// Output directory (metrics.jsonl, checkpoint/).
     #[arg(long)]
     out: PathBuf,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// How a training command means to use its run directory.
+fn start(resume: bool, force: bool) -> Start {
+    match (resume, force) {
+        (true, _) => Start::Resume,
+        (false, true) => Start::Restart,
+        (false, false) => Start::Fresh,
+    }
+}
+
+/// Refuses `--steps` that a resumed run has already reached.
+fn check_steps(steps: usize, reached: usize) -> Result<()> {
+    if steps <= reached {
+        bail!("--steps {steps} is not above the step the run has reached ({reached}); ask for more steps");
+    }
+    Ok(())
 }
 
 pub fn run(cmd: TrainCommand) -> Result<ExitCode> {
@@ -191,11 +227,35 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         bail!("--steps, --group and --batch must be positive");
     }
     let device = args.device.device()?;
-    let ck = checkpoint::load(&crate::model::resolve_model(&args.init)?)?;
+    let init = crate::model::resolve_model(&args.init)?;
+    run_dir::check_init_outside(&init, &args.out)?;
+    let ck = checkpoint::load(&init)?;
     let problems = load_problems(&args.problems)?;
     if problems.is_empty() {
         bail!("{}: no problems", args.problems.display());
     }
+    if args.context > ck.meta.model.max_seq_len {
+        bail!(
+            "--context {} exceeds the model's max_seq_len {} (positions it never saw)",
+            args.context,
+            ck.meta.model.max_seq_len
+        );
+    }
+    crate::args::check_kv_memory(&ck.meta.model, args.slots, args.context, args.max_memory)?;
+    let settings = json!({
+        "init": run_dir::file_identity(&init.join("model.safetensors")),
+        "problems": run_dir::file_identity(&args.problems),
+        "steps": args.steps, "group": args.group, "batch": args.batch, "lr": args.lr,
+        "kl_beta": args.kl_beta, "inner_steps": args.inner_steps, "no_std_norm": args.no_std_norm,
+        "serial": args.serial, "context": args.context, "temperature": args.temperature,
+        "seed": args.seed,
+    });
+    let resuming = run_dir::prepare(
+        &args.out,
+        start(args.resume, args.force),
+        &settings,
+        args.allow_changed,
+    )?;
     let mode = if args.serial { Mode::Serial } else { Mode::Apr };
     let config = apr_rl::grpo::GrpoConfig {
         steps: args.steps,
@@ -231,6 +291,9 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         &args.out,
         &device,
     )?;
+    if resuming {
+        check_steps(args.steps, trainer.resume()?)?;
+    }
     let progress = bar(args.steps as u64, "grpo");
     let metrics = trainer.run(&mut |m| {
         progress.set_position(m.step as u64);
@@ -252,9 +315,32 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         bail!("--steps and --batch-tokens must be positive");
     }
     let device = args.device.device()?;
-    let (tok, model_config, weights) = match &args.init {
+    let init = args
+        .init
+        .as_ref()
+        .map(|dir| crate::model::resolve_model(dir))
+        .transpose()?;
+    if let Some(init) = &init {
+        run_dir::check_init_outside(init, &args.out)?;
+    }
+    let settings = json!({
+        "data": run_dir::file_identity(&args.data),
+        "init": init.as_ref().map(|i| run_dir::file_identity(&i.join("model.safetensors"))),
+        "view": format!("{:?}", args.view), "loss": args.loss.to_string(),
+        "mask_prompt": args.mask_prompt, "sub_call_budget": args.sub_call_budget,
+        "steps": args.steps, "batch_tokens": args.batch_tokens, "accum": args.accum,
+        "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup, "context": args.context,
+        "seed": args.seed,
+    });
+    let resuming = run_dir::prepare(
+        &args.out,
+        start(args.resume, args.force),
+        &settings,
+        args.allow_changed,
+    )?;
+    let (tok, model_config, weights) = match &init {
         Some(dir) => {
-            let ck = checkpoint::load(&crate::model::resolve_model(dir)?)?;
+            let ck = checkpoint::load(dir)?;
             (ck.tokenizer, ck.meta.model, ck.weights)
         }
         None => {
@@ -333,8 +419,11 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         val,
         &args.out,
         &device,
-        args.resume,
+        resuming,
     )?;
+    if resuming {
+        check_steps(args.steps, trainer.step())?;
+    }
     let progress = bar(args.steps as u64, "sft");
     progress.set_position(trainer.step() as u64);
     let start = std::time::Instant::now();

@@ -361,7 +361,7 @@ fn wrong_input_gives_one_line_errors() {
     );
     assert!(String::from_utf8_lossy(&solved.stdout).contains("== parent call 0"));
     // A context longer than the model's positions is refused, not silently shortened.
-    one_line_error(&solve("1000000"), "exceeds the model's max_seq_len");
+    one_line_error(&solve("100000"), "exceeds the model's max_seq_len");
     one_line_error(
         &apr(&[
             "eval",

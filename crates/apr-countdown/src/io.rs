@@ -214,8 +214,14 @@ pub struct JsonlWriter {
 }
 
 impl JsonlWriter {
-    /// Creates the writer (and the parent directory).
+    /// Creates the writer (and the parent directory). A path that is a directory is refused
+    /// before anything is written.
     pub fn create(path: &Path) -> Result<Self, DataError> {
+        if path.is_dir() {
+            return Err(io_err(path)(std::io::Error::other(
+                "is a directory; --out names a file",
+            )));
+        }
         if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
             std::fs::create_dir_all(dir).map_err(io_err(dir))?;
         }
@@ -272,7 +278,10 @@ impl JsonlWriter {
             out.flush().map_err(io_err(&self.tmp))?;
             drop(out); // finishes the zstd frame
         }
-        std::fs::rename(&self.tmp, &self.path).map_err(io_err(&self.path))?;
+        if let Err(e) = std::fs::rename(&self.tmp, &self.path) {
+            let _ = std::fs::remove_file(&self.tmp);
+            return Err(io_err(&self.path)(e));
+        }
         Ok(self.path.clone())
     }
 }
@@ -285,6 +294,34 @@ impl Drop for JsonlWriter {
             let _ = std::fs::remove_file(&self.tmp);
         }
     }
+}
+
+/// Refuses an output that is one of the inputs (same canonical path, or the same file under
+/// another name): writing it would replace what is being read.
+pub fn check_not_input(out: &Path, inputs: &[&Path]) -> Result<(), DataError> {
+    let Ok(out_meta) = std::fs::metadata(out) else {
+        return Ok(()); // a new file cannot be an input
+    };
+    let canonical = |p: &Path| std::fs::canonicalize(p).ok();
+    for input in inputs {
+        let same_path = canonical(out).is_some() && canonical(out) == canonical(input);
+        #[cfg(unix)]
+        let same_file = {
+            use std::os::unix::fs::MetadataExt;
+            std::fs::metadata(input)
+                .is_ok_and(|m| m.dev() == out_meta.dev() && m.ino() == out_meta.ino())
+        };
+        #[cfg(not(unix))]
+        let same_file = false;
+        if same_path || same_file {
+            return Err(io_err(out)(std::io::Error::other(format!(
+                "is also the input {}; writing it would destroy what is being read",
+                input.display()
+            ))));
+        }
+    }
+    let _ = out_meta;
+    Ok(())
 }
 
 /// Writes all items as JSON Lines.

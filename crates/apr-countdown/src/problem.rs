@@ -377,9 +377,22 @@ impl ProblemSpec {
         stream: u64,
         exclude: &HashSet<(Vec<i64>, i64)>,
     ) -> Vec<Problem> {
+        self.generate_range(0..count, seed, stream, exclude)
+    }
+
+    /// Problems `range` of what [`ProblemSpec::generate`] draws (each problem depends only on
+    /// its index), so that a large count can be generated and written chunk by chunk.
+    pub fn generate_range(
+        &self,
+        range: std::ops::Range<usize>,
+        seed: u64,
+        stream: u64,
+        exclude: &HashSet<(Vec<i64>, i64)>,
+    ) -> Vec<Problem> {
+        let start = range.start;
         par_map_seeded(
-            count,
-            |i| derive_seed(seed, stream, i),
+            range.len(),
+            |i| derive_seed(seed, stream, start as u64 + i),
             |_, rng| loop {
                 let p = self.draw_with(rng);
                 if exclude.is_empty() || !exclude.contains(&p.key()) {

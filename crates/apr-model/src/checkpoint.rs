@@ -224,6 +224,13 @@ pub fn save(
     let mut partial = dir.as_os_str().to_owned();
     partial.push(".partial");
     let partial = PathBuf::from(partial);
+    let mut old = dir.as_os_str().to_owned();
+    old.push(".old");
+    let old = PathBuf::from(old);
+    // Everything this replaces must be a checkpoint (or nothing): never a user's file.
+    for p in [dir, &partial, &old] {
+        replaceable(p)?;
+    }
     if partial.exists() {
         fs::remove_dir_all(&partial).map_err(io(&partial))?;
     }
@@ -249,9 +256,6 @@ pub fn save(
     }
     // Swap the finished directory into place; the old one is removed only afterwards, so a
     // crash leaves either the old or the new checkpoint complete.
-    let mut old = dir.as_os_str().to_owned();
-    old.push(".old");
-    let old = PathBuf::from(old);
     if dir.exists() {
         if old.exists() {
             fs::remove_dir_all(&old).map_err(io(&old))?;
@@ -263,6 +267,42 @@ pub fn save(
         fs::remove_dir_all(&old).map_err(io(&old))?;
     }
     Ok(())
+}
+
+/// Whether `path` may be replaced by a checkpoint: it does not exist, or it is an empty
+/// directory, or a directory this module wrote (an `apr.json` and no subdirectories).
+fn replaceable(path: &Path) -> Result<(), CheckpointError> {
+    if !path.exists() {
+        return Ok(());
+    }
+    let refuse = |why: &str| {
+        format_err(
+            path,
+            format!("{why}; refusing to replace it (pick another path, or move it away)"),
+        )
+    };
+    if !path.is_dir() {
+        return Err(refuse("exists and is not a checkpoint directory"));
+    }
+    let mut entries = fs::read_dir(path).map_err(io(path))?.peekable();
+    if entries.peek().is_none() {
+        return Ok(());
+    }
+    let mut ours = false;
+    for entry in entries {
+        let entry = entry.map_err(io(path))?;
+        if entry.path().is_dir() {
+            return Err(refuse(
+                "is a directory with subdirectories, not a checkpoint",
+            ));
+        }
+        ours |= entry.file_name() == "apr.json";
+    }
+    if ours {
+        Ok(())
+    } else {
+        Err(refuse("is a non-empty directory that is not a checkpoint"))
+    }
 }
 
 /// Puts back the previous checkpoint when a crash between the two renames of [`save`] left it
@@ -284,6 +324,15 @@ pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
     if !dir.is_dir() {
         return Err(format_err(dir, "no such checkpoint directory"));
     }
+    if !dir.join("apr.json").exists() && !dir.join("config.json").exists() {
+        let inner = dir.join("checkpoint");
+        let hint = if inner.join("apr.json").exists() {
+            format!("a run directory; its checkpoint is {}", inner.display())
+        } else {
+            "not a checkpoint (expected apr.json or an HF config.json in it)".to_owned()
+        };
+        return Err(format_err(dir, hint));
+    }
     let meta = match fs::read_to_string(dir.join("apr.json")) {
         Ok(text) => {
             serde_json::from_str(&text).map_err(|e| format_err(&dir.join("apr.json"), e))?
@@ -293,9 +342,14 @@ pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
             info: serde_json::json!({"imported": "hf"}),
         },
     };
+    let config_file = if dir.join("apr.json").exists() {
+        "apr.json"
+    } else {
+        "config.json"
+    };
     meta.model
         .validate()
-        .map_err(|e| format_err(&dir.join("apr.json"), e))?;
+        .map_err(|e| format_err(&dir.join(config_file), e))?;
     let weights = read_safetensors(&dir.join("model.safetensors"))?;
     for (name, shape) in parameter_shapes(&meta.model) {
         match weights.get(&name) {
@@ -313,6 +367,13 @@ pub fn load(dir: &Path) -> Result<Checkpoint, CheckpointError> {
                         t.shape
                     ),
                 ))
+            }
+            Some(t) if t.data.iter().any(|x| !x.is_finite()) => {
+                // A diverged run's weights: loading them would only produce NaN logits.
+                return Err(format_err(
+                    &dir.join("model.safetensors"),
+                    format!("tensor {name} holds NaN or infinite values"),
+                ));
             }
             Some(_) => {}
         }

@@ -2,6 +2,12 @@
 
 use serde::{Deserialize, Serialize};
 
+/// The longest context a configuration may ask for (the paper's models use 4,096).
+pub const MAX_SEQ_LEN: usize = 131_072;
+
+/// The most parameters a configuration may have (about 4 GB of f32 weights).
+pub const MAX_PARAMS: usize = 1 << 30;
+
 /// A Llama-2 decoder's hyper-parameters.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct ModelConfig {
@@ -110,7 +116,50 @@ impl ModelConfig {
         if self.vocab_size == 0 || self.n_layers == 0 || self.d_ff == 0 || self.max_seq_len == 0 {
             return Err("vocab_size, n_layers, d_ff and max_seq_len must be positive".into());
         }
+        // Far above anything trainable here, far below what would overflow a size: a config
+        // outside these is a typo, and would otherwise abort allocating RoPE tables or weights.
+        let limits = [
+            ("max_seq_len", self.max_seq_len, MAX_SEQ_LEN),
+            ("d_model", self.d_model, 65_536),
+            ("d_ff", self.d_ff, 262_144),
+            ("n_layers", self.n_layers, 1_024),
+            ("vocab_size", self.vocab_size, 1 << 20),
+        ];
+        for (name, value, limit) in limits {
+            if value > limit {
+                return Err(format!("{name} {value} is above the limit of {limit}"));
+            }
+        }
+        if self.total_params() > MAX_PARAMS {
+            return Err(format!(
+                "{} parameters are above the limit of {MAX_PARAMS}",
+                self.total_params()
+            ));
+        }
+        if !self.norm_eps.is_finite() || self.norm_eps <= 0.0 {
+            return Err(format!(
+                "norm_eps {} must be a positive number",
+                self.norm_eps
+            ));
+        }
+        if !self.rope_theta.is_finite() || self.rope_theta <= 0.0 {
+            return Err(format!(
+                "rope_theta {} must be a positive number",
+                self.rope_theta
+            ));
+        }
+        if !self.init_std.is_finite() || self.init_std < 0.0 {
+            return Err(format!(
+                "init_std {} must be a non-negative number",
+                self.init_std
+            ));
+        }
         Ok(())
+    }
+
+    /// Bytes of f32 KV cache that `slots` threads of `context` tokens hold at most.
+    pub fn kv_cache_bytes(&self, slots: usize, context: usize) -> u128 {
+        slots as u128 * context as u128 * self.n_layers as u128 * 2 * self.d_model as u128 * 4
     }
 
     /// Parameters outside the embedding and the head.

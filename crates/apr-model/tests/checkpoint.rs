@@ -49,3 +49,34 @@ fn save_load_round_trip_and_shape_mismatch() {
     assert_eq!(ck.weights, weights);
     assert!(path.is_dir() && !dir.path().join("ckpt.old").exists());
 }
+
+#[test]
+fn nan_weights_and_user_files_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = AprTokenizer::domain();
+    let config = ModelConfig::preset(Preset::Tiny, tok.vocab_size());
+    let mut weights = init_weights(&config, 5);
+    let meta = CheckpointMeta {
+        model: config.clone(),
+        info: serde_json::Value::Null,
+    };
+    let name = weights.keys().next().unwrap().clone();
+    weights.get_mut(&name).unwrap().data[3] = f32::NAN;
+    let path = dir.path().join("ckpt");
+    save(&path, &meta, &weights, &tok, &[]).unwrap();
+    let e = load(&path).unwrap_err().to_string();
+    assert!(e.contains("NaN") && e.contains(&name), "{e}");
+    // A directory of someone else's files, or a file, is never replaced by a checkpoint.
+    let theirs = dir.path().join("theirs");
+    std::fs::create_dir(&theirs).unwrap();
+    std::fs::write(theirs.join("notes.txt"), "keep").unwrap();
+    assert!(save(&theirs, &meta, &weights, &tok, &[]).is_err());
+    assert_eq!(
+        std::fs::read_to_string(theirs.join("notes.txt")).unwrap(),
+        "keep"
+    );
+    let file = dir.path().join("file");
+    std::fs::write(&file, "keep").unwrap();
+    assert!(save(&file, &meta, &weights, &tok, &[]).is_err());
+    assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
+}

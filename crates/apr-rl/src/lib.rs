@@ -6,5 +6,6 @@ pub mod eval;
 pub mod grpo;
 pub mod metrics_log;
 pub mod optim;
+pub mod run_dir;
 pub mod schedule;
 pub mod sft;

@@ -336,7 +336,12 @@ impl SftTrainer {
             let ck = checkpoint::load(&ckpt_dir)?;
             let text = std::fs::read_to_string(ckpt_dir.join("train_state.json"))
                 .map_err(|e| TrainError::Other(format!("{}: {e}", ckpt_dir.display())))?;
-            state = serde_json::from_str(&text).map_err(|e| TrainError::Other(e.to_string()))?;
+            state = serde_json::from_str(&text).map_err(|e| {
+                TrainError::Other(format!(
+                    "{}: {e}",
+                    ckpt_dir.join("train_state.json").display()
+                ))
+            })?;
             (ck.meta.model, ck.weights)
         } else {
             (model_config, init)
