@@ -12,6 +12,7 @@ mod model;
 mod pipeline;
 mod progress;
 mod report;
+mod serve;
 mod train;
 
 /// Adaptive Parallel Reasoning in Rust: data, models, training and evaluation on Countdown.
@@ -48,6 +49,8 @@ enum Command {
     Solve(eval::SolveArgs),
     /// Draw the paper's figures (PNG, SVG) and a Markdown table from eval outputs.
     Report(report::ReportArgs),
+    /// Serve a checkpoint over the OpenAI completions API (continuous batching, prefix cache).
+    Serve(serve::ServeArgs),
 }
 
 /// Which compute backend and device to run on.
@@ -98,6 +101,7 @@ fn main() -> ExitCode {
         Command::Pipeline(args) => pipeline::run(args),
         Command::Solve(args) => eval::solve(args),
         Command::Report(args) => report::run(args),
+        Command::Serve(args) => serve::run(args),
     };
     match result {
         Ok(code) => code,
