@@ -165,6 +165,38 @@ pub fn hf_config(config: &ModelConfig, tokenizer: &AprTokenizer) -> serde_json::
     })
 }
 
+/// HF `tokenizer_config.json` and `generation_config.json` for a checkpoint, so that
+/// `transformers` and vLLM load the directory as it is, without warnings.
+pub fn hf_side_configs(
+    config: &ModelConfig,
+    tokenizer: &AprTokenizer,
+) -> [(&'static str, serde_json::Value); 2] {
+    let piece = |id: u32| tokenizer.token(id).unwrap_or_default();
+    [
+        (
+            "tokenizer_config.json",
+            serde_json::json!({
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "bos_token": piece(tokenizer.bos_id()),
+                "eos_token": piece(tokenizer.eos_id()),
+                "pad_token": piece(tokenizer.pad_id()),
+                "add_bos_token": true,
+                "add_eos_token": false,
+                "model_max_length": config.max_seq_len,
+                "clean_up_tokenization_spaces": false,
+            }),
+        ),
+        (
+            "generation_config.json",
+            serde_json::json!({
+                "bos_token_id": tokenizer.bos_id(),
+                "eos_token_id": tokenizer.eos_id(),
+                "pad_token_id": tokenizer.pad_id(),
+            }),
+        ),
+    ]
+}
+
 /// A model configuration from an HF `config.json` (Llama with as many KV heads as heads).
 pub fn config_from_hf(path: &Path) -> Result<ModelConfig, CheckpointError> {
     let text = fs::read_to_string(path).map_err(io(path))?;
@@ -246,6 +278,9 @@ pub fn save(
         json(&hf_config(&meta.model, tokenizer)),
     )
     .map_err(io(&partial))?;
+    for (name, value) in hf_side_configs(&meta.model, tokenizer) {
+        fs::write(partial.join(name), json(&value)).map_err(io(&partial))?;
+    }
     let bytes = safetensors_bytes(weights).map_err(|e| format_err(dir, e))?;
     fs::write(partial.join("model.safetensors"), bytes).map_err(io(&partial))?;
     tokenizer
@@ -404,6 +439,12 @@ pub fn export_hf(checkpoint: &Checkpoint, out: &Path) -> Result<(), CheckpointEr
     let json = serde_json::to_vec_pretty(&hf_config(&checkpoint.meta.model, &checkpoint.tokenizer))
         .unwrap_or_default();
     write_atomic(&out.join("config.json"), &json)?;
+    for (name, value) in hf_side_configs(&checkpoint.meta.model, &checkpoint.tokenizer) {
+        write_atomic(
+            &out.join(name),
+            &serde_json::to_vec_pretty(&value).unwrap_or_default(),
+        )?;
+    }
     let bytes = safetensors_bytes(&checkpoint.weights).map_err(|e| format_err(out, e))?;
     write_atomic(&out.join("model.safetensors"), &bytes)?;
     checkpoint

@@ -224,6 +224,12 @@ impl AprTokenizer {
         self.pieces.get(id as usize).map_or("", String::as_str)
     }
 
+    /// The vocabulary's own name of a token (`<s>` for BOS, where [`AprTokenizer::piece`] gives
+    /// the text it stands for, empty for special tokens).
+    pub fn token(&self, id: u32) -> Option<String> {
+        self.inner.id_to_token(id)
+    }
+
     /// Vocabulary size including added tokens.
     pub fn vocab_size(&self) -> usize {
         self.pieces.len()

@@ -80,3 +80,27 @@ fn nan_weights_and_user_files_are_refused() {
     assert!(save(&file, &meta, &weights, &tok, &[]).is_err());
     assert_eq!(std::fs::read_to_string(&file).unwrap(), "keep");
 }
+
+#[test]
+fn checkpoints_carry_the_hf_tokenizer_and_generation_configs() {
+    let dir = tempfile::tempdir().unwrap();
+    let tok = AprTokenizer::domain();
+    let config = ModelConfig::preset(Preset::Tiny, tok.vocab_size());
+    let meta = CheckpointMeta {
+        model: config.clone(),
+        info: serde_json::Value::Null,
+    };
+    let path = dir.path().join("ckpt");
+    save(&path, &meta, &init_weights(&config, 1), &tok, &[]).unwrap();
+    let read = |name: &str| -> serde_json::Value {
+        serde_json::from_str(&std::fs::read_to_string(path.join(name)).unwrap()).unwrap()
+    };
+    let t = read("tokenizer_config.json");
+    assert_eq!(t["bos_token"], "<s>");
+    assert_eq!(t["eos_token"], "</s>");
+    assert_eq!(t["model_max_length"], config.max_seq_len);
+    let g = read("generation_config.json");
+    assert_eq!(g["bos_token_id"], tok.bos_id());
+    assert_eq!(g["eos_token_id"], tok.eos_id());
+    load(&path).unwrap();
+}
