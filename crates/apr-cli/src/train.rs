@@ -86,18 +86,8 @@ pub struct GrpoArgs {
     /// Seed.
     #[arg(long, default_value_t = 0)]
     seed: u64,
-    /// Continue the run in --out from its last checkpoint.
-    #[arg(long)]
-    resume: bool,
-    /// Start the run in --out over: remove its checkpoint and metrics (nothing else).
-    #[arg(long, conflicts_with = "resume")]
-    force: bool,
-    /// Resume even though data, seed or schedule differ from the run's recorded ones.
-    #[arg(long, requires = "resume")]
-    allow_changed: bool,
-    /// Output directory (metrics.jsonl, checkpoint/).
-    #[arg(long)]
-    out: PathBuf,
+    #[command(flatten)]
+    run: RunDirArgs,
     #[command(flatten)]
     device: DeviceArgs,
 }
@@ -182,6 +172,15 @@ pub struct SftArgs {
     /// Seed of data order and initialisation.
     #[arg(long, default_value_t = 0)]
     seed: u64,
+    #[command(flatten)]
+    run: RunDirArgs,
+    #[command(flatten)]
+    device: DeviceArgs,
+}
+
+/// A training run's directory and how to use it.
+#[derive(Args)]
+pub struct RunDirArgs {
     /// Continue the run in --out from its last checkpoint.
     #[arg(long)]
     resume: bool,
@@ -191,19 +190,25 @@ pub struct SftArgs {
     /// Resume even though data, seed or schedule differ from the run's recorded ones.
     #[arg(long, requires = "resume")]
     allow_changed: bool,
-    /// Output directory (metrics.jsonl, checkpoint/).
+    /// Output directory (metrics.jsonl, checkpoint/, run.json).
     #[arg(long)]
     out: PathBuf,
-    #[command(flatten)]
-    device: DeviceArgs,
 }
 
-/// How a training command means to use its run directory.
-fn start(resume: bool, force: bool) -> Start {
-    match (resume, force) {
-        (true, _) => Start::Resume,
-        (false, true) => Start::Restart,
-        (false, false) => Start::Fresh,
+impl RunDirArgs {
+    /// Prepares the directory (see [`run_dir::prepare`]); returns whether a run continues.
+    fn prepare(&self, settings: &serde_json::Value) -> Result<bool> {
+        let start = match (self.resume, self.force) {
+            (true, _) => Start::Resume,
+            (false, true) => Start::Restart,
+            (false, false) => Start::Fresh,
+        };
+        Ok(run_dir::prepare(
+            &self.out,
+            start,
+            settings,
+            self.allow_changed,
+        )?)
     }
 }
 
@@ -228,7 +233,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
     }
     let device = args.device.device()?;
     let init = crate::model::resolve_model(&args.init)?;
-    run_dir::check_init_outside(&init, &args.out)?;
+    run_dir::check_init_outside(&init, &args.run.out)?;
     let ck = checkpoint::load(&init)?;
     let problems = load_problems(&args.problems)?;
     if problems.is_empty() {
@@ -250,12 +255,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         "serial": args.serial, "context": args.context, "temperature": args.temperature,
         "seed": args.seed,
     });
-    let resuming = run_dir::prepare(
-        &args.out,
-        start(args.resume, args.force),
-        &settings,
-        args.allow_changed,
-    )?;
+    let resuming = args.run.prepare(&settings)?;
     let mode = if args.serial { Mode::Serial } else { Mode::Apr };
     let config = apr_rl::grpo::GrpoConfig {
         steps: args.steps,
@@ -288,7 +288,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         &ck.weights,
         ck.tokenizer,
         problems,
-        &args.out,
+        &args.run.out,
         &device,
     )?;
     if resuming {
@@ -304,7 +304,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
     let last = metrics.last().cloned().unwrap_or_default();
     println!(
         "{}",
-        json!({"out": args.out, "steps": metrics.len(), "first_reward": first.reward_mean, "last_reward": last.reward_mean,
+        json!({"out": args.run.out, "steps": metrics.len(), "first_reward": first.reward_mean, "last_reward": last.reward_mean,
                "children_first": first.children_per_problem, "children_last": last.children_per_problem})
     );
     Ok(ExitCode::SUCCESS)
@@ -321,7 +321,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         .map(|dir| crate::model::resolve_model(dir))
         .transpose()?;
     if let Some(init) = &init {
-        run_dir::check_init_outside(init, &args.out)?;
+        run_dir::check_init_outside(init, &args.run.out)?;
     }
     let settings = json!({
         "data": run_dir::file_identity(&args.data),
@@ -332,12 +332,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup, "context": args.context,
         "seed": args.seed,
     });
-    let resuming = run_dir::prepare(
-        &args.out,
-        start(args.resume, args.force),
-        &settings,
-        args.allow_changed,
-    )?;
+    let resuming = args.run.prepare(&settings)?;
     let (tok, model_config, weights) = match &init {
         Some(dir) => {
             let ck = checkpoint::load(dir)?;
@@ -417,7 +412,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         tok,
         examples,
         val,
-        &args.out,
+        &args.run.out,
         &device,
         resuming,
     )?;
@@ -439,7 +434,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     println!(
         "{}",
         json!({
-            "out": args.out, "steps": trainer.step(), "examples": n_examples, "seconds": seconds,
+            "out": args.run.out, "steps": trainer.step(), "examples": n_examples, "seconds": seconds,
             "final_loss": last.loss, "val_loss": metrics.iter().rev().find_map(|m| m.val_loss),
             "val_accuracy": metrics.iter().rev().find_map(|m| m.val_accuracy), "mean_tokens_per_s": tokens_per_s,
         })

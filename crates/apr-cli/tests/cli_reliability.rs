@@ -24,6 +24,53 @@ fn tiny_model(dir: &Path) -> String {
     s(&m).to_owned()
 }
 
+/// `count` problems and their APR traces under `dir`; returns (problems, traces).
+fn problems_and_traces(dir: &Path, count: &str) -> (std::path::PathBuf, std::path::PathBuf) {
+    let p = dir.join("p.jsonl");
+    let traces = dir.join("t.jsonl");
+    ok(&apr(&[
+        "data",
+        "problems",
+        "--count",
+        count,
+        "--out",
+        s(&p),
+    ]));
+    ok(&apr(&[
+        "data",
+        "traces",
+        "--solver",
+        "apr",
+        "--problems",
+        s(&p),
+        "--out",
+        s(&traces),
+    ]));
+    (p, traces)
+}
+
+/// The arguments of a tiny SFT run on `traces` into `out`, then `extra`.
+fn tiny_sft<'a>(traces: &'a Path, out: &'a Path, extra: &[&'a str]) -> Vec<&'a str> {
+    let mut args = vec![
+        "train",
+        "sft",
+        "--data",
+        s(traces),
+        "--preset",
+        "tiny",
+        "--batch-tokens",
+        "512",
+        "--context",
+        "256",
+        "--checkpoint-every",
+        "1",
+        "--out",
+        s(out),
+    ];
+    args.extend_from_slice(extra);
+    args
+}
+
 #[test]
 fn outputs_never_replace_what_the_command_did_not_make() {
     let dir = tempfile::tempdir().unwrap();
@@ -128,26 +175,9 @@ fn outputs_never_replace_what_the_command_did_not_make() {
     ]));
     let run = dir.path().join("run");
     let sft = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "sft",
-            "--data",
-            s(&traces),
-            "--preset",
-            "tiny",
-            "--steps",
-            "2",
-            "--batch-tokens",
-            "512",
-            "--context",
-            "256",
-            "--checkpoint-every",
-            "1",
-            "--out",
-            s(&run),
-        ];
-        args.extend_from_slice(extra);
-        apr(&args)
+        let mut all = vec!["--steps", "2"];
+        all.extend_from_slice(extra);
+        apr(&tiny_sft(&traces, &run, &all))
     };
     ok(&sft(&[]));
     let init = run.join("checkpoint");
@@ -288,40 +318,9 @@ fn numeric_flags_are_refused_at_parse_time() {
 #[test]
 fn run_directories_resume_only_as_they_were_started() {
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("p.jsonl");
-    let traces = dir.path().join("t.jsonl");
-    ok(&apr(&["data", "problems", "--count", "20", "--out", s(&p)]));
-    ok(&apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
-        s(&p),
-        "--out",
-        s(&traces),
-    ]));
+    let (p, traces) = problems_and_traces(dir.path(), "20");
     let run = dir.path().join("run");
-    let sft = |extra: &[&str]| {
-        let mut args = vec![
-            "train",
-            "sft",
-            "--data",
-            s(&traces),
-            "--preset",
-            "tiny",
-            "--batch-tokens",
-            "512",
-            "--context",
-            "256",
-            "--checkpoint-every",
-            "1",
-            "--out",
-            s(&run),
-        ];
-        args.extend_from_slice(extra);
-        apr(&args)
-    };
+    let sft = |extra: &[&str]| apr(&tiny_sft(&traces, &run, extra));
     one_line_error(&sft(&["--steps", "3", "--resume"]), "no checkpoint here");
     ok(&sft(&["--steps", "3"]));
     // Again without --resume: refused, and nothing of the run is touched.
@@ -377,19 +376,7 @@ fn run_directories_resume_only_as_they_were_started() {
 fn sft_killed_five_times_ends_as_an_uninterrupted_run() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    let p = dir.path().join("p.jsonl");
-    let traces = dir.path().join("t.jsonl");
-    ok(&apr(&["data", "problems", "--count", "60", "--out", s(&p)]));
-    ok(&apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
-        s(&p),
-        "--out",
-        s(&traces),
-    ]));
+    let (_, traces) = problems_and_traces(dir.path(), "60");
     let steps = "120";
     let args = |out: &Path, mode: Option<&'static str>| {
         let mut a: Vec<String> = [
@@ -427,6 +414,7 @@ fn sft_killed_five_times_ends_as_an_uninterrupted_run() {
     let run = dir.path().join("killed");
     let mut z: u64 = 0x9E37_79B9_7F4A_7C15;
     let mut kills = 0;
+    let mut resumed_then_killed = 0;
     // Five kills of at most 18% of the run each cannot finish it; a start that dies before its
     // first checkpoint, or exits before the kill, is retried.
     for _attempt in 0..20 {
@@ -456,10 +444,15 @@ fn sft_killed_five_times_ends_as_an_uninterrupted_run() {
         if child.try_wait().unwrap().is_none() {
             child.kill().unwrap();
             kills += 1;
+            resumed_then_killed += usize::from(mode == Some("--resume"));
         }
         child.wait().unwrap();
     }
     assert_eq!(kills, 5);
+    assert!(
+        resumed_then_killed >= 2,
+        "kills must land in resumed runs too"
+    );
     let mode = if run.join("checkpoint").is_dir() {
         "--resume"
     } else {
