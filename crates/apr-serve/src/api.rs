@@ -187,7 +187,8 @@ impl CompletionRequest {
             }
         };
         let n = self.n.unwrap_or(1);
-        if n == 0 || n as usize * prompts.len() > MAX_CHOICES {
+        let choices = usize::try_from(n).map_or(usize::MAX, |n| n.saturating_mul(prompts.len()));
+        if n == 0 || choices > MAX_CHOICES {
             return Err(ApiError::invalid(
                 "n",
                 format!("n must be at least 1, and n × prompts at most {MAX_CHOICES}"),
@@ -274,6 +275,11 @@ mod tests {
             (r#"{"model":"x","prompt":"1"}"#, 404, "does not exist"),
             (r#"{"model":"m","prompt":[]}"#, 400, "empty"),
             (r#"{"model":"m","prompt":"1","n":0}"#, 400, "n must"),
+            (
+                r#"{"model":"m","prompt":["1","2"],"n":9223372036854775808}"#,
+                400,
+                "n must",
+            ),
             (
                 r#"{"model":"m","prompt":"1","max_tokens":0}"#,
                 400,
