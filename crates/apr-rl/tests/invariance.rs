@@ -3,11 +3,10 @@
 //! GRPO step from the same checkpoint gives the same rollouts, metrics and weights at any
 //! `--slots`. The model is the shipped APR model, so the rollouts spawn and join for real.
 
-use std::path::{Path, PathBuf};
+mod common;
 
 use apr_core::decoder::Sampling;
 use apr_core::runtime::{Mode, RuntimeConfig};
-use apr_countdown::problem::{train_val_split, ProblemSpec};
 use apr_countdown::Problem;
 use apr_model::backend::Backend;
 use apr_model::checkpoint::{self, Checkpoint};
@@ -16,29 +15,13 @@ use apr_rl::eval::{evaluate, EvalConfig};
 use apr_rl::grpo::{GrpoConfig, GrpoTrainer};
 use apr_rl::sft::LearnerKind;
 
-fn shipped() -> (PathBuf, Checkpoint) {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/apr-sft");
-    let ck = checkpoint::load(&dir).unwrap();
-    (dir, ck)
+fn shipped() -> Checkpoint {
+    checkpoint::load(&common::shipped_dir()).unwrap()
 }
 
-/// Held-out problems of the shipped model's card.
-fn problems(dir: &Path, n: usize) -> Vec<Problem> {
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("card.json")).unwrap()).unwrap();
-    let data = &card["data"];
-    let count = |key: &str| data[key].as_u64().unwrap();
-    let spec = ProblemSpec {
-        numbers: count("numbers") as usize,
-        max_target: count("max_target") as i64,
-    };
-    let (_, val) = train_val_split(
-        &spec,
-        count("train_problems") as usize,
-        count("val_problems") as usize,
-        count("seed"),
-    );
-    val[..n].to_vec()
+/// The first `n` held-out problems of the shipped model's card.
+fn problems(n: usize) -> Vec<Problem> {
+    common::held_out(&common::card())[..n].to_vec()
 }
 
 fn on_threads<R: Send>(threads: usize, f: impl FnOnce() -> R + Send) -> R {
@@ -60,8 +43,8 @@ fn runtime() -> RuntimeConfig {
 
 #[test]
 fn sampled_eval_records_do_not_depend_on_slots_or_threads() {
-    let (dir, ck) = shipped();
-    let problems = problems(&dir, 12);
+    let ck = shipped();
+    let problems = problems(12);
     let model = Model::new(
         ck.meta.model.clone(),
         &ck.weights,
@@ -105,8 +88,8 @@ fn sampled_eval_records_do_not_depend_on_slots_or_threads() {
 
 #[test]
 fn a_grpo_step_does_not_depend_on_slots() {
-    let (dir, ck) = shipped();
-    let problems = problems(&dir, 4);
+    let ck = shipped();
+    let problems = problems(4);
     let device = Backend::Cpu.device(0).unwrap();
     let step = |slots: usize| {
         let out = tempfile::tempdir().unwrap();

@@ -2,35 +2,18 @@
 //! problems, greedy, through the runtime and the CPU engine. A guard on the engine, tokenizer,
 //! runtime and checkpoint format together, which no unit test covers end to end.
 
-use std::path::Path;
+mod common;
 
 use apr_core::runtime::{Mode, RuntimeConfig};
-use apr_countdown::problem::{train_val_split, ProblemSpec};
 use apr_model::backend::Backend;
 use apr_model::{checkpoint, Model};
 use apr_rl::eval::{evaluate, EvalConfig};
 
 #[test]
 fn the_shipped_apr_model_solves_what_its_card_says() {
-    let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../models/apr-sft");
-    let card: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(dir.join("card.json")).unwrap()).unwrap();
-    let data = &card["data"];
-    let count = |key: &str| {
-        data[key]
-            .as_u64()
-            .unwrap_or_else(|| panic!("card: data.{key}"))
-    };
-    let spec = ProblemSpec {
-        numbers: count("numbers") as usize,
-        max_target: count("max_target") as i64,
-    };
-    let (_, val) = train_val_split(
-        &spec,
-        count("train_problems") as usize,
-        count("val_problems") as usize,
-        count("seed"),
-    );
+    let dir = common::shipped_dir();
+    let card = common::card();
+    let val = common::held_out(&card);
     let claimed = card["regression"]["greedy_accuracy"].as_f64().unwrap();
     let n = card["regression"]["problems"].as_u64().unwrap() as usize;
     assert_eq!(n, 200);
