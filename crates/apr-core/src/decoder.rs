@@ -81,6 +81,20 @@ pub enum DecoderError {
     Backend(String),
 }
 
+/// How far a decoder that writes several tokens per step (a remote completions server) may go
+/// for one input of [`BatchedDecoder::step_many`]. A hint: the runtime takes the tokens it can
+/// use and discards the rest, so a decoder may stop earlier or later without changing results.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Horizon {
+    /// Most tokens the runtime can take from this step.
+    pub max_tokens: usize,
+    /// Strings after which the runtime stops taking tokens (it rewrites the text there).
+    pub stop: &'static [&'static str],
+    /// Inputs with the same affinity belong to one problem's thread tree: a decoder with several
+    /// replicas sends them to the same one, so that its prefix cache serves the joins.
+    pub affinity: u64,
+}
+
 /// A batched language model with per-slot state (KV caches).
 pub trait BatchedDecoder {
     /// Number of slots.
@@ -92,6 +106,22 @@ pub trait BatchedDecoder {
     /// Appends each input's tokens to its slot in one batched pass and samples the next token of
     /// every input, returned in input order. Slots must be distinct.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError>;
+    /// Like [`Self::step`], but each input may get several tokens: a chunk `c` continues the
+    /// input's slot with `c[0]`, then `c[1]` after it, and so on; afterwards the slot holds the
+    /// input's tokens and every chunk token but the last (which, like `step`'s token, comes back
+    /// as the next input). A failure is per input, so that one failed call fails only its own
+    /// thread. The default takes one [`Self::step`]: chunks of one token.
+    fn step_many(
+        &mut self,
+        inputs: &[StepInput<'_>],
+        horizons: &[Horizon],
+    ) -> Vec<Result<Vec<Sampled>, DecoderError>> {
+        let _ = horizons;
+        match self.step(inputs) {
+            Ok(sampled) => sampled.into_iter().map(|s| Ok(vec![s])).collect(),
+            Err(e) => inputs.iter().map(|_| Err(e.clone())).collect(),
+        }
+    }
     /// Keeps the first `len` tokens of a slot (a KV prefix), dropping the rest.
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError>;
     /// Empties a slot for reuse.

@@ -15,7 +15,9 @@ pub mod scripted;
 pub mod stop;
 pub mod task;
 
-pub use decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput, TextCodec};
+pub use decoder::{
+    BatchedDecoder, DecoderError, Horizon, Sampled, Sampling, SlotId, StepInput, TextCodec,
+};
 pub use grammar::{
     ends_with_spawn, join_context, split_spawn, Conditioning, GrammarError, JoinBlock, JoinEntry,
     NodeId, SpawnBlock, SpawnSplit,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-use crate::decoder::{BatchedDecoder, Sampling, SlotId, StepInput, TextCodec};
+use crate::decoder::{BatchedDecoder, Horizon, Sampling, SlotId, StepInput, TextCodec};
 use crate::grammar::{
     ends_with_spawn, join_context, split_spawn, Conditioning, JoinBlock, JoinEntry, JOIN_OPEN,
     SPAWN_OPEN,
@@ -440,24 +440,49 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 }
             })
             .collect();
-        match decoder.step(&inputs) {
-            Ok(sampled) => {
-                for (&t, s) in group.iter().zip(sampled) {
-                    if self.threads[t].state != ThreadState::Running {
-                        continue; // cancelled by an earlier thread of the same problem
+        let horizons: Vec<Horizon> = group.iter().map(|&t| self.horizon(t)).collect();
+        let chunks = decoder.step_many(&inputs, &horizons);
+        for (&t, chunk) in group.iter().zip(chunks) {
+            let p = self.threads[t].problem;
+            match chunk {
+                Ok(chunk) => {
+                    for (j, s) in chunk.iter().enumerate() {
+                        let th = &self.threads[t];
+                        // Stop taking a chunk's tokens once the thread has moved on: it ended, its
+                        // problem was cancelled (by an earlier thread of the same problem), or the
+                        // runtime rewrote its text (a substitution queued injected tokens).
+                        let continues = th.state == ThreadState::Running
+                            && (j == 0
+                                || (th.pending_sampled.is_some()
+                                    && th.pending == [chunk[j - 1].token]));
+                        if !continues {
+                            break;
+                        }
+                        self.accept(t, s.token, s.logprob, decoder, progress);
                     }
-                    self.accept(t, s.token, s.logprob, decoder, progress);
                 }
-            }
-            Err(e) => {
-                // A failed step fails the problems involved, never the whole run.
-                let problems: Vec<usize> = group.iter().map(|&t| self.threads[t].problem).collect();
-                for p in problems {
+                // A failed call fails its problem, never the whole run.
+                Err(e) => {
                     if !self.problems[p].done {
                         self.fail(p, format!("decoder error: {e}"), decoder, progress);
                     }
                 }
             }
+        }
+    }
+
+    /// How many tokens a running thread can take before its context or its share of the
+    /// budget ends it, and where the runtime would rewrite its text.
+    fn horizon(&self, t: usize) -> Horizon {
+        const STOPS: &[&str] = &[JOIN_OPEN];
+        let th = &self.threads[t];
+        let held = th.tokens.len() + th.pending.len();
+        let processed = th.processed + th.pending.len() - th.replayed.min(th.pending.len());
+        let budget = th.allowance.saturating_sub(processed) + 1;
+        Horizon {
+            max_tokens: self.context.saturating_sub(held).min(budget).max(1),
+            stop: STOPS,
+            affinity: self.problems[th.problem].job.id as u64,
         }
     }
 

@@ -4,6 +4,9 @@
 
 mod chaos;
 
+use apr_core::decoder::{
+    BatchedDecoder, DecoderError, Horizon, Sampled, SlotId, StepInput, TextCodec,
+};
 use apr_core::runtime::{run, Finish, Job, Mode, Role, RuntimeConfig};
 use apr_core::scripted::{ByteCodec, ScriptedModel};
 use chaos::{check, run_chaos, Tally};
@@ -135,4 +138,122 @@ fn children_are_recorded_in_tree_order() {
         }
     }
     assert!(checked > 100, "only {checked} children");
+}
+
+/// A decoder that answers each input with a chunk of tokens, as a remote completions server
+/// does: it steps the model it wraps up to a pseudo-random length within the runtime's horizon,
+/// sometimes past EOS (the runtime must discard what it cannot use).
+struct Chunked {
+    inner: chaos::ChaosModel,
+    draws: u64,
+}
+
+impl BatchedDecoder for Chunked {
+    fn slots(&self) -> usize {
+        self.inner.slots()
+    }
+    fn context_limit(&self) -> usize {
+        self.inner.context_limit()
+    }
+    fn slot_len(&self, slot: SlotId) -> usize {
+        self.inner.slot_len(slot)
+    }
+    fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
+        self.inner.step(inputs)
+    }
+    fn step_many(
+        &mut self,
+        inputs: &[StepInput<'_>],
+        horizons: &[Horizon],
+    ) -> Vec<Result<Vec<Sampled>, DecoderError>> {
+        let eos = ByteCodec.eos();
+        inputs
+            .iter()
+            .zip(horizons)
+            .map(|(input, h)| {
+                self.draws = self
+                    .draws
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                let len = 1 + (self.draws >> 33) as usize % h.max_tokens.min(48);
+                let past_eos = (self.draws >> 20) & 1 == 0;
+                let mut chunk = self.inner.step(std::slice::from_ref(input))?;
+                while chunk.len() < len && (past_eos || chunk.last().unwrap().token != eos) {
+                    let last = [chunk.last().unwrap().token];
+                    let next = StepInput {
+                        tokens: &last,
+                        ..input.clone()
+                    };
+                    chunk.extend(self.inner.step(std::slice::from_ref(&next))?);
+                }
+                Ok(chunk)
+            })
+            .collect()
+    }
+    fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
+        self.inner.truncate(slot, len)
+    }
+    fn release(&mut self, slot: SlotId) {
+        self.inner.release(slot)
+    }
+}
+
+#[test]
+fn records_do_not_depend_on_how_many_tokens_a_step_returns() {
+    for mode in [Mode::Apr, Mode::Serial] {
+        let records = |chunked: bool| -> Vec<String> {
+            let config = chaos::fuzz_config(mode);
+            let mut model = chaos::ChaosModel::new(7, config.context);
+            model.seeded = true;
+            let jobs = (0..400)
+                .map(|i| Job {
+                    id: i,
+                    problem: 900 + i as u64,
+                    seed: 900 + i as u64,
+                })
+                .collect();
+            let results = if chunked {
+                let mut decoder = Chunked {
+                    inner: model,
+                    draws: 3,
+                };
+                run(
+                    &chaos::ToyTask,
+                    &mut decoder,
+                    &ByteCodec,
+                    jobs,
+                    &config,
+                    &mut |_| {},
+                )
+            } else {
+                run(
+                    &chaos::ToyTask,
+                    &mut model,
+                    &ByteCodec,
+                    jobs,
+                    &config,
+                    &mut |_| {},
+                )
+            };
+            results
+                .into_iter()
+                .map(|mut r| {
+                    r.metrics.latency_s = 0.0;
+                    serde_json::to_string(&r).unwrap()
+                })
+                .collect()
+        };
+        let (one, many) = (records(false), records(true));
+        let substituted = one
+            .iter()
+            .filter(|r| r.contains("Calling Sub Searches"))
+            .count();
+        assert!(
+            substituted > 20,
+            "{mode:?}: only {substituted} records with a substitution"
+        );
+        for (id, (a, b)) in one.iter().zip(&many).enumerate() {
+            assert_eq!(a, b, "{mode:?}, problem {id}: one token a step vs chunks");
+        }
+    }
 }
