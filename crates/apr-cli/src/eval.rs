@@ -2,14 +2,18 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use apr_core::decoder::BatchedDecoder;
 use apr_core::decoder::Sampling;
 use apr_core::grammar::Conditioning;
 use apr_core::runtime::{Mode, RuntimeConfig};
 use apr_countdown::io::JsonlWriter;
-use apr_rl::eval::{evaluate, EvalConfig};
+use apr_rl::eval::{evaluate, evaluate_on, EvalConfig};
+use apr_serve::client::{RemoteConfig, RemoteDecoder};
 use clap::{Args, ValueEnum};
 
 use crate::data::load_problems;
@@ -72,8 +76,30 @@ pub struct EvalArgs {
     /// Output directory (records.jsonl, summary.json).
     #[arg(long)]
     out: PathBuf,
+    /// Run every thread call on this OpenAI-compatible completions server (`apr serve`, vLLM,
+    /// SGLang) instead of in process; repeat it for several replicas (all calls of a problem go
+    /// to one). `--model` still names the checkpoint whose tokenizer counts the tokens.
+    #[arg(long = "engine", value_name = "URL")]
+    engines: Vec<String>,
+    /// With --engine: the served model's name (default: the first the server lists).
+    #[arg(long)]
+    served_model_name: Option<String>,
+    /// With --engine: seconds one request may take.
+    #[arg(long, value_parser = crate::args::seconds, default_value_t = 600.0)]
+    request_timeout: f64,
+    /// With --engine: retries of a failed request (with backoff) before its problem fails.
+    #[arg(long, default_value_t = 3)]
+    retries: usize,
     #[command(flatten)]
     device: DeviceArgs,
+}
+
+/// Where an evaluation's thread calls run.
+enum Engine {
+    /// An engine in this process.
+    Local(Box<apr_model::Model>),
+    /// OpenAI-compatible servers.
+    Remote(Box<RemoteDecoder>),
 }
 
 /// The per-thread context: the model's `max_seq_len` unless asked for less.
@@ -109,9 +135,30 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     if problems.is_empty() {
         bail!("{}: no problems to evaluate", args.problems.display());
     }
-    let (model, tok, _) = load_model(&args.model, &args.device)?;
-    let context = context_for(args.context, model.config.max_seq_len)?;
-    crate::args::check_kv_memory(&model.config, args.slots, context, args.max_memory)?;
+    // In process: the checkpoint's model on an engine here. Remote: only its tokenizer here,
+    // the model on the servers.
+    let (engine, tok, max_seq_len) = if args.engines.is_empty() {
+        let (model, tok, _) = load_model(&args.model, &args.device)?;
+        let context = context_for(args.context, model.config.max_seq_len)?;
+        crate::args::check_kv_memory(&model.config, args.slots, context, args.max_memory)?;
+        let len = model.config.max_seq_len;
+        (Engine::Local(Box::new(model)), tok, len)
+    } else {
+        let ck = apr_model::checkpoint::load(&crate::model::resolve_model(&args.model)?)?;
+        let remote = RemoteConfig {
+            urls: args.engines.clone(),
+            model: args.served_model_name.clone(),
+            slots: args.slots,
+            in_flight: args.slots,
+            timeout: Duration::from_secs_f64(args.request_timeout),
+            retries: args.retries,
+            ..RemoteConfig::default()
+        };
+        let decoder = RemoteDecoder::connect(&remote, Arc::new(ck.tokenizer.clone()))?;
+        let len = ck.meta.model.max_seq_len.min(decoder.context_limit());
+        (Engine::Remote(Box::new(decoder)), ck.tokenizer, len)
+    };
+    let context = context_for(args.context, max_seq_len)?;
     let runtime = RuntimeConfig {
         mode: if args.mode == EvalMode::Apr {
             Mode::Apr
@@ -135,9 +182,24 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
         seed: args.seed,
     };
     let progress = bar((problems.len() * args.n) as u64, "eval");
-    let (records, summary) = evaluate(&model, &tok, &problems, &config, &mut |done, _| {
-        progress.set_position(done as u64)
-    });
+    let mut report = |done: usize, _: usize| progress.set_position(done as u64);
+    let (records, summary) = match engine {
+        Engine::Local(model) => evaluate(&model, &tok, &problems, &config, &mut report),
+        Engine::Remote(mut decoder) => {
+            let run = evaluate_on(decoder.as_mut(), &tok, &problems, &config, &mut report);
+            let c = decoder.counters();
+            let load = |a: &std::sync::atomic::AtomicU64| a.load(Ordering::Relaxed);
+            eprintln!(
+                "{}: {} requests, {} retried, {} failed, {} tokens written",
+                decoder.model(),
+                load(&c.requests),
+                load(&c.retries),
+                load(&c.failures),
+                load(&c.completion_tokens)
+            );
+            run
+        }
+    };
     progress.finish_and_clear();
     std::fs::create_dir_all(&args.out)?;
     let mut writer = JsonlWriter::create(&args.out.join("records.jsonl"))?;

@@ -57,6 +57,7 @@ pub fn run(args: ServeArgs) -> Result<ExitCode> {
         auto_truncate: args.auto_truncate,
         bos_text: apr_model::tokenizer::BOS.to_owned(),
         max_body: 16 << 20,
+        vocab_size: tok.vocab_size(),
     };
     let pad = tok.pad_id();
     let slots = args.slots;

@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::time::Instant;
 
 use apr_core::runtime::{run, Job, Mode, ProblemResult, RuntimeConfig};
+use apr_core::BatchedDecoder;
 use apr_countdown::{CountdownTask, Problem};
 use apr_model::engine::engine_for;
 use apr_model::{AprTokenizer, Model};
@@ -109,13 +110,25 @@ pub fn evaluate(
     config: &EvalConfig,
     progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<EvalRecord>, EvalSummary) {
-    let start = Instant::now();
     let mut engine = engine_for(
         model,
         config.slots.max(1),
         config.runtime.context.min(model.config.max_seq_len),
         tokenizer.pad_id(),
     );
+    evaluate_on(engine.as_mut(), tokenizer, problems, config, progress)
+}
+
+/// [`evaluate`] on any decoder: an in-process engine, or a remote server
+/// (`apr_serve::client::RemoteDecoder`). The decoder's slots replace `config.slots`.
+pub fn evaluate_on(
+    decoder: &mut dyn BatchedDecoder,
+    tokenizer: &AprTokenizer,
+    problems: &[Problem],
+    config: &EvalConfig,
+    progress: &mut dyn FnMut(usize, usize),
+) -> (Vec<EvalRecord>, EvalSummary) {
+    let start = Instant::now();
     let task = match config.runtime.mode {
         Mode::Apr => CountdownTask::apr(),
         Mode::Serial => CountdownTask::sosp(),
@@ -131,7 +144,7 @@ pub fn evaluate(
     let total = jobs.len();
     let results = run(
         &task,
-        engine.as_mut(),
+        decoder,
         tokenizer,
         jobs,
         &config.runtime,

@@ -4,7 +4,7 @@
 use serde::{Deserialize, Serialize};
 use serde_json::{json, Value};
 
-/// A string or a list of strings (`prompt`, `stop`).
+/// A string or a list of strings (`stop`).
 #[derive(Clone, Debug, Deserialize)]
 #[serde(untagged)]
 pub enum OneOrMany {
@@ -24,6 +24,43 @@ impl OneOrMany {
     }
 }
 
+/// The `prompt` field: a string, token ids (as vLLM and SGLang accept them), or a list of
+/// either.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum PromptField {
+    /// One text.
+    Text(String),
+    /// One prompt as token ids.
+    Tokens(Vec<u32>),
+    /// Several texts.
+    Texts(Vec<String>),
+    /// Several prompts as token ids.
+    TokenLists(Vec<Vec<u32>>),
+}
+
+/// One prompt of a request.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Prompt {
+    /// Text, tokenized by the server (BOS first, once).
+    Text(String),
+    /// Token ids, used as they are (no BOS added).
+    Tokens(Vec<u32>),
+}
+
+impl PromptField {
+    /// The prompts, one per choice group.
+    pub fn into_prompts(self) -> Vec<Prompt> {
+        match self {
+            PromptField::Text(t) => vec![Prompt::Text(t)],
+            PromptField::Tokens(t) if t.is_empty() => Vec::new(),
+            PromptField::Tokens(t) => vec![Prompt::Tokens(t)],
+            PromptField::Texts(v) => v.into_iter().map(Prompt::Text).collect(),
+            PromptField::TokenLists(v) => v.into_iter().map(Prompt::Tokens).collect(),
+        }
+    }
+}
+
 /// `POST /v1/completions`. Fields OpenAI defines that this server cannot honour are accepted
 /// only at their neutral values; anything else is refused, never ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -32,7 +69,7 @@ pub struct CompletionRequest {
     /// The model's name (see `GET /v1/models`).
     pub model: String,
     /// The prompt(s).
-    pub prompt: OneOrMany,
+    pub prompt: PromptField,
     /// Most tokens to generate per choice (default 16, as OpenAI).
     pub max_tokens: Option<u64>,
     /// Sampling temperature (default 1; 0 is greedy).
@@ -51,6 +88,9 @@ pub struct CompletionRequest {
     pub logprobs: Option<u64>,
     /// Put the prompt before each choice's text.
     pub echo: Option<bool>,
+    /// Name the tokens in `logprobs` as `token_id:N` instead of their text (vLLM's extension):
+    /// what a client that counts tokens itself needs.
+    pub return_tokens_as_token_ids: Option<bool>,
     /// Server-sent events instead of one body.
     pub stream: Option<bool>,
     /// Accepted and ignored (OpenAI's end-user tag).
@@ -110,7 +150,7 @@ impl ApiError {
 #[derive(Clone, Debug, PartialEq)]
 pub struct Checked {
     /// Prompts.
-    pub prompts: Vec<String>,
+    pub prompts: Vec<Prompt>,
     /// Tokens per choice.
     pub max_tokens: usize,
     /// Temperature.
@@ -129,6 +169,8 @@ pub struct Checked {
     pub logprobs: bool,
     /// Whether to echo the prompt.
     pub echo: bool,
+    /// Whether `logprobs` names tokens by id.
+    pub token_ids: bool,
     /// Whether to stream.
     pub stream: bool,
 }
@@ -154,8 +196,12 @@ impl CompletionRequest {
                 ),
             ));
         }
-        let prompts = self.prompt.into_vec();
-        if prompts.is_empty() {
+        let prompts = self.prompt.into_prompts();
+        if prompts.is_empty()
+            || prompts
+                .iter()
+                .any(|p| matches!(p, Prompt::Tokens(t) if t.is_empty()))
+        {
             return Err(ApiError::invalid("prompt", "the prompt list is empty"));
         }
         let max_tokens = self.max_tokens.unwrap_or(16);
@@ -236,6 +282,7 @@ impl CompletionRequest {
             seed: self.seed,
             logprobs,
             echo: self.echo.unwrap_or(false),
+            token_ids: self.return_tokens_as_token_ids.unwrap_or(false),
             stream: self.stream.unwrap_or(false),
         })
     }

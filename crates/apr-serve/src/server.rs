@@ -19,7 +19,7 @@ use axum::{Json, Router};
 use serde_json::{json, Value};
 use tokio::sync::mpsc::{unbounded_channel, UnboundedReceiver};
 
-use crate::api::{ApiError, Checked, CompletionRequest, Usage};
+use crate::api::{ApiError, Checked, CompletionRequest, Prompt, Usage};
 use crate::scheduler::{self, Counters, Event, FinishReason, Job};
 
 /// A tokenizer the server can share across request handlers.
@@ -39,6 +39,8 @@ pub struct ServerConfig {
     pub bos_text: String,
     /// Largest request body in bytes.
     pub max_body: usize,
+    /// Tokens of the model's vocabulary: a token-id prompt must stay below it.
+    pub vocab_size: usize,
 }
 
 struct Shared {
@@ -194,7 +196,13 @@ struct Choice {
     completion_tokens: usize,
 }
 
+/// The seed of a request's choice: choice 0 samples with the request's seed itself (its draw at
+/// position `p` is `uniform_at(seed, p)`, as the runtime's threads draw), the others with mixes
+/// of it.
 fn seed_of(base: u64, choice: usize) -> u64 {
+    if choice == 0 {
+        return base;
+    }
     let mut z = base
         ^ (choice as u64)
             .wrapping_add(1)
@@ -212,13 +220,30 @@ fn submit(s: &Shared, req: &Checked) -> Result<(Events, Vec<Vec<u32>>), ApiError
     let codec = s.codec.as_ref();
     let mut prompts = Vec::with_capacity(req.prompts.len());
     for p in &req.prompts {
-        let text = p.strip_prefix(s.config.bos_text.as_str()).unwrap_or(p);
-        let mut tokens = vec![codec.bos()];
-        tokens.extend(
-            codec
-                .encode(text)
-                .map_err(|e| ApiError::invalid("prompt", format!("the prompt {e}")))?,
-        );
+        let tokens = match p {
+            Prompt::Text(p) => {
+                let text = p.strip_prefix(s.config.bos_text.as_str()).unwrap_or(p);
+                let mut tokens = vec![codec.bos()];
+                tokens.extend(
+                    codec
+                        .encode(text)
+                        .map_err(|e| ApiError::invalid("prompt", format!("the prompt {e}")))?,
+                );
+                tokens
+            }
+            Prompt::Tokens(tokens) => {
+                if let Some(bad) = tokens.iter().find(|&&t| t as usize >= s.config.vocab_size) {
+                    return Err(ApiError::invalid(
+                        "prompt",
+                        format!(
+                            "token id {bad} is outside the vocabulary of {}",
+                            s.config.vocab_size
+                        ),
+                    ));
+                }
+                tokens.clone()
+            }
+        };
         prompts.push(tokens);
     }
     let mut max_tokens = Vec::with_capacity(prompts.len());
@@ -314,9 +339,37 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     let prompt_tokens: usize = prompts.iter().map(Vec::len).sum::<usize>() * req.n;
     let model = s.config.model_name.clone();
     let codec = s.codec.clone();
+    let echoed: Vec<String> = req
+        .prompts
+        .iter()
+        .map(|p| match p {
+            Prompt::Text(t) => t.clone(),
+            Prompt::Tokens(tokens) => tokens
+                .iter()
+                .map(|&t| {
+                    if t == codec.bos() {
+                        s.config.bos_text.as_str()
+                    } else {
+                        codec.piece(t)
+                    }
+                })
+                .collect(),
+        })
+        .collect();
+    let token_ids = req.token_ids;
     let logprobs_of = move |tokens: &[(u32, f32)]| {
+        let names: Vec<String> = tokens
+            .iter()
+            .map(|&(t, _)| {
+                if token_ids {
+                    format!("token_id:{t}")
+                } else {
+                    codec.piece(t).to_owned()
+                }
+            })
+            .collect();
         json!({
-            "tokens": tokens.iter().map(|&(t, _)| codec.piece(t)).collect::<Vec<_>>(),
+            "tokens": names,
             "token_logprobs": tokens.iter().map(|&(_, l)| l).collect::<Vec<_>>(),
             "top_logprobs": null,
         })
@@ -350,7 +403,7 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
         let body = json!({
             "id": id, "object": "text_completion", "created": created, "model": model,
             "choices": choices.iter().enumerate().map(|(i, c)| {
-                let prefix = if req.echo { req.prompts[i / req.n].as_str() } else { "" };
+                let prefix = if req.echo { echoed[i / req.n].as_str() } else { "" };
                 json!({
                     "index": i, "text": format!("{prefix}{}", c.text),
                     "logprobs": if req.logprobs { logprobs_of(&c.tokens) } else { Value::Null },
@@ -383,7 +436,7 @@ async fn completions(State(s): State<Arc<Shared>>, body: Bytes) -> Response {
     if req.echo {
         for i in 0..total {
             pending.push_back(
-                chunk(json!([{"index": i, "text": req.prompts[i / req.n],
+                chunk(json!([{"index": i, "text": echoed[i / req.n],
                 "logprobs": null, "finish_reason": null}]))
                 .to_string(),
             );

@@ -35,6 +35,7 @@ fn start(slots: usize, queue: usize, auto_truncate: bool) -> SocketAddr {
         auto_truncate,
         bos_text: apr_model::tokenizer::BOS.into(),
         max_body: 16 << 20,
+        vocab_size: tok.vocab_size(),
     };
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {

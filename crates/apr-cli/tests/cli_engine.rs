@@ -1,0 +1,151 @@
+//! `apr eval --engine URL`: the same runtime driving `apr serve` over HTTP instead of an engine
+//! in process. Every call of every thread is a completion request, and the records (segments,
+//! tokens, log-probabilities, metrics) are identical to the in-process run's, greedy and
+//! sampled, because both sides run the same batch-invariant engine and draw each token from the
+//! thread's seed and position.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+
+fn apr(args: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_apr"))
+        .args(args)
+        .output()
+        .unwrap()
+}
+
+fn ok(out: std::process::Output) {
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// `apr serve` on a free port: the process and its URL.
+fn serve(model: &str) -> (Child, String) {
+    let mut server = Command::new(env!("CARGO_BIN_EXE_apr"))
+        .args(["serve", "--model", model, "--port", "0", "--slots", "16"])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    BufReader::new(server.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
+    (server, info["listening"].as_str().unwrap().to_owned())
+}
+
+/// An evaluation's records without their wall-clock latency.
+fn records(dir: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(dir.join("records.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut r: serde_json::Value = serde_json::from_str(l).unwrap();
+            r["result"]["metrics"]["latency_s"] = 0.into();
+            r
+        })
+        .collect()
+}
+
+#[test]
+fn eval_over_http_gives_the_in_process_records() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems = tmp.path().join("problems.jsonl");
+    let p = problems.to_str().unwrap();
+    ok(apr(&[
+        "data",
+        "problems",
+        "--numbers",
+        "3",
+        "--max-target",
+        "30",
+        "--count",
+        "24",
+        "--seed",
+        "11",
+        "--out",
+        p,
+    ]));
+    let (mut server, url) = serve("apr-sft");
+    let mut compared = 0;
+    let mut children = 0;
+    for (name, extra) in [
+        ("greedy", vec![]),
+        (
+            "sampled",
+            vec!["--temperature", "1", "--n", "2", "--seed", "5"],
+        ),
+        ("serial", vec!["--mode", "serial", "--limit", "8"]),
+    ] {
+        let local = tmp.path().join(format!("{name}-local"));
+        let remote = tmp.path().join(format!("{name}-remote"));
+        let base = [
+            "eval",
+            "--model",
+            "apr-sft",
+            "--problems",
+            p,
+            "--slots",
+            "16",
+        ];
+        let mut args: Vec<&str> = base.to_vec();
+        args.extend(&extra);
+        args.extend(["--out", local.to_str().unwrap()]);
+        ok(apr(&args));
+        args.truncate(args.len() - 2);
+        args.extend(["--out", remote.to_str().unwrap(), "--engine", url.as_str()]);
+        ok(apr(&args));
+        let (a, b) = (records(&local), records(&remote));
+        assert_eq!(a.len(), b.len(), "{name}");
+        for (x, y) in a.iter().zip(&b) {
+            assert_eq!(x, y, "{name}: in process vs over HTTP");
+            children += x["result"]["metrics"]["children"].as_u64().unwrap();
+        }
+        compared += a.len();
+    }
+    server.kill().unwrap();
+    let _ = server.wait();
+    assert_eq!(compared, 24 + 48 + 8);
+    // The comparison covers spawns and joins, not only single threads.
+    assert!(children > 50, "only {children} children");
+}
+
+#[test]
+fn an_unreachable_engine_is_a_one_line_error() {
+    let tmp = tempfile::tempdir().unwrap();
+    let problems = tmp.path().join("problems.jsonl");
+    let p = problems.to_str().unwrap();
+    ok(apr(&[
+        "data",
+        "problems",
+        "--numbers",
+        "3",
+        "--count",
+        "2",
+        "--out",
+        p,
+    ]));
+    let out_dir = tmp.path().join("out");
+    for url in ["http://127.0.0.1:1", "https://example.invalid"] {
+        let out = apr(&[
+            "eval",
+            "--model",
+            "apr-sft",
+            "--problems",
+            p,
+            "--out",
+            out_dir.to_str().unwrap(),
+            "--engine",
+            url,
+        ]);
+        assert!(!out.status.success(), "{url}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(err.trim().lines().count(), 1, "{url}: {err}");
+        assert!(err.contains(url), "{url}: {err}");
+    }
+}
