@@ -91,6 +91,10 @@ struct Plan {
     /// The APR model starts from the SoS+ model (serial search first, then the thread
     /// protocol) instead of from random weights.
     apr_from_sosp: bool,
+    /// Also train SoS+ on the APR model's budget: the SoS+ model continued on SoS+ traces for
+    /// `apr_steps` more steps, the same curriculum as the APR model's with serial data (the
+    /// equal-tokens comparison).
+    sosp_equal_tokens: bool,
     /// Which tokens of the APR calls carry the SFT loss.
     loss: LossPlacement,
     /// Held-out greedy accuracy on `curve_problems` every this many SFT steps (0: none).
@@ -99,6 +103,9 @@ struct Plan {
     grpo: GrpoPlan,
     /// Samples per problem of the τ = 1 evaluations (pass@k and cons@k up to it).
     samples: usize,
+    /// The τ = 1 evaluations run on the first this many held-out problems (the greedy ones on
+    /// all): k samples cost k greedy runs, and decoding is most of a long preset's evaluation.
+    sampled_problems: usize,
     slots: usize,
     /// Open the report with the shipped models (`models/`), evaluated live.
     shipped: bool,
@@ -129,6 +136,7 @@ impl Plan {
                 sosp_steps: 4500,
                 apr_steps: 4500,
                 apr_from_sosp: true,
+                sosp_equal_tokens: false,
                 loss: LossPlacement::All,
                 curve_every: 0,
                 curve_problems: 0,
@@ -144,15 +152,17 @@ impl Plan {
                     kl_beta: 0.01,
                 },
                 samples: 4,
+                sampled_problems: usize::MAX,
                 slots: 64,
                 shipped: true,
             },
-            // The quick recipe trained to convergence: SoS+ 41M tokens of budget (with digit
-            // tokens its held-out curve was flat from 45M, at its solver's 73%), then APR 61M
-            // more from it (APR's solver solves 85% at this window, and from random weights the
-            // APR model was still climbing at 84M). The GRPO setting is the one that raised the
-            // 74.2% model by more than its seed spread (README). An estimate of 3–3.5 hours on
-            // 2 cores, not yet a measurement.
+            // The quick recipe trained longer, sized to run in about 1.5 hours on 2 cores (the
+            // learner at ~20k tokens/s, the engine at ~11k decode tokens/s): SoS+ 10,000 steps
+            // (20.5M tokens of budget) with its held-out curve every 2,000 steps, the evidence of
+            // its plateau; APR 14,000 more steps from it (the APR model needs more tokens than
+            // SoS+ to reach its solver, whose ceiling at this window is 85% against SoS+'s 73%).
+            // The GRPO setting is the one that raised the 74.2% model by more than its seed
+            // spread (README). 1,000 held-out problems greedy; the 8-sample evaluations on 300.
             PipelinePreset::Repro => Plan {
                 numbers: 3,
                 max_target: 30,
@@ -162,12 +172,13 @@ impl Plan {
                 tokenizer: "numbers",
                 context: 1024,
                 batch_tokens: 2048,
-                lr: 2e-3,
-                sosp_steps: 20_000,
-                apr_steps: 30_000,
+                lr: 3e-3,
+                sosp_steps: 10_000,
+                apr_steps: 14_000,
                 apr_from_sosp: true,
+                sosp_equal_tokens: true,
                 loss: LossPlacement::All,
-                curve_every: 4000,
+                curve_every: 2000,
                 curve_problems: 200,
                 grpo: GrpoPlan {
                     steps: 16,
@@ -177,6 +188,7 @@ impl Plan {
                     kl_beta: 0.01,
                 },
                 samples: 8,
+                sampled_problems: 300,
                 slots: 64,
                 shipped: false,
             },
@@ -193,6 +205,7 @@ impl Plan {
                 sosp_steps: 2,
                 apr_steps: 2,
                 apr_from_sosp: true,
+                sosp_equal_tokens: true,
                 loss: LossPlacement::All,
                 curve_every: 1,
                 curve_problems: 2,
@@ -204,6 +217,7 @@ impl Plan {
                     kl_beta: 0.001,
                 },
                 samples: 2,
+                sampled_problems: usize::MAX,
                 slots: 8,
                 shipped: false,
             },
@@ -220,6 +234,7 @@ impl Plan {
                 sosp_steps: 19_000,
                 apr_steps: 19_000,
                 apr_from_sosp: false,
+                sosp_equal_tokens: false,
                 loss: LossPlacement::All,
                 curve_every: 0,
                 curve_problems: 0,
@@ -231,6 +246,7 @@ impl Plan {
                     kl_beta: 0.001,
                 },
                 samples: 8,
+                sampled_problems: usize::MAX,
                 slots: 256,
                 shipped: false,
             },
@@ -495,7 +511,12 @@ impl Pipeline {
             context: self.plan.context,
             slots: self.plan.slots,
         };
-        let (summary, seconds) = run.cached(&dir, model, &self.val, &self.device)?;
+        let problems = if samples > 1 {
+            &self.val[..self.plan.sampled_problems.min(self.val.len())]
+        } else {
+            &self.val[..]
+        };
+        let (summary, seconds) = run.cached(&dir, model, problems, &self.device)?;
         if let Some(seconds) = seconds {
             self.timed(&format!("eval {name}"), seconds)?;
         }
@@ -630,6 +651,19 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         init: apr_init,
     })?;
 
+    // SoS+ on the APR model's budget, the same curriculum with serial data.
+    let sosp_equal = if p.plan.sosp_equal_tokens {
+        Some(p.sft(SftStage {
+            name: "sft-sosp-equal",
+            view: SftView::Sosp,
+            solver: SolverConfig::Sosp(SospSolverConfig::default()),
+            steps: p.plan.apr_steps,
+            init: Some(&sosp_ckpt),
+        })?)
+    } else {
+        None
+    };
+
     // 4. Evaluate the SFT models: greedy at the full window (cumulative accuracy by window comes
     //    with it), and sampled (pass@k, cons@k).
     let samples = p.plan.samples;
@@ -637,6 +671,13 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     let sosp_greedy = p.eval("sosp-greedy", &sosp_ckpt, Mode::Serial, 0.0, 1)?;
     let apr_sampled = p.eval("apr-sampled", &apr_ckpt, Mode::Apr, 1.0, samples)?;
     let sosp_sampled = p.eval("sosp-sampled", &sosp_ckpt, Mode::Serial, 1.0, samples)?;
+    let sosp_equal_evals = match &sosp_equal {
+        Some((ckpt, _, _)) => Some((
+            p.eval("sosp-equal-greedy", ckpt, Mode::Serial, 0.0, 1)?,
+            p.eval("sosp-equal-sampled", ckpt, Mode::Serial, 1.0, samples)?,
+        )),
+        None => None,
+    };
 
     // 5. GRPO from the APR SFT checkpoint, and its evaluation.
     let (grpo_ckpt, grpo_metrics) = p.grpo(&apr_ckpt)?;
@@ -679,6 +720,9 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         if plan.apr_from_sosp { ", starting from the SoS+ model" } else { "" },
         plan.loss,
     );
+    if plan.sosp_equal_tokens {
+        let _ = writeln!(md, "\"SoS+ SFT, APR's tokens\" is the SoS+ model continued on SoS+ traces for {} more steps: the APR model's curriculum with serial data, {} training tokens like the APR model's.\n", plan.apr_steps, plan.apr_tokens());
+    }
     let _ = writeln!(md, "| model | decoding | accuracy ± s.e. | pass@{samples} | cons@{samples} | total tokens | sequential | longest thread | children |");
     let _ = writeln!(md, "|---|---|---|---|---|---|---|---|---|");
     let row = |md: &mut String, name: &str, how: &str, s: &EvalSummary| {
@@ -698,12 +742,18 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
             s.mean_children
         );
     };
-    let sampled = format!("τ=1, {samples} samples");
+    let sampled = format!("τ=1, {samples} samples, {} problems", apr_sampled.problems);
     row(&mut md, "APR SFT", "greedy", &apr_greedy);
     row(&mut md, "SoS+ SFT", "greedy", &sosp_greedy);
+    if let Some((greedy, _)) = &sosp_equal_evals {
+        row(&mut md, "SoS+ SFT, APR's tokens", "greedy", greedy);
+    }
     row(&mut md, "APR GRPO", "greedy", &grpo_greedy);
     row(&mut md, "APR SFT", &sampled, &apr_sampled);
     row(&mut md, "SoS+ SFT", &sampled, &sosp_sampled);
+    if let Some((_, sampled_run)) = &sosp_equal_evals {
+        row(&mut md, "SoS+ SFT, APR's tokens", &sampled, sampled_run);
+    }
     row(&mut md, "APR GRPO", &sampled, &grpo_sampled);
     let _ = writeln!(md, "\nSelf-consistency over the first k samples at τ = 1 (pass@k / cons@k, total tokens per problem):\n\n| k | APR SFT | SoS+ SFT | APR GRPO |\n|---|---|---|---|");
     for ((a, s), g) in apr_sampled
@@ -755,9 +805,17 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     };
     let sosp_points = curve_rows(&sosp_curve, 0.0);
     let apr_points = curve_rows(&apr_curve, apr_offset);
+    let sosp_equal_points = sosp_equal
+        .as_ref()
+        .map(|(_, _, curve)| curve_rows(curve, training_tokens(&sosp_curve)))
+        .unwrap_or_default();
     if !sosp_points.is_empty() || !apr_points.is_empty() {
         let _ = writeln!(md, "\nHeld-out greedy accuracy during SFT ({} problems):\n\n| model | training tokens | accuracy |\n|---|---|---|", plan.curve_problems);
-        for (name, points) in [("SoS+", &sosp_points), ("APR", &apr_points)] {
+        for (name, points) in [
+            ("SoS+", &sosp_points),
+            ("SoS+, continued", &sosp_equal_points),
+            ("APR", &apr_points),
+        ] {
             for (tokens, a) in points {
                 let _ = writeln!(md, "| {name} | {:.2}M | {:.1}% |", tokens / 1e6, 100.0 * a);
             }
@@ -793,10 +851,18 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         } else {
             String::new()
         };
-        vec![
+        let mut curves = vec![
             out.join("sft-sosp").display().to_string(),
             format!("{}{apr_start}", out.join("sft-apr").display()),
-        ]
+        ];
+        if sosp_equal.is_some() {
+            curves.push(format!(
+                "{}@{}",
+                out.join("sft-sosp-equal").display(),
+                training_tokens(&sosp_curve)
+            ));
+        }
+        curves
     } else {
         Vec::new()
     };
@@ -820,7 +886,9 @@ pub fn run(args: PipelineArgs) -> Result<ExitCode> {
         "apr_from_sosp": plan.apr_from_sosp, "loss": plan.loss,
         "apr_greedy": apr_greedy, "sosp_greedy": sosp_greedy, "apr_sampled": apr_sampled, "sosp_sampled": sosp_sampled,
         "grpo_greedy": grpo_greedy, "grpo_sampled": grpo_sampled, "grpo_metrics": grpo_metrics,
-        "sosp_curve": sosp_points, "apr_curve": apr_points,
+        "sosp_curve": sosp_points, "apr_curve": apr_points, "sosp_equal_curve": sosp_equal_points,
+        "sosp_equal_greedy": sosp_equal_evals.as_ref().map(|e| &e.0),
+        "sosp_equal_sampled": sosp_equal_evals.as_ref().map(|e| &e.1),
         "shipped": shipped.iter().map(|m| json!({"name": m.name, "summary": m.summary})).collect::<Vec<_>>(),
     });
     std::fs::write(

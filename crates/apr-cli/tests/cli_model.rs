@@ -193,7 +193,35 @@ fn pipeline_smoke_writes_a_report() {
     let summary: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(dir.path().join("summary.json")).unwrap())
             .unwrap();
-    assert!(summary["apr_greedy"]["accuracy"].is_number());
+    // Every accuracy is the share of correct records in its evaluation's own records.
+    for (key, eval) in [
+        ("apr_greedy", "apr-greedy"),
+        ("sosp_greedy", "sosp-greedy"),
+        ("sosp_equal_greedy", "sosp-equal-greedy"),
+        ("grpo_greedy", "apr-grpo-greedy"),
+        ("apr_sampled", "apr-sampled"),
+    ] {
+        let records =
+            std::fs::read_to_string(dir.path().join(format!("eval/{eval}/records.jsonl"))).unwrap();
+        let (n, correct) = records.lines().fold((0, 0), |(n, c), l| {
+            let r: serde_json::Value = serde_json::from_str(l).unwrap();
+            (n + 1, c + r["correct"].as_bool().unwrap() as usize)
+        });
+        let summary = &summary[key];
+        let samples = summary["samples"].as_u64().unwrap() as usize;
+        assert_eq!(
+            n,
+            summary["problems"].as_u64().unwrap() as usize * samples,
+            "{key}"
+        );
+        let accuracy = summary["accuracy"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&accuracy), "{key}");
+        assert!((accuracy - correct as f64 / n as f64).abs() < 1e-9, "{key}");
+    }
+    assert!(
+        report.contains("| SoS+ SFT, APR's tokens | greedy |"),
+        "{report}"
+    );
     // The figures are real images, and `apr report` redraws them from the eval outputs.
     for fig in ["accuracy_vs_total_tokens", "accuracy_vs_context_window"] {
         let png = std::fs::read(dir.path().join(format!("figures/{fig}.png"))).unwrap();
