@@ -50,9 +50,18 @@ def main(run, preset, seed):
     sosp_tokens = sft_tokens(run / "sft-sosp")
     apr_tokens = sft_tokens(run / "sft-apr") + (sosp_tokens if summary["apr_from_sosp"] else 0)
     command = f"apr pipeline --preset {preset} --seed {seed}"
+    if summary.get("sosp_equal_greedy"):
+        # The run also trained SoS+ on the APR model's tokens: that is the comparison's SoS+.
+        sosp = ("sft-sosp-equal/checkpoint", "serial", "sosp_equal_greedy", "sosp-equal-greedy",
+                sosp_tokens + sft_tokens(run / "sft-sosp-equal"),
+                timings["sft-sosp"] + timings["sft-sosp-equal"],
+                "SoS+ (serial search), supervised on SoS+ solver traces for as many tokens as "
+                "the APR model (its SoS+ start, then as many steps again on SoS+ traces)")
+    else:
+        sosp = ("sft-sosp/checkpoint", "serial", "sosp_greedy", "sosp-greedy", sosp_tokens,
+                timings["sft-sosp"], "SoS+ (serial search), supervised on SoS+ solver traces")
     models = {
-        "sosp": ("sft-sosp/checkpoint", "serial", "sosp_greedy", "sosp-greedy", sosp_tokens,
-                 timings["sft-sosp"], "SoS+ (serial search), supervised on SoS+ solver traces"),
+        "sosp": sosp,
         "apr-sft": ("sft-apr/checkpoint", "apr", "apr_greedy", "apr-greedy", apr_tokens,
                     timings["sft-sosp"] * summary["apr_from_sosp"] + timings["sft-apr"],
                     "APR, supervised on APR solver traces"
@@ -88,6 +97,13 @@ def main(run, preset, seed):
                 "problems": min(200, n),
                 "greedy_accuracy": greedy_first(
                     run / "eval" / eval_dir / "records.jsonl", min(200, n)
+                ),
+            },
+            # What the quick pipeline's live check of the shipped models runs.
+            "quick_check": {
+                "problems": min(300, n),
+                "greedy_accuracy": greedy_first(
+                    run / "eval" / eval_dir / "records.jsonl", min(300, n)
                 ),
             },
             "mean_total_tokens": s["mean_total_tokens"],
