@@ -61,6 +61,26 @@ impl PromptField {
     }
 }
 
+/// A seed as JSON carries it: unsigned, or signed (taken as its two's-complement bits).
+#[derive(Clone, Copy, Debug, Deserialize)]
+#[serde(untagged)]
+pub enum Seed {
+    /// 0 ..= 2^64 − 1.
+    Unsigned(u64),
+    /// −2^63 ..= −1.
+    Signed(i64),
+}
+
+impl Seed {
+    /// The 64 bits.
+    pub fn bits(self) -> u64 {
+        match self {
+            Seed::Unsigned(u) => u,
+            Seed::Signed(i) => i as u64,
+        }
+    }
+}
+
 /// `POST /v1/completions`. Fields OpenAI defines that this server cannot honour are accepted
 /// only at their neutral values; anything else is refused, never ignored.
 #[derive(Clone, Debug, Deserialize)]
@@ -82,8 +102,10 @@ pub struct CompletionRequest {
     pub n: Option<u64>,
     /// Stop strings (at most 4, as OpenAI).
     pub stop: Option<OneOrMany>,
-    /// Sampling seed: the same request with the same seed gives the same choices.
-    pub seed: Option<u64>,
+    /// Sampling seed: the same request with the same seed gives the same choices. Any 64-bit
+    /// integer, signed or not (a negative seed is its two's-complement bits: vLLM accepts only
+    /// signed 64-bit seeds, so that is how a client sends seeds of 2^63 and above).
+    pub seed: Option<Seed>,
     /// Return the sampled tokens' log-probabilities (only 0 alternatives are supported).
     pub logprobs: Option<u64>,
     /// Put the prompt before each choice's text.
@@ -279,7 +301,7 @@ impl CompletionRequest {
             top_k,
             n: n as usize,
             stops,
-            seed: self.seed,
+            seed: self.seed.map(Seed::bits),
             logprobs,
             echo: self.echo.unwrap_or(false),
             token_ids: self.return_tokens_as_token_ids.unwrap_or(false),
@@ -369,5 +391,14 @@ mod tests {
             (2, 2, 1, Some(3))
         );
         assert_eq!(ok.max_tokens, 16);
+        // Seeds are 64 bits, given unsigned or as their signed two's complement.
+        for (seed, bits) in [
+            ("18446744073709551615", u64::MAX),
+            ("-1", u64::MAX),
+            ("7", 7),
+        ] {
+            let body = format!(r#"{{"model":"m","prompt":"1","seed":{seed}}}"#);
+            assert_eq!(check(&body).unwrap().seed, Some(bits));
+        }
     }
 }

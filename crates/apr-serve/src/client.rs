@@ -198,10 +198,13 @@ impl RemoteDecoder {
             "max_tokens": horizon.max_tokens,
             "temperature": input.sampling.temperature,
             "top_p": input.sampling.top_p,
-            "seed": input.seed,
             "logprobs": 0,
             "return_tokens_as_token_ids": true,
         });
+        if input.sampling.temperature > 0.0 {
+            // As a signed integer, the range vLLM accepts; `apr serve` reads the same bits back.
+            body["seed"] = json!(input.seed as i64);
+        }
         if input.sampling.top_k > 0 {
             body["top_k"] = json!(input.sampling.top_k);
         }
@@ -314,7 +317,18 @@ fn describe(e: ureq::Error) -> String {
                 .ok()
                 .and_then(|v| v["error"]["message"].as_str().map(str::to_owned))
                 .unwrap_or(text);
-            format!("HTTP {code}: {}", message.lines().next().unwrap_or(""))
+            // One line however the server formats it (pydantic's errors span several).
+            let message: Vec<&str> = message.split_whitespace().collect();
+            let mut line = message.join(" ");
+            if line.len() > 400 {
+                let cut = (0..=400)
+                    .rev()
+                    .find(|&i| line.is_char_boundary(i))
+                    .unwrap_or(0);
+                line.truncate(cut);
+                line.push('…');
+            }
+            format!("HTTP {code}: {line}")
         }
         ureq::Error::Transport(t) => t.to_string(),
     }

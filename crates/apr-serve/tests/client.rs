@@ -119,7 +119,7 @@ fn failures_are_retried_then_fail_only_their_own_input() {
     assert!(err(0).contains("HTTP 503: busy"), "{}", err(0));
     assert!(err(2).contains("token_id:N"), "{}", err(2));
     assert!(
-        err(3).contains("HTTP 400: bad prompt") && !err(3).contains('\n'),
+        err(3).contains("HTTP 400: bad prompt second line") && !err(3).contains('\n'),
         "{}",
         err(3)
     );

@@ -327,8 +327,8 @@ fn bad_requests_are_4xx_and_the_server_stays_up() {
             "unknown field",
         ),
         (
-            br#"{"model":"apr-sft","prompt":"1","seed":-1}"#.to_vec(),
-            "invalid value",
+            br#"{"model":"apr-sft","prompt":"1","seed":18446744073709551616}"#.to_vec(),
+            "did not match",
         ),
         (
             br#"{"model":"apr-sft","prompt":["1",2]}"#.to_vec(),
