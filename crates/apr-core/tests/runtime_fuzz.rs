@@ -7,9 +7,20 @@ mod chaos;
 use apr_core::decoder::{
     BatchedDecoder, DecoderError, Horizon, Sampled, SlotId, StepInput, TextCodec,
 };
-use apr_core::runtime::{run, Finish, Job, Mode, Role, RuntimeConfig};
+use apr_core::runtime::{run, Finish, Job, Mode, ProblemResult, Role, RuntimeConfig};
 use apr_core::scripted::{ByteCodec, ScriptedModel};
 use chaos::{check, run_chaos, Tally};
+
+/// Each result as a JSON line, its wall-clock latency zeroed: what two runs must agree on.
+fn record_lines(results: Vec<ProblemResult>) -> Vec<String> {
+    results
+        .into_iter()
+        .map(|mut r| {
+            r.metrics.latency_s = 0.0;
+            serde_json::to_string(&r).unwrap()
+        })
+        .collect()
+}
 
 #[test]
 fn chaotic_output_never_breaks_the_runtime() {
@@ -95,13 +106,7 @@ fn records_do_not_depend_on_the_number_of_slots() {
             .into_iter()
             .map(|slots| {
                 let (results, _) = run_chaos(mode, 77, 300, slots, true);
-                results
-                    .into_iter()
-                    .map(|mut r| {
-                        r.metrics.latency_s = 0.0;
-                        serde_json::to_string(&r).unwrap()
-                    })
-                    .collect()
+                record_lines(results)
             })
             .collect();
         for (slots, run) in [7, 64].iter().zip(&runs[1..]) {
@@ -235,13 +240,7 @@ fn records_do_not_depend_on_how_many_tokens_a_step_returns() {
                     &mut |_| {},
                 )
             };
-            results
-                .into_iter()
-                .map(|mut r| {
-                    r.metrics.latency_s = 0.0;
-                    serde_json::to_string(&r).unwrap()
-                })
-                .collect()
+            record_lines(results)
         };
         let (one, many) = (records(false), records(true));
         let substituted = one
