@@ -321,8 +321,8 @@ pub fn solve(args: SolveArgs) -> Result<ExitCode> {
             record
                 .result
                 .failure
-                .as_deref()
-                .unwrap_or("the search found none")
+                .as_ref()
+                .map_or("the search found none".to_string(), ToString::to_string)
         ),
     }
     Ok(ExitCode::SUCCESS)

@@ -190,7 +190,11 @@ fn budgets_stop_what_they_should() {
     let check = |cfg: RuntimeConfig, needle: &str| {
         let (results, _) = run_scripted(&recs, 8, &cfg);
         for res in &results {
-            let f = res.failure.as_deref().unwrap_or("");
+            let f = res
+                .failure
+                .as_ref()
+                .map(ToString::to_string)
+                .unwrap_or_default();
             assert!(
                 f.contains(needle),
                 "expected {needle:?}, got {:?}",
@@ -392,7 +396,7 @@ fn a_thousand_malformed_outputs_fail_cleanly() {
     for r in &results {
         assert!(!r.correct(), "garbage never verifies");
         if let Some(f) = &r.failure {
-            assert!(!f.is_empty());
+            assert!(!f.to_string().is_empty());
         } else {
             // A problem that did not fail ended with its root's EOS.
             assert!(

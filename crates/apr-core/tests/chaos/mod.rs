@@ -339,7 +339,7 @@ impl Tally {
 pub fn check(model: &ChaosModel, result: &ProblemResult, tally: &mut Tally) -> Result<(), String> {
     tally.problems += 1;
     let codec = ByteCodec;
-    if let Some(f) = &result.failure {
+    if let Some(f) = result.failure.as_ref().map(ToString::to_string) {
         tally.failures += 1;
         for bad in [
             "encode",
