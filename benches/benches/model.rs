@@ -1,50 +1,47 @@
-//! The model on the CPU backend: training-step throughput (tiny, small) and engine prefill and
-//! decode throughput at 1, 16 and 64 slots (small), for the burn engine and the CPU engine.
+//! The model on the CPU backend: training-step throughput (tiny, small; burn and native learners)
+//! and engine prefill and decode throughput at 1, 16 and 64 slots (small), for the burn engine
+//! and the CPU engine.
 
 use std::hint::black_box;
 
+use apr_benches::{forward_backward, synthetic_batch};
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
+use apr_model::learner::{new_learner, LearnerKind};
 use apr_model::native::{NativeEngine, NativeModel};
+use apr_model::optim::AdamWConfig;
 use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
-use apr_rl::sft::{masked_nll, pad_batch, Example};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
-fn model(preset: Preset, autodiff: bool) -> Model {
+fn model(preset: Preset) -> Model {
     let tok = AprTokenizer::domain();
     let config = ModelConfig::preset(preset, tok.vocab_size());
     let device = Backend::Cpu.device(0).unwrap();
-    let device = if autodiff { device.autodiff() } else { device };
     Model::new(config.clone(), &init_weights(&config, 0), &device).unwrap()
 }
 
+/// Forward and backward of 16 sequences of 256 tokens (4,096 tokens a step) through each learner.
 fn training(c: &mut Criterion) {
     let mut group = c.benchmark_group("train_step");
+    let device = Backend::Cpu.device(0).unwrap();
+    let batch = synthetic_batch(16, 256);
     for (preset, name) in [(Preset::Tiny, "tiny"), (Preset::Small, "small")] {
-        let m = model(preset, true);
-        let device = m.rope_device();
-        // 16 sequences of 256 tokens: 4,096 tokens per step.
-        let examples: Vec<Example> = (0..16)
-            .map(|i| Example {
-                tokens: (0..257).map(|t| 4 + ((t * 7 + i) % 50) as u32).collect(),
-                untrained: Vec::new(),
-            })
-            .collect();
-        let refs: Vec<&Example> = examples.iter().collect();
-        group.throughput(Throughput::Elements(16 * 256));
-        group.bench_function(name, |b| {
-            b.iter(|| {
-                let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
-                let loss = masked_nll(&m, inputs, targets, mask);
-                black_box(loss.backward())
-            })
-        });
+        let config = ModelConfig::preset(preset, AprTokenizer::domain().vocab_size());
+        let weights = init_weights(&config, 0);
+        for (kind, prefix) in [(LearnerKind::Burn, ""), (LearnerKind::Native, "native_")] {
+            let mut learner =
+                new_learner(kind, &config, &weights, AdamWConfig::default(), &device).unwrap();
+            group.throughput(Throughput::Elements(batch.len() as u64));
+            group.bench_function(format!("{prefix}{name}"), |b| {
+                b.iter(|| forward_backward(black_box(learner.as_mut()), &batch).unwrap())
+            });
+        }
     }
     group.finish();
 }
 
 fn engine(c: &mut Criterion) {
-    let m = model(Preset::Small, false);
+    let m = model(Preset::Small);
     let native = NativeModel::from_weights(&m.config, &m.llama.to_weights()).unwrap();
     let burn = |slots| Box::new(Engine::new(m.clone(), slots, 1024, 0)) as Box<dyn BatchedDecoder>;
     let cpu =

@@ -16,13 +16,13 @@
 
 use std::time::Instant;
 
-use apr_benches::synthetic_examples;
+use apr_benches::{forward_backward, synthetic_batch};
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
 use apr_model::burn::tensor::{Device, Distribution, FloatDType, Int, Tensor};
+use apr_model::learner::{BurnLearner, Learner};
+use apr_model::optim::AdamWConfig;
 use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
-use apr_rl::optim::{AdamW, AdamWConfig};
-use apr_rl::sft::{masked_nll, pad_batch, Example};
 
 fn fail(message: impl std::fmt::Display) -> ! {
     eprintln!("error: {message}");
@@ -50,16 +50,29 @@ fn device(backend: &str, dtype: &str) -> Device {
     device
 }
 
-fn model(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, Model) {
+fn config(preset: &str, max_len: usize) -> ModelConfig {
     let preset: Preset = preset.parse().unwrap_or_else(|e| fail(e));
     let tok = AprTokenizer::domain();
-    let config = ModelConfig {
+    ModelConfig {
         max_seq_len: max_len,
         ..ModelConfig::preset(preset, tok.vocab_size())
-    };
+    }
+}
+
+fn model(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, Model) {
+    let config = config(preset, max_len);
     let weights = init_weights(&config, 0);
     let model = Model::new(config.clone(), &weights, device).unwrap_or_else(|e| fail(e));
     (config, model)
+}
+
+/// The burn learner over fresh weights on `device` (its model on the autodiff wrapper).
+fn learner(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, BurnLearner) {
+    let config = config(preset, max_len);
+    let weights = init_weights(&config, 0);
+    let learner = BurnLearner::new(&config, &weights, AdamWConfig::default(), device)
+        .unwrap_or_else(|e| fail(e));
+    (config, learner)
 }
 
 /// The float type the model really computes in on its device (a one-token forward), not the one
@@ -76,23 +89,16 @@ fn train(args: &[String]) {
         number(args, 6),
         number(args, 7),
     );
-    let device = device(&args[1], &args[3]).autodiff();
-    let (config, mut model) = model(&args[2], seq, &device);
-    let examples = synthetic_examples(mb, seq);
-    let refs: Vec<&Example> = examples.iter().collect();
-    let dtype = computed_dtype(&model, &device);
-    let mut adam = AdamW::new(AdamWConfig::default());
+    let base = device(&args[1], &args[3]);
+    let (config, mut learner) = learner(&args[2], seq, &base);
+    let batch = synthetic_batch(mb, seq);
+    let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
     let mut step = || {
         for _ in 0..accum {
-            let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
-            let loss = masked_nll(&model, inputs, targets, mask);
-            adam.accumulate(&model.llama, &loss.backward());
+            forward_backward(&mut learner, &batch).unwrap_or_else(|e| fail(e));
         }
         // The step reads the gradient norm back: the device has finished when it returns.
-        let (llama, _) = adam
-            .step(model.llama.clone(), 1e-4)
-            .unwrap_or_else(|(_, e)| fail(e));
-        model.llama = llama;
+        learner.step(1e-4, accum).unwrap_or_else(|e| fail(e));
     };
     let start = Instant::now();
     step();
@@ -118,11 +124,9 @@ fn train(args: &[String]) {
 fn parts(args: &[String]) {
     let (mb, seq, repeats) = (number(args, 4), number(args, 5), number(args, 6));
     let base = device(&args[1], &args[3]);
-    let device = base.clone().autodiff();
-    let (config, mut model) = model(&args[2], seq, &device);
-    let dtype = computed_dtype(&model, &device);
-    let examples = synthetic_examples(mb, seq);
-    let refs: Vec<&Example> = examples.iter().collect();
+    let (config, mut learner) = learner(&args[2], seq, &base);
+    let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
+    let batch = synthetic_batch(mb, seq);
     let time = |f: &mut dyn FnMut()| {
         f();
         f();
@@ -133,26 +137,17 @@ fn parts(args: &[String]) {
         base.sync().unwrap_or_else(|e| fail(format!("{e:?}")));
         start.elapsed().as_secs_f64() / repeats as f64
     };
-    let inference = model.valid();
+    // `score` runs without autodiff and reads the log-probabilities back.
     let forward_s = time(&mut || {
-        let (inputs, targets, mask) = pad_batch(&refs, 0, &base);
-        let _: f32 = masked_nll(&inference, inputs, targets, mask).into_scalar();
+        learner.score(&batch).unwrap_or_else(|e| fail(e));
     });
-    let mut adam = AdamW::new(AdamWConfig::default());
     let backward_s = time(&mut || {
-        let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
-        let grads = masked_nll(&model, inputs, targets, mask).backward();
-        adam.accumulate(&model.llama, &grads);
+        forward_backward(&mut learner, &batch).unwrap_or_else(|e| fail(e));
         base.sync().unwrap_or_else(|e| fail(format!("{e:?}")));
     });
     let optimizer_s = time(&mut || {
-        let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
-        let grads = masked_nll(&model, inputs, targets, mask).backward();
-        adam.accumulate(&model.llama, &grads);
-        let (llama, _) = adam
-            .step(model.llama.clone(), 1e-4)
-            .unwrap_or_else(|(_, e)| fail(e));
-        model.llama = llama;
+        forward_backward(&mut learner, &batch).unwrap_or_else(|e| fail(e));
+        learner.step(1e-4, 1).unwrap_or_else(|e| fail(e));
     }) - backward_s;
     let (m, k, n) = (seq, config.d_model, config.d_ff);
     let a = Tensor::<2>::random([m, k], Distribution::Default, &base);

@@ -5,15 +5,14 @@
 
 use std::time::Instant;
 
-use apr_benches::synthetic_examples;
+use apr_benches::{forward_backward, synthetic_batch};
 use apr_model::backend::Backend;
-use apr_model::native::{NativeModel, PackedBatch};
-use apr_model::{init_weights, AprTokenizer, Model, ModelConfig};
-use apr_rl::optim::{AdamW, AdamWConfig, FlatAdamW};
-use apr_rl::sft::{masked_nll, pad_batch, Example};
+use apr_model::learner::{new_learner, LearnerKind};
+use apr_model::optim::AdamWConfig;
+use apr_model::{init_weights, AprTokenizer, ModelConfig};
 
 fn main() {
-    apr_model::native::keep_freed_memory();
+    apr_benches::keep_freed_memory();
     let args: Vec<String> = std::env::args().skip(1).collect();
     let arg = |i: usize, default: &str| args.get(i).cloned().unwrap_or_else(|| default.into());
     let preset = arg(0, "small").parse().unwrap_or_else(|e| {
@@ -32,14 +31,11 @@ fn main() {
         max_seq_len: seq,
         ..ModelConfig::preset(preset, tok.vocab_size())
     };
-    let examples = synthetic_examples(batch, seq);
+    let packed = synthetic_batch(batch, seq);
     let tokens = (batch * seq) as f64;
     let weights = init_weights(&config, 0);
-
-    let mut native = NativeModel::from_weights(&config, &weights).expect("weights fit");
-    let mut optim = FlatAdamW::new(AdamWConfig::default(), native.num_params());
-    let seqs: Vec<&[u32]> = examples.iter().map(|e| e.tokens.as_slice()).collect();
-    let packed = PackedBatch::from_sequences(&seqs);
+    let params = config.total_params();
+    let device = Backend::Cpu.device(0).expect("cpu");
     let time = |f: &mut dyn FnMut()| {
         f();
         f();
@@ -49,42 +45,26 @@ fn main() {
         }
         start.elapsed().as_secs_f64() / steps as f64
     };
-    let native_s = time(&mut || {
-        let fwd = native.forward(&packed).expect("valid batch");
-        let mut grads = vec![0.0; native.num_params()];
-        let scale = -1.0 / tokens as f32;
-        native.backward(fwd, &vec![scale; packed.len()], &mut grads);
-        optim
-            .step(&mut native.params, &grads, 1e-3)
-            .expect("finite");
-    });
-    println!(
-        "{{\"learner\":\"native\",\"preset\":\"{}\",\"params\":{},\"batch\":{batch},\"seq\":{seq},\"step_s\":{native_s:.4},\"tokens_per_s\":{:.0}}}",
-        arg(0, "small"),
-        native.num_params(),
-        tokens / native_s
-    );
-    if arg(4, "both") == "native" {
-        return;
+    let kinds: &[LearnerKind] = if arg(4, "both") == "native" {
+        &[LearnerKind::Native]
+    } else {
+        &[LearnerKind::Native, LearnerKind::Burn]
+    };
+    for &kind in kinds {
+        let mut learner = new_learner(kind, &config, &weights, AdamWConfig::default(), &device)
+            .expect("weights fit");
+        let step_s = time(&mut || {
+            forward_backward(learner.as_mut(), &packed).expect("valid batch");
+            learner.step(1e-3, 1).expect("finite");
+        });
+        let name = match kind {
+            LearnerKind::Native => "native",
+            LearnerKind::Burn => "burn",
+        };
+        println!(
+            "{{\"learner\":\"{name}\",\"preset\":\"{}\",\"params\":{params},\"batch\":{batch},\"seq\":{seq},\"step_s\":{step_s:.4},\"tokens_per_s\":{:.0}}}",
+            arg(0, "small"),
+            tokens / step_s
+        );
     }
-
-    let device = Backend::Cpu.device(0).expect("cpu").autodiff();
-    let mut model = Model::new(config.clone(), &weights, &device).expect("weights fit");
-    let mut adam = AdamW::new(AdamWConfig::default());
-    let refs: Vec<&Example> = examples.iter().collect();
-    let burn_s = time(&mut || {
-        let (inputs, targets, mask) = pad_batch(&refs, 0, &device);
-        let loss = masked_nll(&model, inputs, targets, mask);
-        adam.accumulate(&model.llama, &loss.backward());
-        let (llama, _) = adam
-            .step(model.llama.clone(), 1e-3)
-            .unwrap_or_else(|(_, e)| panic!("{e}"));
-        model.llama = llama;
-    });
-    println!(
-        "{{\"learner\":\"burn\",\"preset\":\"{}\",\"params\":{},\"batch\":{batch},\"seq\":{seq},\"step_s\":{burn_s:.4},\"tokens_per_s\":{:.0}}}",
-        arg(0, "small"),
-        native.num_params(),
-        tokens / burn_s
-    );
 }

@@ -75,8 +75,21 @@ impl DeviceArgs {
     }
 }
 
+/// Makes the process keep freed buffers in its heap (a training step allocates and frees tens of
+/// megabytes of activations; by glibc's defaults they go back to the kernel and every step pays
+/// page faults on fresh pages: SFT at 2,048-token batches ≈7.3k → 8.5k tokens/s with this).
+/// Process-wide, so the binary sets it, never a library. A no-op off glibc.
+fn keep_freed_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only sets allocator thresholds; glibc serialises it with allocations.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 32 << 20);
+        libc::mallopt(libc::M_TRIM_THRESHOLD, i32::MAX);
+    }
+}
+
 fn main() -> ExitCode {
-    apr_model::native::keep_freed_memory();
+    keep_freed_memory();
     let cli = match Cli::try_parse() {
         Ok(cli) => cli,
         Err(e) => {

@@ -19,15 +19,15 @@ use apr_countdown::problem::{train_val_split, ProblemSpec};
 use apr_countdown::record::{
     generate_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig,
 };
-use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
+use apr_countdown::sft::{sequences, SftOptions, SftView};
 use apr_countdown::stats::TraceStats;
 use apr_countdown::Problem;
 use apr_model::checkpoint::{self, CheckpointMeta};
-use apr_model::{init_weights, AprTokenizer, Model, ModelConfig, Preset};
+use apr_model::{init_weights, AprTokenizer, Model, ModelConfig};
 use apr_rl::eval::{evaluate, EvalConfig, EvalSummary};
-use apr_rl::grpo::{GrpoConfig, GrpoMetrics, GrpoTrainer};
-use apr_rl::optim::AdamWConfig;
-use apr_rl::sft::{tokenize, LearnerKind, SftConfig, SftTrainer, StepMetrics, ValProblems};
+use apr_rl::grpo::{GrpoMetrics, GrpoTrainer};
+use apr_rl::recipe::{Recipe, RecipePreset};
+use apr_rl::sft::{tokenize, LearnerKind, SftTrainer, StepMetrics, ValProblems};
 use clap::{Args, ValueEnum};
 use serde_json::json;
 
@@ -63,213 +63,10 @@ pub struct PipelineArgs {
     device: DeviceArgs,
 }
 
-/// GRPO of the APR model.
-struct GrpoPlan {
-    steps: usize,
-    prompts: usize,
-    group: usize,
-    lr: f64,
-    kl_beta: f64,
-}
-
-/// One pipeline run's recipe.
-struct Plan {
-    numbers: usize,
-    max_target: i64,
-    train_problems: usize,
-    val_problems: usize,
-    model: Preset,
-    /// Built-in tokenizer: `numbers` (a token per number) or `domain` (a token per digit).
-    tokenizer: &'static str,
-    context: usize,
-    batch_tokens: usize,
-    lr: f64,
-    /// SFT steps of the SoS+ model.
-    sosp_steps: usize,
-    /// SFT steps of the APR model (after the SoS+ ones when `apr_from_sosp`).
-    apr_steps: usize,
-    /// The APR model starts from the SoS+ model (serial search first, then the thread
-    /// protocol) instead of from random weights.
-    apr_from_sosp: bool,
-    /// Also train SoS+ on the APR model's budget: the SoS+ model continued on SoS+ traces for
-    /// `apr_steps` more steps, the same curriculum as the APR model's with serial data (the
-    /// equal-tokens comparison).
-    sosp_equal_tokens: bool,
-    /// Which tokens of the APR calls carry the SFT loss.
-    loss: LossPlacement,
-    /// Held-out greedy accuracy on `curve_problems` every this many SFT steps (0: none).
-    curve_every: usize,
-    curve_problems: usize,
-    grpo: GrpoPlan,
-    /// Samples per problem of the τ = 1 evaluations (pass@k and cons@k up to it).
-    samples: usize,
-    /// The τ = 1 evaluations run on the first this many held-out problems (the greedy ones on
-    /// all): k samples cost k greedy runs, and decoding is most of a long preset's evaluation.
-    sampled_problems: usize,
-    slots: usize,
-    /// Open the report with the shipped models (`models/`), evaluated live.
-    shipped: bool,
-}
-
-impl Plan {
-    fn of(preset: PipelinePreset) -> Plan {
-        match preset {
-            // Sized by measurement on a 2-core CPU (see README): ~20k training tokens/s for the
-            // small model with the native learner at 2,048-token batches on the AMD EPYC VM of
-            // the last measurement, ~11k decode tokens/s with the native engine.
-            // Targets up to 30 rather than 100 and number tokens: both shorten what the small
-            // model must learn (copying numbers, stating results). Small batches: more updates
-            // per token helped more than larger batches here. The APR model continues from the
-            // SoS+ model: from random weights, 4,500 APR steps solved 0–0.7% in eight runs
-            // (the parent never learned to copy its prompt's numbers), from the SoS+ model
-            // they solve tens of percent (README, Status).
-            PipelinePreset::Quick => Plan {
-                numbers: 3,
-                max_target: 30,
-                train_problems: 20_000,
-                val_problems: 300,
-                model: Preset::Small,
-                tokenizer: "numbers",
-                context: 1024,
-                batch_tokens: 2048,
-                lr: 3e-3,
-                sosp_steps: 4500,
-                apr_steps: 4500,
-                apr_from_sosp: true,
-                sosp_equal_tokens: false,
-                loss: LossPlacement::All,
-                curve_every: 0,
-                curve_problems: 0,
-                // lr 3e-4 with β 0.001 (the earlier default) cut greedy accuracy from 22.7% to
-                // 12.7% in these 4 steps (seed 1; τ = 1 went from 7.8% to 10.7%, children from
-                // 5.6 to 4.3 a rollout); the gentler setting is the one that helped the 74.2%
-                // model (README).
-                grpo: GrpoPlan {
-                    steps: 4,
-                    prompts: 8,
-                    group: 4,
-                    lr: 1e-4,
-                    kl_beta: 0.01,
-                },
-                samples: 4,
-                sampled_problems: usize::MAX,
-                slots: 64,
-                shipped: true,
-            },
-            // The quick recipe trained longer, sized to run in about 1.5 hours on 2 cores (the
-            // learner at ~20k tokens/s, the engine at ~11k decode tokens/s): SoS+ 10,000 steps
-            // (20.5M tokens of budget) with its held-out curve every 2,000 steps, the evidence of
-            // its plateau; APR 14,000 more steps from it (the APR model needs more tokens than
-            // SoS+ to reach its solver, whose ceiling at this window is 85% against SoS+'s 73%).
-            // The GRPO setting is the one that raised the 74.2% model by more than its seed
-            // spread (README). 1,000 held-out problems greedy; the 8-sample evaluations on 300.
-            PipelinePreset::Repro => Plan {
-                numbers: 3,
-                max_target: 30,
-                train_problems: 20_000,
-                val_problems: 1000,
-                model: Preset::Small,
-                tokenizer: "numbers",
-                context: 1024,
-                batch_tokens: 2048,
-                lr: 3e-3,
-                sosp_steps: 10_000,
-                apr_steps: 14_000,
-                apr_from_sosp: true,
-                sosp_equal_tokens: true,
-                loss: LossPlacement::All,
-                curve_every: 2000,
-                curve_problems: 200,
-                grpo: GrpoPlan {
-                    steps: 16,
-                    prompts: 16,
-                    group: 5,
-                    lr: 1e-4,
-                    kl_beta: 0.01,
-                },
-                samples: 8,
-                sampled_problems: 300,
-                slots: 64,
-                shipped: false,
-            },
-            PipelinePreset::Smoke => Plan {
-                numbers: 3,
-                max_target: 100,
-                train_problems: 24,
-                val_problems: 6,
-                model: Preset::Tiny,
-                tokenizer: "numbers",
-                context: 512,
-                batch_tokens: 2048,
-                lr: 3e-3,
-                sosp_steps: 2,
-                apr_steps: 2,
-                apr_from_sosp: true,
-                sosp_equal_tokens: true,
-                loss: LossPlacement::All,
-                curve_every: 1,
-                curve_problems: 2,
-                grpo: GrpoPlan {
-                    steps: 1,
-                    prompts: 2,
-                    group: 2,
-                    lr: 3e-4,
-                    kl_beta: 0.001,
-                },
-                samples: 2,
-                sampled_problems: usize::MAX,
-                slots: 8,
-                shipped: false,
-            },
-            PipelinePreset::Paper => Plan {
-                numbers: 4,
-                max_target: 100,
-                train_problems: 500_000,
-                val_problems: 1000,
-                model: Preset::Paper,
-                tokenizer: "domain",
-                context: 4096,
-                batch_tokens: 256 * 4096,
-                lr: 5e-5,
-                sosp_steps: 19_000,
-                apr_steps: 19_000,
-                apr_from_sosp: false,
-                sosp_equal_tokens: false,
-                loss: LossPlacement::All,
-                curve_every: 0,
-                curve_problems: 0,
-                grpo: GrpoPlan {
-                    steps: 150,
-                    prompts: 64,
-                    group: 5,
-                    lr: 5e-6,
-                    kl_beta: 0.001,
-                },
-                samples: 8,
-                sampled_problems: usize::MAX,
-                slots: 256,
-                shipped: false,
-            },
-        }
-    }
-
-    /// Training tokens (steps × batch budget) behind the APR model, SoS+ steps included when
-    /// it starts from the SoS+ model.
-    fn apr_tokens(&self) -> usize {
-        let steps = self.apr_steps
-            + if self.apr_from_sosp {
-                self.sosp_steps
-            } else {
-                0
-            };
-        steps * self.batch_tokens
-    }
-}
-
 /// One run of the pipeline in its directory: the data, the device, and the time each stage
 /// took (kept in `timings.json`, so a resumed stage adds to what it had).
 struct Pipeline {
-    plan: Plan,
+    plan: Recipe,
     out: PathBuf,
     seed: u64,
     device: apr_model::burn::tensor::Device,
@@ -450,20 +247,11 @@ impl Pipeline {
             Some(dir) => checkpoint::load(dir)?.weights,
             None => init_weights(&self.config, self.seed),
         };
-        let cfg = SftConfig {
-            steps: stage.steps,
-            batch_tokens: plan.batch_tokens,
-            accum: 1,
-            peak_lr: plan.lr,
-            min_lr: plan.lr / 10.0,
-            warmup: (stage.steps / 20).max(1),
-            adamw: AdamWConfig::default(),
-            context: plan.context,
-            seed: self.seed,
-            checkpoint_every: 200,
-            eval_every: plan.curve_every,
-            learner: LearnerKind::for_device(&self.device),
-        };
+        let cfg = plan.sft_config(
+            stage.steps,
+            self.seed,
+            LearnerKind::for_device(&self.device),
+        );
         let curve = (plan.curve_every > 0).then(|| ValProblems {
             problems: self.val[..plan.curve_problems.min(self.val.len())].to_vec(),
             mode: match stage.view {
@@ -534,27 +322,7 @@ impl Pipeline {
         let t = Instant::now();
         let plan = &self.plan;
         let ck = checkpoint::load(init)?;
-        let cfg = GrpoConfig {
-            steps: plan.grpo.steps,
-            prompts: plan.grpo.prompts,
-            group: plan.grpo.group,
-            lr: plan.grpo.lr,
-            clip_eps: 0.2,
-            kl_beta: plan.grpo.kl_beta,
-            inner_steps: 2,
-            normalize_std: true,
-            runtime: RuntimeConfig {
-                mode: Mode::Apr,
-                context: plan.context,
-                sampling: Sampling::temperature(1.0),
-                ..RuntimeConfig::default()
-            },
-            slots: plan.slots,
-            batch_tokens: plan.batch_tokens,
-            seed: self.seed,
-            checkpoint_every: 1,
-            learner: LearnerKind::for_device(&self.device),
-        };
+        let cfg = plan.grpo_config(self.seed, LearnerKind::for_device(&self.device));
         let meta = CheckpointMeta {
             model: ck.meta.model.clone(),
             info: ck.meta.info.clone(),
@@ -586,7 +354,12 @@ fn training_tokens(metrics: &[StepMetrics]) -> f64 {
 
 pub fn run(args: PipelineArgs) -> Result<ExitCode> {
     let start = Instant::now();
-    let plan = Plan::of(args.preset);
+    let plan = Recipe::of(match args.preset {
+        PipelinePreset::Quick => RecipePreset::Quick,
+        PipelinePreset::Repro => RecipePreset::Repro,
+        PipelinePreset::Paper => RecipePreset::Paper,
+        PipelinePreset::Smoke => RecipePreset::Smoke,
+    });
     let device = args.device.device()?;
     let preset_name = format!("{:?}", args.preset).to_lowercase();
     let out = args

@@ -257,15 +257,13 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
     });
     let resuming = args.run.prepare(&settings)?;
     let mode = if args.serial { Mode::Serial } else { Mode::Apr };
+    let reference = apr_rl::grpo::GrpoConfig::reference(mode);
     let config = apr_rl::grpo::GrpoConfig {
         steps: args.steps,
         prompts: args.batch,
         group: args.group,
         lr: args.lr,
-        clip_eps: 0.2,
-        kl_beta: args
-            .kl_beta
-            .unwrap_or(if args.serial { 0.01 } else { 0.001 }),
+        kl_beta: args.kl_beta.unwrap_or(reference.kl_beta),
         inner_steps: args.inner_steps,
         normalize_std: !args.no_std_norm,
         runtime: apr_core::runtime::RuntimeConfig {
@@ -281,6 +279,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         learner: args
             .learner
             .unwrap_or_else(|| apr_rl::sft::LearnerKind::for_device(&device)),
+        ..reference
     };
     let mut trainer = apr_rl::grpo::GrpoTrainer::new(
         config,
@@ -368,11 +367,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
     }
     let mut examples =
         tokenize(&seqs, &tok, context, args.loss, args.mask_prompt).map_err(anyhow::Error::msg)?;
-    // Hold out 2% of sequences (at least one) for validation loss.
-    let val_n = (examples.len() / 50)
-        .max(1)
-        .min(examples.len().saturating_sub(1));
-    let val = examples.split_off(examples.len() - val_n);
+    let val = apr_rl::sft::split_validation(&mut examples);
     let val_problems = match &args.val_problems {
         Some(path) => Some(ValProblems {
             problems: load_problems(path)?

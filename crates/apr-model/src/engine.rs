@@ -15,13 +15,12 @@
 //! (64 slots × 2,048 × 192 × 4 layers × 2 × 4 B = 805 MB at `small`); for the `paper` preset
 //! (302 MB per slot at 4,096 positions) a paged cache would be the next step.
 
-use apr_core::decoder::{
-    uniform_at, BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput,
-};
+use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput};
 use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::model::{CachedBatch, KvCache, Model};
+use crate::slots::SlotTable;
 
 /// Keys are attended over a multiple of this many positions, so the number of distinct shapes
 /// (kernels to compile on GPU backends) stays small.
@@ -32,12 +31,9 @@ const KV_BUCKET: usize = 64;
 pub struct Engine {
     model: Model,
     cache: KvCache,
-    lens: Vec<usize>,
-    max_len: usize,
+    slots: SlotTable,
     device: Device,
     pad: u32,
-    prefilled_tokens: u64,
-    decoded_tokens: u64,
 }
 
 impl Engine {
@@ -49,12 +45,9 @@ impl Engine {
         Engine {
             model,
             cache,
-            lens: vec![0; slots],
-            max_len,
+            slots: SlotTable::new(slots, max_len),
             device,
             pad,
-            prefilled_tokens: 0,
-            decoded_tokens: 0,
         }
     }
 
@@ -65,7 +58,7 @@ impl Engine {
 
     /// Tokens appended in multi-token (prefill) rows, and in one-token (decode) rows, so far.
     pub fn token_counts(&self) -> (u64, u64) {
-        (self.prefilled_tokens, self.decoded_tokens)
+        self.slots.token_counts()
     }
 
     /// Logits after appending each input's tokens (no sampling): `[inputs, vocab]` on the host.
@@ -77,38 +70,34 @@ impl Engine {
     }
 
     fn forward(&mut self, inputs: &[StepInput<'_>]) -> Result<Tensor<2>, DecoderError> {
+        self.slots.check(inputs)?;
         let b = inputs.len();
-        check_step(inputs, &self.lens, self.max_len)?;
         let l = inputs.iter().map(|i| i.tokens.len()).max().unwrap_or(1);
+        let starts: Vec<usize> = inputs.iter().map(|i| self.slots.slot_len(i.slot)).collect();
         let mut tokens = Vec::with_capacity(b * l);
         let mut positions = Vec::with_capacity(b * l);
-        for input in inputs {
-            let start = self.lens[input.slot];
+        for (input, &start) in inputs.iter().zip(&starts) {
             let n = input.tokens.len();
             for i in 0..l {
                 tokens.push(input.tokens.get(i).copied().unwrap_or(self.pad) as i64);
                 // Padding rows repeat the last real position: valid for RoPE, never written.
                 positions.push((start + i.min(n - 1)) as i64);
             }
-            if n > 1 {
-                self.prefilled_tokens += n as u64;
-            } else {
-                self.decoded_tokens += 1;
-            }
         }
         let end = inputs
             .iter()
-            .map(|i| self.lens[i.slot] + i.tokens.len())
+            .zip(&starts)
+            .map(|(i, &start)| start + i.tokens.len())
             .max()
             .unwrap_or(1);
         let batch = CachedBatch {
             slots: inputs.iter().map(|i| i.slot).collect(),
-            starts: inputs.iter().map(|i| self.lens[i.slot]).collect(),
+            starts,
             lens: inputs.iter().map(|i| i.tokens.len()).collect(),
             kv_len: end
                 .div_ceil(KV_BUCKET)
                 .saturating_mul(KV_BUCKET)
-                .min(self.max_len),
+                .min(self.slots.max_len()),
         };
         let tokens = Tensor::<2, Int>::from_data(TensorData::new(tokens, [b, l]), &self.device);
         let positions =
@@ -119,46 +108,10 @@ impl Engine {
             &batch,
             &mut self.cache,
             &self.model.rope,
-            self.model.config.n_heads,
         );
-        for input in inputs {
-            self.lens[input.slot] += input.tokens.len();
-        }
+        self.slots.append(inputs);
         Ok(logits)
     }
-}
-
-/// Rejects a step that names a slot twice or out of range, appends nothing to a slot, or would
-/// overflow a slot's context.
-pub(crate) fn check_step(
-    inputs: &[StepInput<'_>],
-    lens: &[usize],
-    max_len: usize,
-) -> Result<(), DecoderError> {
-    if inputs.is_empty() {
-        return Err(DecoderError::Backend("empty step".into()));
-    }
-    let mut seen = vec![false; lens.len()];
-    for input in inputs {
-        let slot = input.slot;
-        if slot >= lens.len() || std::mem::replace(&mut seen[slot], true) {
-            return Err(DecoderError::BadSlot(slot));
-        }
-        if input.tokens.is_empty() {
-            return Err(DecoderError::Backend(format!(
-                "slot {slot}: no tokens to append"
-            )));
-        }
-        let len = lens[slot] + input.tokens.len();
-        if len > max_len {
-            return Err(DecoderError::ContextFull {
-                slot,
-                len,
-                limit: max_len,
-            });
-        }
-    }
-    Ok(())
 }
 
 /// The fastest decoder for a model: the hand-written [`crate::native::NativeEngine`] when the
@@ -271,39 +224,29 @@ fn sample(logits: Tensor<2>, params: &[(Sampling, f64)], device: &Device) -> Vec
 
 impl BatchedDecoder for Engine {
     fn slots(&self) -> usize {
-        self.lens.len()
+        self.slots.slots()
     }
 
     fn context_limit(&self) -> usize {
-        self.max_len
+        self.slots.max_len()
     }
 
     fn slot_len(&self, slot: SlotId) -> usize {
-        self.lens.get(slot).copied().unwrap_or(0)
+        self.slots.slot_len(slot)
     }
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
-        // The position of the token being sampled, per input, before the lengths move.
-        let params: Vec<(Sampling, f64)> = inputs
-            .iter()
-            .map(|i| {
-                let position = self.lens.get(i.slot).copied().unwrap_or(0) + i.tokens.len();
-                (i.sampling, uniform_at(i.seed, position))
-            })
-            .collect();
+        let draws = self.slots.draws(inputs);
         let logits = self.forward(inputs)?;
+        let params: Vec<(Sampling, f64)> = inputs.iter().map(|i| i.sampling).zip(draws).collect();
         Ok(sample(logits, &params, &self.device))
     }
 
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
-        let current = self.lens.get_mut(slot).ok_or(DecoderError::BadSlot(slot))?;
-        *current = (*current).min(len);
-        Ok(())
+        self.slots.truncate(slot, len).map(drop)
     }
 
     fn release(&mut self, slot: SlotId) {
-        if let Some(len) = self.lens.get_mut(slot) {
-            *len = 0;
-        }
+        self.slots.release(slot);
     }
 }

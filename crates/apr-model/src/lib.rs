@@ -1,6 +1,7 @@
 //! The model of apr-rs: a Llama-2 decoder in burn 0.22 (device-dispatched: flex CPU by default,
-//! wgpu and CUDA behind features), a domain tokenizer, a slot-based KV-cache inference engine,
-//! and checkpoints in Hugging Face layout.
+//! wgpu and CUDA behind features) and its hand-differentiated CPU twin ([`native`]); the
+//! [`Learner`] seam trainers drive either through, with AdamW; two slot-based KV-cache engines
+//! over one [`SlotTable`]; a domain tokenizer; checkpoints in Hugging Face layout.
 #![warn(missing_docs)]
 
 pub mod backend;
@@ -8,12 +9,18 @@ pub mod checkpoint;
 pub mod config;
 pub mod engine;
 pub mod invariant;
+pub mod learner;
 pub mod model;
 pub mod native;
+pub mod optim;
+pub mod params;
+pub mod slots;
 pub mod tokenizer;
 
 pub use burn;
 pub use config::{ModelConfig, Preset};
 pub use engine::Engine;
+pub use learner::{Learner, LearnerKind};
 pub use model::{init_weights, HostTensor, Llama, Model, Weights};
+pub use slots::SlotTable;
 pub use tokenizer::AprTokenizer;

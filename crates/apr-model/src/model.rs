@@ -13,6 +13,8 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
+pub use crate::params::parameter_shapes;
+use crate::params::{BlockNames, EMBED, FINAL_NORM, HEAD};
 
 /// A tensor on the host: row-major `f32` values and a shape, in HF layout.
 #[derive(Clone, Debug, PartialEq)]
@@ -113,6 +115,7 @@ impl Rope {
         RopeAt {
             cos: gather(&self.cos),
             sin: gather(&self.sin),
+            head_dim: self.head_dim,
         }
     }
 
@@ -137,6 +140,7 @@ impl Rope {
 struct RopeAt {
     cos: Tensor<4>,
     sin: Tensor<4>,
+    head_dim: usize,
 }
 
 impl RopeAt {
@@ -251,27 +255,12 @@ fn norm_from(weight: &HostTensor, eps: f64, device: &Device) -> RmsNorm {
     }
 }
 
-fn host(t: Tensor<2>) -> HostTensor {
-    let dims = t.dims();
+fn host<const D: usize>(t: Tensor<D>) -> HostTensor {
+    let shape = t.dims().to_vec();
+    let data = t.into_data().convert::<f32>().try_to_vec::<f32>();
     HostTensor {
-        shape: dims.to_vec(),
-        data: t
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default(),
-    }
-}
-
-fn host1(t: Tensor<1>) -> HostTensor {
-    let dims = t.dims();
-    HostTensor {
-        shape: dims.to_vec(),
-        data: t
-            .into_data()
-            .convert::<f32>()
-            .try_to_vec::<f32>()
-            .unwrap_or_default(),
+        shape,
+        data: data.unwrap_or_default(),
     }
 }
 
@@ -291,26 +280,6 @@ pub enum WeightsError {
         /// Shape found.
         found: Vec<usize>,
     },
-}
-
-/// The HF names and shapes of every parameter of a configuration.
-pub fn parameter_shapes(config: &ModelConfig) -> Vec<(String, Vec<usize>)> {
-    let (d, f, v) = (config.d_model, config.d_ff, config.vocab_size);
-    let mut out = vec![("model.embed_tokens.weight".to_owned(), vec![v, d])];
-    for i in 0..config.n_layers {
-        let p = format!("model.layers.{i}");
-        out.push((format!("{p}.input_layernorm.weight"), vec![d]));
-        for proj in ["q_proj", "k_proj", "v_proj", "o_proj"] {
-            out.push((format!("{p}.self_attn.{proj}.weight"), vec![d, d]));
-        }
-        out.push((format!("{p}.post_attention_layernorm.weight"), vec![d]));
-        out.push((format!("{p}.mlp.gate_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.up_proj.weight"), vec![f, d]));
-        out.push((format!("{p}.mlp.down_proj.weight"), vec![d, f]));
-    }
-    out.push(("model.norm.weight".to_owned(), vec![d]));
-    out.push(("lm_head.weight".to_owned(), vec![v, d]));
-    out
 }
 
 /// Fresh weights: normal(0, `init_std`) everywhere, norms at one. Every tensor draws from its own
@@ -395,31 +364,23 @@ impl Llama {
         }
         let w = |name: &str| &weights[name];
         let eps = config.norm_eps;
-        let embed = w("model.embed_tokens.weight");
+        let embed = w(EMBED);
         let layers = (0..config.n_layers)
             .map(|i| {
-                let p = format!("model.layers.{i}");
+                let n = BlockNames::of(i);
                 Block {
-                    input_layernorm: norm_from(
-                        w(&format!("{p}.input_layernorm.weight")),
-                        eps,
-                        device,
-                    ),
+                    input_layernorm: norm_from(w(&n.attn_norm), eps, device),
                     self_attn: Attention {
-                        q_proj: linear_from(w(&format!("{p}.self_attn.q_proj.weight")), device),
-                        k_proj: linear_from(w(&format!("{p}.self_attn.k_proj.weight")), device),
-                        v_proj: linear_from(w(&format!("{p}.self_attn.v_proj.weight")), device),
-                        o_proj: linear_from(w(&format!("{p}.self_attn.o_proj.weight")), device),
+                        q_proj: linear_from(w(&n.q), device),
+                        k_proj: linear_from(w(&n.k), device),
+                        v_proj: linear_from(w(&n.v), device),
+                        o_proj: linear_from(w(&n.o), device),
                     },
-                    post_attention_layernorm: norm_from(
-                        w(&format!("{p}.post_attention_layernorm.weight")),
-                        eps,
-                        device,
-                    ),
+                    post_attention_layernorm: norm_from(w(&n.mlp_norm), eps, device),
                     mlp: Mlp {
-                        gate_proj: linear_from(w(&format!("{p}.mlp.gate_proj.weight")), device),
-                        up_proj: linear_from(w(&format!("{p}.mlp.up_proj.weight")), device),
-                        down_proj: linear_from(w(&format!("{p}.mlp.down_proj.weight")), device),
+                        gate_proj: linear_from(w(&n.gate), device),
+                        up_proj: linear_from(w(&n.up), device),
+                        down_proj: linear_from(w(&n.down), device),
                     },
                 }
             })
@@ -432,59 +393,40 @@ impl Llama {
                 )),
             },
             layers,
-            norm: norm_from(w("model.norm.weight"), eps, device),
-            lm_head: linear_from(w("lm_head.weight"), device),
+            norm: norm_from(w(FINAL_NORM), eps, device),
+            lm_head: linear_from(w(HEAD), device),
         })
     }
 
     /// The weights, named and laid out as HF's `LlamaForCausalLM`.
     pub fn to_weights(&self) -> Weights {
         let lin = |l: &Linear| host(l.weight.val().transpose());
+        let norm = |n: &RmsNorm| host(n.gamma.val());
         let mut out = Weights::new();
-        out.insert(
-            "model.embed_tokens.weight".into(),
-            host(self.embed_tokens.weight.val()),
-        );
+        out.insert(EMBED.into(), host(self.embed_tokens.weight.val()));
         for (i, b) in self.layers.iter().enumerate() {
-            let p = format!("model.layers.{i}");
-            out.insert(
-                format!("{p}.input_layernorm.weight"),
-                host1(b.input_layernorm.gamma.val()),
-            );
-            out.insert(
-                format!("{p}.self_attn.q_proj.weight"),
-                lin(&b.self_attn.q_proj),
-            );
-            out.insert(
-                format!("{p}.self_attn.k_proj.weight"),
-                lin(&b.self_attn.k_proj),
-            );
-            out.insert(
-                format!("{p}.self_attn.v_proj.weight"),
-                lin(&b.self_attn.v_proj),
-            );
-            out.insert(
-                format!("{p}.self_attn.o_proj.weight"),
-                lin(&b.self_attn.o_proj),
-            );
-            out.insert(
-                format!("{p}.post_attention_layernorm.weight"),
-                host1(b.post_attention_layernorm.gamma.val()),
-            );
-            out.insert(format!("{p}.mlp.gate_proj.weight"), lin(&b.mlp.gate_proj));
-            out.insert(format!("{p}.mlp.up_proj.weight"), lin(&b.mlp.up_proj));
-            out.insert(format!("{p}.mlp.down_proj.weight"), lin(&b.mlp.down_proj));
+            let n = BlockNames::of(i);
+            let (attn, mlp) = (&b.self_attn, &b.mlp);
+            out.insert(n.attn_norm, norm(&b.input_layernorm));
+            out.insert(n.q, lin(&attn.q_proj));
+            out.insert(n.k, lin(&attn.k_proj));
+            out.insert(n.v, lin(&attn.v_proj));
+            out.insert(n.o, lin(&attn.o_proj));
+            out.insert(n.mlp_norm, norm(&b.post_attention_layernorm));
+            out.insert(n.gate, lin(&mlp.gate_proj));
+            out.insert(n.up, lin(&mlp.up_proj));
+            out.insert(n.down, lin(&mlp.down_proj));
         }
-        out.insert("model.norm.weight".into(), host1(self.norm.gamma.val()));
-        out.insert("lm_head.weight".into(), lin(&self.lm_head));
+        out.insert(FINAL_NORM.into(), norm(&self.norm));
+        out.insert(HEAD.into(), lin(&self.lm_head));
         out
     }
 
     /// Full causal forward: `tokens: [b, s]` → logits `[b, s, vocab]`.
-    pub fn forward(&self, tokens: Tensor<2, Int>, rope: &Rope, n_heads: usize) -> Tensor<3> {
+    pub fn forward(&self, tokens: Tensor<2, Int>, rope: &Rope) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(tokens);
         for block in &self.layers {
-            x = block.forward_full(x, rope, n_heads);
+            x = block.forward_full(x, rope);
         }
         self.lm_head.forward(self.norm.forward(x))
     }
@@ -496,9 +438,8 @@ impl Llama {
         tokens: Tensor<2, Int>,
         targets: Tensor<2, Int>,
         rope: &Rope,
-        n_heads: usize,
     ) -> Tensor<2> {
-        let logits = self.forward(tokens, rope, n_heads);
+        let logits = self.forward(tokens, rope);
         let [b, s, _] = logits.dims();
         let logp = log_softmax(logits, 2);
         logp.gather(2, targets.reshape([b, s, 1])).reshape([b, s])
@@ -514,7 +455,6 @@ impl Llama {
         batch: &CachedBatch,
         cache: &mut KvCache,
         rope: &Rope,
-        n_heads: usize,
     ) -> Tensor<2> {
         let device = tokens.device();
         let [b, l] = tokens.dims();
@@ -528,7 +468,7 @@ impl Llama {
         let rope = rope.at(&positions);
         let mut x = self.embed_tokens.forward(tokens);
         for (layer, block) in self.layers.iter().enumerate() {
-            x = block.forward_cached(x, &mask, &rows, &mut cache.layers[layer], &rope, n_heads);
+            x = block.forward_cached(x, &mask, &rows, &mut cache.layers[layer], &rope);
         }
         // The hidden state at each row's last new token.
         let d = x.dims()[2];
@@ -551,10 +491,10 @@ impl Llama {
 }
 
 impl Block {
-    fn forward_full(&self, x: Tensor<3>, rope: &Rope, n_heads: usize) -> Tensor<3> {
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
         let h = self
             .self_attn
-            .forward_full(self.input_layernorm.forward(x.clone()), rope, n_heads);
+            .forward_full(self.input_layernorm.forward(x.clone()), rope);
         let x = x + h;
         let h = self
             .mlp
@@ -569,7 +509,6 @@ impl Block {
         rows: &CacheRows,
         cache: &mut (Tensor<2>, Tensor<2>),
         rope: &RopeAt,
-        n_heads: usize,
     ) -> Tensor<3> {
         let h = self.self_attn.forward_cached(
             self.input_layernorm.forward(x.clone()),
@@ -577,7 +516,6 @@ impl Block {
             rows,
             cache,
             rope,
-            n_heads,
         );
         let x = x + h;
         let h = self
@@ -596,9 +534,9 @@ impl Mlp {
 
 impl Attention {
     /// `[b, s, d]` → q, k, v as `[b, h, s, hd]`.
-    fn qkv(&self, x: Tensor<3>, n_heads: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
+    fn qkv(&self, x: Tensor<3>, hd: usize) -> (Tensor<4>, Tensor<4>, Tensor<4>) {
         let [b, s, d] = x.dims();
-        let hd = d / n_heads;
+        let n_heads = d / hd;
         let split = |t: Tensor<3>| t.reshape([b, s, n_heads, hd]).swap_dims(1, 2);
         (
             split(self.q_proj.forward(x.clone())),
@@ -613,8 +551,8 @@ impl Attention {
             .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
 
-    fn forward_full(&self, x: Tensor<3>, rope: &Rope, n_heads: usize) -> Tensor<3> {
-        let (q, k, v) = self.qkv(x, n_heads);
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
+        let (q, k, v) = self.qkv(x, rope.head_dim);
         let (q, k) = (rope.apply_prefix(q), rope.apply_prefix(k));
         let s = q.dims()[2];
         let device = q.device();
@@ -635,9 +573,8 @@ impl Attention {
         rows: &CacheRows,
         cache: &mut (Tensor<2>, Tensor<2>),
         rope: &RopeAt,
-        n_heads: usize,
     ) -> Tensor<3> {
-        let (q, k, v) = self.qkv(x, n_heads);
+        let (q, k, v) = self.qkv(x, rope.head_dim);
         let (q, k) = (rope.apply(q), rope.apply(k));
         let [b, h, l, hd] = k.dims();
         let kv_len = rows.read.dims()[0] / b;
@@ -725,6 +662,6 @@ impl Model {
 
     /// Logits of a full batch `[b, s]` → `[b, s, vocab]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.llama.forward(tokens, &self.rope, self.config.n_heads)
+        self.llama.forward(tokens, &self.rope)
     }
 }

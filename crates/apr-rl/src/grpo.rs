@@ -5,23 +5,24 @@
 //! group-normalised advantage of a rollout is given to *every* thread of its tree (each parent
 //! segment and every child) on the tokens the model sampled (prompts and runtime-injected join
 //! text are masked), weighted by 1/n for a tree of n threads. The loss is the clipped policy
-//! gradient against the rollout policy plus β·k3 KL to a frozen reference.
+//! gradient against the rollout policy plus β·k3 KL to a frozen reference. Both are functions of
+//! each trained token's log-probability ([`token_objective`]), so the learner is given only
+//! their derivative with respect to it, whichever learner it is.
 
 use std::path::{Path, PathBuf};
 
 use apr_core::runtime::{run, Finish, Job, ProblemResult, RuntimeConfig};
 use apr_countdown::{CountdownTask, Problem};
-use apr_model::burn::tensor::activation::log_softmax;
-use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
+use apr_model::burn::tensor::Device;
 use apr_model::checkpoint::{self, CheckpointMeta};
-use apr_model::engine::engine_for;
-use apr_model::native::{NativeEngine, NativeModel, PackedBatch};
-use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
+use apr_model::learner::{new_learner, Learner, LearnerKind};
+use apr_model::native::PackedBatch;
+use apr_model::optim::AdamWConfig;
+use apr_model::{AprTokenizer, Weights};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics_log::MetricsLog;
-use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
-use crate::sft::{LearnerKind, TrainError};
+use crate::error::TrainError;
+use crate::train_loop::{self, Trainer};
 
 /// GRPO settings (reference defaults: spec §5.3).
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -52,9 +53,42 @@ pub struct GrpoConfig {
     pub seed: u64,
     /// Checkpoint every this many steps.
     pub checkpoint_every: usize,
-    /// What computes the gradients (the native learner also rolls out with the native engine).
+    /// What computes the gradients (rollouts use the learner's own decoder: the native engine
+    /// for the native learner).
     #[serde(default)]
     pub learner: LearnerKind,
+}
+
+impl GrpoConfig {
+    /// The reference's settings (spec §5.3): 150 steps of 64 prompts × 5 rollouts at τ = 1, lr
+    /// 1e-5, clip 0.2, two inner steps, β 0.001 for APR and 0.01 for SoS+, normalised advantages,
+    /// 4,096 tokens a thread; 64 slots, 4,096-token micro-batches, a checkpoint every step.
+    pub fn reference(mode: apr_core::runtime::Mode) -> Self {
+        GrpoConfig {
+            steps: 150,
+            prompts: 64,
+            group: 5,
+            lr: 1e-5,
+            clip_eps: 0.2,
+            kl_beta: match mode {
+                apr_core::runtime::Mode::Apr => 0.001,
+                apr_core::runtime::Mode::Serial => 0.01,
+            },
+            inner_steps: 2,
+            normalize_std: true,
+            runtime: RuntimeConfig {
+                mode,
+                context: 4096,
+                sampling: apr_core::decoder::Sampling::temperature(1.0),
+                ..RuntimeConfig::default()
+            },
+            slots: 64,
+            batch_tokens: 4096,
+            seed: 0,
+            checkpoint_every: 1,
+            learner: LearnerKind::default(),
+        }
+    }
 }
 
 /// `(r − mean) / (std + 1e-10)` per consecutive group of `group` rewards (population std), or
@@ -193,59 +227,8 @@ pub fn token_objective(
     }
 }
 
-struct Batch {
-    inputs: Tensor<2, Int>,
-    targets: Tensor<2, Int>,
-    mask: Tensor<2>,
-    pg_weight: Tensor<2>,
-    kl_weight: Tensor<2>,
-    advantage: Tensor<2>,
-}
-
-fn make_batch(seqs: &[&PolicySeq], n_total: usize, beta: f64, pad: u32, device: &Device) -> Batch {
-    let b = seqs.len();
-    let l = seqs.iter().map(|s| s.tokens.len()).max().unwrap_or(2) - 1;
-    let (mut inputs, mut targets, mut mask, mut pgw, mut klw, mut adv) = (
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-        Vec::new(),
-    );
-    for s in seqs {
-        let t = s.trained_count().max(1) as f64;
-        for i in 0..l {
-            inputs.push(s.tokens.get(i).copied().unwrap_or(pad) as i64);
-            targets.push(s.tokens.get(i + 1).copied().unwrap_or(pad) as i64);
-            let m = s.trained.get(i).copied().unwrap_or(false);
-            mask.push(m as u8 as f32);
-            pgw.push((s.weight as f64 / (t * n_total as f64)) as f32);
-            klw.push((beta / (t * n_total as f64)) as f32);
-            adv.push(s.advantage);
-        }
-    }
-    let f = |v: Vec<f32>| Tensor::<2>::from_data(TensorData::new(v, [b, l]), device);
-    Batch {
-        inputs: Tensor::from_data(TensorData::new(inputs, [b, l]), device),
-        targets: Tensor::from_data(TensorData::new(targets, [b, l]), device),
-        mask: f(mask),
-        pg_weight: f(pgw),
-        kl_weight: f(klw),
-        advantage: f(adv),
-    }
-}
-
-fn token_logp(model: &Model, inputs: Tensor<2, Int>, targets: Tensor<2, Int>) -> Tensor<2> {
-    let logits = model.forward(inputs);
-    let [b, l, _] = logits.dims();
-    log_softmax(logits, 2)
-        .gather(2, targets.reshape([b, l, 1]))
-        .reshape([b, l])
-}
-
 /// Micro-batches of sequence indices under a token budget (sorted by length).
-fn micro_batches(seqs: &[PolicySeq], batch_tokens: usize) -> Vec<Vec<usize>> {
+fn batch_indices(seqs: &[PolicySeq], batch_tokens: usize) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..seqs.len()).collect();
     order.sort_by_key(|&i| seqs[i].tokens.len());
     let mut out: Vec<Vec<usize>> = Vec::new();
@@ -261,34 +244,6 @@ fn micro_batches(seqs: &[PolicySeq], batch_tokens: usize) -> Vec<Vec<usize>> {
         out.push(cur);
     }
     out
-}
-
-/// The GRPO loss of one micro-batch given fixed old/reference log-probabilities, and the
-/// statistics (KL sum, clipped-token count) for logging.
-fn loss(
-    model: &Model,
-    batch: &Batch,
-    old: Tensor<2>,
-    reference: Tensor<2>,
-    eps: f64,
-) -> (Tensor<1>, Tensor<1>, Tensor<1>) {
-    let logp = token_logp(model, batch.inputs.clone(), batch.targets.clone());
-    let ratio = (logp.clone() - old).exp();
-    let clipped = ratio.clone().clamp(1.0 - eps, 1.0 + eps);
-    let a = batch.advantage.clone();
-    let unclipped_obj = -(a.clone() * ratio.clone());
-    let clipped_obj = -(a * clipped);
-    let pg = unclipped_obj.clone().max_pair(clipped_obj.clone());
-    let diff = reference - logp;
-    let k3 = diff.clone().exp() - diff - 1.0;
-    let total =
-        (pg * batch.pg_weight.clone() + k3.clone() * batch.kl_weight.clone()) * batch.mask.clone();
-    let clip_frac = clipped_obj.greater(unclipped_obj).float() * batch.mask.clone();
-    (
-        total.sum(),
-        (k3 * batch.mask.clone()).sum(),
-        clip_frac.sum(),
-    )
 }
 
 /// One line of `metrics.jsonl`.
@@ -326,58 +281,67 @@ pub struct GrpoMetrics {
     pub update_s: f64,
 }
 
-/// The policy being trained, its frozen reference and its optimizer.
-// One per trainer: the variants' size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Learner {
-    /// burn autodiff on the trainer's device.
-    Burn {
-        policy: Model,
-        reference: Model,
-        optim: AdamW,
-    },
-    /// The hand-differentiated CPU model; rollouts use the native engine.
-    Native {
-        policy: NativeModel,
-        reference: NativeModel,
-        optim: FlatAdamW,
-        grads: Vec<f32>,
-    },
-}
-
-/// One micro-batch of an update: built once, used by every inner step.
+/// One micro-batch of an update, built once and used by every inner step.
 struct Micro {
-    /// What the learner reads of it.
-    inputs: MicroInputs,
-    /// Reference-model log-probabilities.
-    reference: HostMatrix,
+    /// The sequences packed end to end.
+    batch: PackedBatch,
+    /// Each position's loss weights (`None` where the token was not sampled by the policy).
+    terms: Vec<Option<TokenTerms>>,
+    /// The reference model's log-probabilities.
+    reference: Vec<f32>,
+    /// The rollout policy's, filled by the first inner step: its forward pass runs on the
+    /// rollout policy's weights, which saves a pass per update.
+    old: Option<Vec<f32>>,
 }
 
-/// A micro-batch as each learner holds it, with the rollout policy's log-probabilities (no
-/// gradient).
-enum MicroInputs {
-    /// Indices into the update's sequences (batched afresh on the device each inner step), and
-    /// the old log-probabilities from a forward pass of the frozen policy.
-    Burn { seqs: Vec<usize>, old: HostMatrix },
-    /// The sequences packed once; the old log-probabilities are `None` until the first inner
-    /// step, whose forward pass is the rollout policy's own.
-    Native {
-        packed: NativeMicro,
-        old: Option<Vec<f32>>,
-    },
-}
+impl Micro {
+    /// Sequences `idx` of `seqs` packed, with the weights of [`policy_token_weights`] and the
+    /// KL term's `β / (T_s · N)`.
+    fn new(seqs: &[PolicySeq], idx: &[usize], beta: f64) -> Self {
+        let n_total = seqs.len() as f64;
+        let picked: Vec<&PolicySeq> = idx
+            .iter()
+            .map(|&i| &seqs[i])
+            .filter(|s| s.tokens.len() >= 2)
+            .collect();
+        let tokens: Vec<&[u32]> = picked.iter().map(|s| s.tokens.as_slice()).collect();
+        let batch = PackedBatch::from_sequences(&tokens);
+        let mut terms = Vec::with_capacity(batch.len());
+        for s in picked {
+            let t = s.trained_count().max(1) as f64;
+            let on = TokenTerms {
+                advantage: s.advantage as f64,
+                pg_weight: s.weight as f64 / (t * n_total),
+                kl_weight: beta / (t * n_total),
+            };
+            let positions = s.tokens.len() - 1;
+            terms.extend(
+                (0..positions).map(|p| s.trained.get(p).copied().unwrap_or(false).then_some(on)),
+            );
+        }
+        Micro {
+            batch,
+            terms,
+            reference: Vec::new(),
+            old: None,
+        }
+    }
 
-/// The micro-batches of an update and the sums over trained tokens that the entropy estimate
-/// needs.
-struct Fixed {
-    micro: Vec<Micro>,
-    /// −Σ old log-prob.
-    entropy_sum: f64,
     /// Trained tokens.
-    trained: f64,
+    fn trained(&self) -> f64 {
+        self.terms.iter().filter(|t| t.is_some()).count() as f64
+    }
 }
 
-/// Sums over the trained tokens of one update, for logging.
+/// Per-position loss weights of a trained token.
+#[derive(Clone, Copy)]
+struct TokenTerms {
+    advantage: f64,
+    pg_weight: f64,
+    kl_weight: f64,
+}
+
+/// Sums over the trained tokens of one pass over an update's micro-batches, for logging.
 #[derive(Default)]
 struct UpdateSums {
     loss: f64,
@@ -391,13 +355,22 @@ struct UpdateSums {
 pub struct GrpoTrainer {
     /// Settings.
     pub config: GrpoConfig,
-    model_config: ModelConfig,
-    learner: Learner,
+    policy: Box<dyn Learner>,
+    /// The frozen starting policy of the KL term.
+    reference: Box<dyn Learner>,
     tokenizer: AprTokenizer,
     problems: Vec<Problem>,
     step: usize,
     device: Device,
     out: PathBuf,
+}
+
+/// The optimizer of GRPO.
+fn grpo_adamw() -> AdamWConfig {
+    AdamWConfig {
+        weight_decay: 0.01,
+        ..AdamWConfig::default()
+    }
 }
 
 impl GrpoTrainer {
@@ -411,36 +384,14 @@ impl GrpoTrainer {
         out: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let adamw = AdamWConfig {
-            weight_decay: 0.01,
-            ..AdamWConfig::default()
-        };
-        let learner = match config.learner {
-            LearnerKind::Burn => Learner::Burn {
-                policy: Model::new(meta.model.clone(), weights, &device.clone().autodiff())
-                    .map_err(|e| TrainError::Other(e.to_string()))?,
-                reference: Model::new(meta.model.clone(), weights, device)
-                    .map_err(|e| TrainError::Other(e.to_string()))?,
-                optim: AdamW::new(adamw),
-            },
-            LearnerKind::Native => {
-                let policy = NativeModel::from_weights(&meta.model, weights)
-                    .map_err(|e| TrainError::Other(e.to_string()))?;
-                let n = policy.num_params();
-                Learner::Native {
-                    reference: policy.clone(),
-                    policy,
-                    optim: FlatAdamW::new(adamw, n),
-                    grads: vec![0.0; n],
-                }
-            }
-        };
-        std::fs::create_dir_all(out)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
+        let learner = |kind| new_learner(kind, &meta.model, weights, grpo_adamw(), device);
+        let policy = learner(config.learner)?;
+        let reference = learner(config.learner)?;
+        std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
         Ok(GrpoTrainer {
             config,
-            model_config: meta.model.clone(),
-            learner,
+            policy,
+            reference,
             tokenizer,
             problems,
             step: 0,
@@ -449,30 +400,23 @@ impl GrpoTrainer {
         })
     }
 
+    /// Which learner computes the gradients.
+    pub fn learner(&self) -> LearnerKind {
+        self.policy.kind()
+    }
+
     /// The policy's current weights.
     pub fn weights(&self) -> Weights {
-        match &self.learner {
-            Learner::Burn { policy, .. } => policy.llama.to_weights(),
-            Learner::Native { policy, .. } => policy.to_weights(),
-        }
+        self.policy.weights()
     }
 
     /// Rolls out `problems`, `group` times each, with the current policy.
     pub fn rollouts(&self, problems: &[Problem], seed: u64) -> Vec<ProblemResult> {
-        let context = self.config.runtime.context;
-        let mut engine: Box<dyn apr_core::decoder::BatchedDecoder> = match &self.learner {
-            Learner::Burn { policy, .. } => engine_for(
-                &policy.valid(),
-                self.config.slots,
-                context,
-                self.tokenizer.pad_id(),
-            ),
-            Learner::Native { policy, .. } => Box::new(NativeEngine::new(
-                policy.clone(),
-                self.config.slots,
-                context,
-            )),
-        };
+        let mut engine = self.policy.decoder(
+            self.config.slots,
+            self.config.runtime.context,
+            self.tokenizer.pad_id(),
+        );
         let task = match self.config.runtime.mode {
             apr_core::runtime::Mode::Apr => CountdownTask::apr(),
             apr_core::runtime::Mode::Serial => CountdownTask::sosp(),
@@ -523,186 +467,85 @@ impl GrpoTrainer {
 
     fn update(&mut self, seqs: &[PolicySeq], m: &mut GrpoMetrics) -> Result<(), TrainError> {
         let step = self.step + 1;
-        let fail = |what: &str| TrainError::Other(format!("GRPO step {step}: {what}"));
-        let mut fixed = self.fixed_logprobs(seqs)?;
-        let trained = fixed.trained;
+        let mut micro = self.micro_batches(seqs)?;
+        let trained: f64 = micro.iter().map(Micro::trained).sum();
+        let mut old_logp = 0.0;
         for _ in 0..self.config.inner_steps.max(1) {
-            let sums = self.accumulate(seqs, &mut fixed.micro)?;
-            fixed.entropy_sum -= sums.old_logp;
+            let sums = self.accumulate(&mut micro)?;
+            old_logp += sums.old_logp;
             if !sums.loss.is_finite() {
-                return Err(fail("non-finite loss"));
+                return Err(TrainError::NonFiniteLoss {
+                    trainer: "GRPO",
+                    step,
+                    loss: sums.loss,
+                });
             }
-            m.grad_norm = self.optimizer_step(self.config.lr).map_err(|e| fail(&e))?;
+            m.grad_norm =
+                self.policy
+                    .step(self.config.lr, 1)
+                    .map_err(|source| TrainError::Update {
+                        trainer: "GRPO",
+                        step,
+                        source,
+                    })?;
             m.loss = sums.loss;
             m.kl = sums.kl / trained.max(1.0);
             m.clip_fraction = sums.clipped / trained.max(1.0);
         }
-        // Complete once the first inner step has filled in any old log-probs it had to.
-        m.entropy = fixed.entropy_sum / trained.max(1.0);
+        m.entropy = -old_logp / trained.max(1.0);
         Ok(())
     }
 
-    /// The micro-batches of an update with their old (rollout-policy) and reference
-    /// log-probabilities, without gradients.
-    fn fixed_logprobs(&self, seqs: &[PolicySeq]) -> Result<Fixed, TrainError> {
-        let batches = micro_batches(seqs, self.config.batch_tokens);
-        let mut micro = Vec::with_capacity(batches.len());
-        let (mut entropy_sum, mut trained) = (0.0, 0.0);
-        match &self.learner {
-            Learner::Burn {
-                policy, reference, ..
-            } => {
-                let frozen = policy.valid();
-                let pad = self.tokenizer.pad_id();
-                for idx in batches {
-                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
-                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &self.device);
-                    let old = token_logp(&frozen, b.inputs.clone(), b.targets.clone());
-                    let refp = token_logp(reference, b.inputs, b.targets);
-                    entropy_sum -= scalar((old.clone() * b.mask.clone()).sum());
-                    trained += scalar(b.mask.sum());
-                    micro.push(Micro {
-                        inputs: MicroInputs::Burn {
-                            seqs: idx,
-                            old: to_host(old),
-                        },
-                        reference: to_host(refp),
-                    });
-                }
-            }
-            Learner::Native { reference, .. } => {
-                for idx in batches {
-                    let packed = NativeMicro::new(seqs, &idx, self.config.kl_beta);
-                    let refp = reference
-                        .forward(&packed.batch)
-                        .map(|f| f.logprobs)
-                        .map_err(|e| TrainError::Other(e.to_string()))?;
-                    trained += packed.terms.iter().filter(|t| t.is_some()).count() as f64;
-                    let n = refp.len();
-                    micro.push(Micro {
-                        // `old` is filled by the first inner step (see `accumulate`).
-                        inputs: MicroInputs::Native { packed, old: None },
-                        reference: (refp, [1, n]),
-                    });
-                }
-            }
-        }
-        Ok(Fixed {
-            micro,
-            entropy_sum,
-            trained,
-        })
+    /// The micro-batches of an update with their reference log-probabilities.
+    fn micro_batches(&self, seqs: &[PolicySeq]) -> Result<Vec<Micro>, TrainError> {
+        batch_indices(seqs, self.config.batch_tokens)
+            .into_iter()
+            .map(|idx| {
+                let mut mb = Micro::new(seqs, &idx, self.config.kl_beta);
+                mb.reference = self.reference.score(&mb.batch)?;
+                Ok(mb)
+            })
+            .collect()
     }
 
     /// Adds the gradient of the GRPO loss over all micro-batches (a sum over them) to the
-    /// learner's accumulator; returns the loss and logging sums.
-    fn accumulate(
-        &mut self,
-        seqs: &[PolicySeq],
-        micro: &mut [Micro],
-    ) -> Result<UpdateSums, TrainError> {
+    /// policy's accumulator; returns the loss and logging sums (stopping at a non-finite loss).
+    fn accumulate(&mut self, micro: &mut [Micro]) -> Result<UpdateSums, TrainError> {
         let eps = self.config.clip_eps;
         let mut sums = UpdateSums::default();
-        match &mut self.learner {
-            Learner::Burn { policy, optim, .. } => {
-                let train_device = self.device.clone().autodiff();
-                let pad = self.tokenizer.pad_id();
-                let count = micro.len() as f64;
-                for mb in micro {
-                    let MicroInputs::Burn { seqs: idx, old } = &mb.inputs else {
-                        return Err(TrainError::Other(
-                            "micro-batch built for another learner".into(),
-                        ));
-                    };
-                    let refs: Vec<&PolicySeq> = idx.iter().map(|&i| &seqs[i]).collect();
-                    let b = make_batch(&refs, seqs.len(), self.config.kl_beta, pad, &train_device);
-                    let old = from_host(old, &train_device);
-                    let reference = from_host(&mb.reference, &train_device);
-                    let (loss, kl, clip) = loss(policy, &b, old, reference, eps);
-                    let value = scalar(loss.clone());
-                    if !value.is_finite() {
-                        sums.loss = value;
-                        return Ok(sums);
-                    }
-                    sums.loss += value;
-                    sums.kl += scalar(kl);
-                    sums.clipped += scalar(clip);
-                    // The optimizer averages micro-batches; the loss is a sum over them.
-                    let grads = (loss * count).backward();
-                    optim.accumulate(&policy.llama, &grads);
-                }
+        for mb in micro.iter_mut() {
+            let logp = self.policy.forward(&mb.batch)?;
+            if mb.old.is_none() {
+                sums.old_logp += logp
+                    .iter()
+                    .zip(&mb.terms)
+                    .filter(|(_, t)| t.is_some())
+                    .map(|(&lp, _)| lp as f64)
+                    .sum::<f64>();
+                mb.old = Some(logp.clone());
             }
-            Learner::Native { policy, grads, .. } => {
-                for mb in micro.iter_mut() {
-                    let MicroInputs::Native { packed, old } = &mut mb.inputs else {
-                        return Err(TrainError::Other(
-                            "micro-batch built for another learner".into(),
-                        ));
-                    };
-                    let fwd = policy
-                        .forward(&packed.batch)
-                        .map_err(|e| TrainError::Other(e.to_string()))?;
-                    // The first inner step runs on the rollout policy's weights, so its forward
-                    // pass gives the old log-probabilities: one pass saved per update.
-                    let old = old.get_or_insert_with(|| {
-                        sums.old_logp += fwd
-                            .logprobs
-                            .iter()
-                            .zip(&packed.terms)
-                            .filter(|(_, t)| t.is_some())
-                            .map(|(&lp, _)| lp as f64)
-                            .sum::<f64>();
-                        fwd.logprobs.clone()
-                    });
-                    let mut dlogp = vec![0.0f32; packed.batch.len()];
-                    for (p, term) in packed.terms.iter().enumerate() {
-                        let Some(t) = term else { continue };
-                        let o = token_objective(
-                            fwd.logprobs[p] as f64,
-                            old[p] as f64,
-                            mb.reference.0[p] as f64,
-                            t.advantage,
-                            eps,
-                        );
-                        sums.loss += t.pg_weight * o.pg + t.kl_weight * o.k3;
-                        sums.kl += o.k3;
-                        sums.clipped += o.clipped as u8 as f64;
-                        dlogp[p] = (t.pg_weight * o.dpg + t.kl_weight * o.dk3) as f32;
-                    }
-                    if !sums.loss.is_finite() {
-                        return Ok(sums);
-                    }
-                    policy.backward(fwd, &dlogp, grads);
-                }
+            let old = mb.old.as_deref().unwrap_or(&logp[..]);
+            let mut dlogp = vec![0.0f32; logp.len()];
+            for (p, term) in mb.terms.iter().enumerate() {
+                let Some(t) = term else { continue };
+                let o = token_objective(
+                    logp[p] as f64,
+                    old[p] as f64,
+                    mb.reference[p] as f64,
+                    t.advantage,
+                    eps,
+                );
+                sums.loss += t.pg_weight * o.pg + t.kl_weight * o.k3;
+                sums.kl += o.k3;
+                sums.clipped += o.clipped as u8 as f64;
+                dlogp[p] = (t.pg_weight * o.dpg + t.kl_weight * o.dk3) as f32;
             }
+            if !sums.loss.is_finite() {
+                return Ok(sums);
+            }
+            self.policy.backward(&dlogp)?;
         }
         Ok(sums)
-    }
-
-    /// Applies the accumulated gradient; returns its norm before clipping.
-    fn optimizer_step(&mut self, lr: f64) -> Result<f64, String> {
-        match &mut self.learner {
-            Learner::Burn { policy, optim, .. } => {
-                // Parameters are reference-counted tensors: the clone is cheap and is replaced.
-                match optim.step(policy.llama.clone(), lr) {
-                    Ok((llama, norm)) => {
-                        policy.llama = llama;
-                        Ok(norm)
-                    }
-                    Err((_, e)) => Err(e.to_string()),
-                }
-            }
-            Learner::Native {
-                policy,
-                optim,
-                grads,
-                ..
-            } => {
-                let result = optim.step(&mut policy.params, grads, lr);
-                grads.fill(0.0);
-                result.map_err(|e| e.to_string())
-            }
-        }
     }
 
     /// Trains to `config.steps`, logging to `OUT/metrics.jsonl` and checkpointing.
@@ -710,38 +553,21 @@ impl GrpoTrainer {
         &mut self,
         progress: &mut dyn FnMut(&GrpoMetrics),
     ) -> Result<Vec<GrpoMetrics>, TrainError> {
-        let mut log = MetricsLog::open(&self.out, self.step)?;
-        let mut all = Vec::new();
-        while self.step < self.config.steps {
-            let m = self.train_step()?;
-            log.write(&m)?;
-            progress(&m);
-            if self
-                .step
-                .is_multiple_of(self.config.checkpoint_every.max(1))
-                || self.step == self.config.steps
-            {
-                self.save()?;
-            }
-            all.push(m);
-        }
-        Ok(all)
+        train_loop::run(self, progress)
     }
 
     /// Writes the policy checkpoint with its optimizer state atomically.
     pub fn save(&self) -> Result<PathBuf, TrainError> {
         let dir = self.out.join("checkpoint");
-        let (optimizer_steps, optimizer) = match &self.learner {
-            Learner::Burn { optim, .. } => optim.state(),
-            Learner::Native { policy, optim, .. } => (optim.steps(), optim.named_state(policy)),
-        };
+        let (optimizer_steps, optimizer) = self.policy.optimizer_state();
         let meta = CheckpointMeta {
-            model: self.model_config.clone(),
+            model: self.policy.config().clone(),
             info: serde_json::json!({
                 "step": self.step, "trainer": "grpo", "optimizer_steps": optimizer_steps,
             }),
         };
-        let optimizer = checkpoint::safetensors_bytes(&optimizer).map_err(TrainError::Other)?;
+        let optimizer =
+            checkpoint::safetensors_bytes(&optimizer).map_err(|e| TrainError::file(&dir, e))?;
         checkpoint::save(
             &dir,
             &meta,
@@ -754,8 +580,8 @@ impl GrpoTrainer {
 
     /// Continues the run in `out` from its checkpoint, if there is one: policy, optimizer and
     /// step (rollout problems and seeds follow from the step, so the run goes on as if never
-    /// stopped). The reference model stays the one this trainer was built with. Returns the
-    /// step reached.
+    /// stopped), on either learner. The reference model stays the one this trainer was built
+    /// with. Returns the step reached.
     pub fn resume(&mut self) -> Result<usize, TrainError> {
         let dir = self.out.join("checkpoint");
         checkpoint::recover(&dir)?;
@@ -763,38 +589,25 @@ impl GrpoTrainer {
             return Ok(self.step);
         }
         let ck = checkpoint::load(&dir)?;
-        let bad = |what: String| TrainError::Other(format!("{}: {what}", dir.display()));
         if ck.meta.info.get("trainer").and_then(|t| t.as_str()) != Some("grpo") {
-            return Err(bad("not a GRPO checkpoint".into()));
+            return Err(TrainError::file(&dir, "not a GRPO checkpoint"));
         }
         let count = |key: &str| ck.meta.info.get(key).and_then(|s| s.as_u64());
         let (step, optimizer_steps) = count("step")
             .zip(count("optimizer_steps"))
-            .ok_or_else(|| bad("no step or optimizer step count".into()))?;
-        let step = step as usize;
+            .ok_or_else(|| TrainError::file(&dir, "no step or optimizer step count"))?;
         let saved = checkpoint::read_safetensors(&dir.join("optimizer.safetensors"))?;
-        match &mut self.learner {
-            Learner::Burn { policy, optim, .. } => {
-                *policy = Model::new(
-                    ck.meta.model.clone(),
-                    &ck.weights,
-                    &self.device.clone().autodiff(),
-                )
-                .map_err(|e| bad(e.to_string()))?;
-                optim
-                    .restore(&policy.llama, &self.device, optimizer_steps, &saved)
-                    .map_err(bad)?;
-            }
-            Learner::Native { policy, optim, .. } => {
-                *policy = NativeModel::from_weights(&ck.meta.model, &ck.weights)
-                    .map_err(|e| bad(e.to_string()))?;
-                optim
-                    .restore_named(policy, optimizer_steps, &saved)
-                    .map_err(bad)?;
-            }
-        }
-        self.step = step;
-        Ok(step)
+        let mut policy = new_learner(
+            self.config.learner,
+            &ck.meta.model,
+            &ck.weights,
+            grpo_adamw(),
+            &self.device,
+        )?;
+        policy.restore_optimizer(optimizer_steps, &saved)?;
+        self.policy = policy;
+        self.step = step as usize;
+        Ok(self.step)
     }
 
     /// The GRPO loss on given sequences, with old and reference log-probabilities equal to the
@@ -803,118 +616,68 @@ impl GrpoTrainer {
     /// but the optimizer's moments and step count advance.
     pub fn loss_and_grad_norm(&mut self, seqs: &[PolicySeq]) -> (f64, f64, f64) {
         let nan = (f64::NAN, f64::NAN, f64::NAN);
-        let Ok(mut fixed) = self.fixed_logprobs(seqs) else {
+        let Ok(mut micro) = self.micro_batches(seqs) else {
             return nan;
         };
-        let Ok(sums) = self.accumulate(seqs, &mut fixed.micro) else {
+        let trained: f64 = micro.iter().map(Micro::trained).sum();
+        let Ok(sums) = self.accumulate(&mut micro) else {
             return nan;
         };
-        let entropy = (fixed.entropy_sum - sums.old_logp) / fixed.trained.max(1.0);
         // A zero learning rate leaves the weights as they are (decoupled decay is lr-scaled).
-        let norm = self.optimizer_step(0.0).unwrap_or(f64::NAN);
-        (sums.loss, norm, entropy)
+        let norm = self.policy.step(0.0, 1).unwrap_or(f64::NAN);
+        (sums.loss, norm, -sums.old_logp / trained.max(1.0))
     }
 }
 
-/// Per-position loss weights of a trained token of a native micro-batch.
-#[derive(Clone, Copy)]
-struct TokenTerms {
-    advantage: f64,
-    pg_weight: f64,
-    kl_weight: f64,
-}
+impl Trainer for GrpoTrainer {
+    type Metrics = GrpoMetrics;
 
-/// Sequences packed end to end for the native learner, with each position's loss weights
-/// (`None` where the token was not sampled by the policy).
-struct NativeMicro {
-    batch: PackedBatch,
-    terms: Vec<Option<TokenTerms>>,
-}
-
-impl NativeMicro {
-    fn new(seqs: &[PolicySeq], idx: &[usize], beta: f64) -> Self {
-        let n_total = seqs.len() as f64;
-        let picked: Vec<&PolicySeq> = idx
-            .iter()
-            .map(|&i| &seqs[i])
-            .filter(|s| s.tokens.len() >= 2)
-            .collect();
-        let tokens: Vec<&[u32]> = picked.iter().map(|s| s.tokens.as_slice()).collect();
-        let batch = PackedBatch::from_sequences(&tokens);
-        let mut terms = Vec::with_capacity(batch.len());
-        for s in picked {
-            let t = s.trained_count().max(1) as f64;
-            let on = TokenTerms {
-                advantage: s.advantage as f64,
-                pg_weight: s.weight as f64 / (t * n_total),
-                kl_weight: beta / (t * n_total),
-            };
-            let positions = s.tokens.len() - 1;
-            terms.extend(
-                (0..positions).map(|p| s.trained.get(p).copied().unwrap_or(false).then_some(on)),
-            );
-        }
-        NativeMicro { batch, terms }
+    fn steps_done(&self) -> usize {
+        self.step
     }
-}
 
-fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
-}
+    fn steps(&self) -> usize {
+        self.config.steps
+    }
 
-type HostMatrix = (Vec<f32>, [usize; 2]);
+    fn checkpoint_every(&self) -> usize {
+        self.config.checkpoint_every
+    }
 
-fn to_host(t: Tensor<2>) -> HostMatrix {
-    let dims = t.dims();
-    (
-        t.into_data()
-            .convert::<f32>()
-            .try_to_vec()
-            .unwrap_or_default(),
-        dims,
-    )
-}
+    fn out_dir(&self) -> &Path {
+        &self.out
+    }
 
-fn from_host(h: &HostMatrix, device: &Device) -> Tensor<2> {
-    Tensor::from_data(TensorData::new(h.0.clone(), h.1), device)
+    fn train_step(&mut self) -> Result<GrpoMetrics, TrainError> {
+        GrpoTrainer::train_step(self)
+    }
+
+    fn checkpoint(&mut self) -> Result<(), TrainError> {
+        self.save().map(drop)
+    }
 }
 
 fn rollout_metrics(results: &[ProblemResult], group: usize) -> GrpoMetrics {
     let n = results.len().max(1) as f64;
+    let mean = |f: &dyn Fn(&ProblemResult) -> f64| results.iter().map(f).sum::<f64>() / n;
     let segments: usize = results.iter().map(|r| r.segments.len()).sum();
     let generated: usize = results
         .iter()
         .flat_map(|r| &r.segments)
         .map(|s| s.tokens.len())
         .sum();
-    let solved_prompts = results
-        .chunks(group.max(1))
-        .filter(|g| g.iter().any(ProblemResult::correct))
-        .count();
+    let groups = results.chunks(group.max(1));
+    let solved = groups
+        .clone()
+        .filter(|g| g.iter().any(ProblemResult::correct));
     GrpoMetrics {
-        reward_mean: results.iter().map(|r| r.reward as f64).sum::<f64>() / n,
-        accuracy: solved_prompts as f64 / results.chunks(group.max(1)).count().max(1) as f64,
-        children_per_problem: results
-            .iter()
-            .map(|r| r.metrics.children as f64)
-            .sum::<f64>()
-            / n,
-        spawn_rounds: results
-            .iter()
-            .map(|r| r.metrics.spawn_rounds as f64)
-            .sum::<f64>()
-            / n,
+        reward_mean: mean(&|r| r.reward as f64),
+        accuracy: solved.count() as f64 / groups.count().max(1) as f64,
+        children_per_problem: mean(&|r| r.metrics.children as f64),
+        spawn_rounds: mean(&|r| r.metrics.spawn_rounds as f64),
         tokens_per_thread: generated as f64 / segments.max(1) as f64,
-        total_tokens: results
-            .iter()
-            .map(|r| r.metrics.total_tokens as f64)
-            .sum::<f64>()
-            / n,
-        sequential_tokens: results
-            .iter()
-            .map(|r| r.metrics.sequential_tokens as f64)
-            .sum::<f64>()
-            / n,
+        total_tokens: mean(&|r| r.metrics.total_tokens as f64),
+        sequential_tokens: mean(&|r| r.metrics.sequential_tokens as f64),
         ..GrpoMetrics::default()
     }
 }

@@ -1,11 +1,20 @@
 //! Trainers: supervised fine-tuning on solver traces and end-to-end GRPO over parent and child
 //! threads (spec §4.3, §5), and the evaluation harness both use.
+//!
+//! Trainers hold no tensor code: they compute each loss's derivative with respect to per-token
+//! log-probabilities and hand it to an [`apr_model::learner::Learner`]. One loop
+//! ([`train_loop`]) owns `metrics.jsonl` and the checkpoint cadence for both.
 #![warn(missing_docs)]
 
+pub mod error;
 pub mod eval;
 pub mod grpo;
 pub mod metrics_log;
-pub mod optim;
+pub mod recipe;
 pub mod run_dir;
 pub mod schedule;
 pub mod sft;
+pub mod train_loop;
+
+pub use apr_model::optim;
+pub use error::TrainError;

@@ -7,7 +7,7 @@ use std::path::Path;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 
-use crate::sft::TrainError;
+use crate::error::TrainError;
 
 /// An open `metrics.jsonl` that continues a run from step `from` (lines of later steps, written
 /// after the checkpoint the run resumes from, are removed first).
@@ -20,7 +20,7 @@ impl MetricsLog {
     /// Opens `dir/metrics.jsonl` for a run at step `from`.
     pub fn open(dir: &Path, from: usize) -> Result<Self, TrainError> {
         let path = dir.join("metrics.jsonl");
-        let err = |e: std::io::Error| TrainError::Other(format!("{}: {e}", path.display()));
+        let err = |e: std::io::Error| TrainError::file(&path, e);
         if path.exists() {
             let text = std::fs::read_to_string(&path).map_err(err)?;
             let kept: String = text
@@ -42,9 +42,8 @@ impl MetricsLog {
 
     /// Appends one step's metrics.
     pub fn write<M: Serialize>(&mut self, metrics: &M) -> Result<(), TrainError> {
-        let line = serde_json::to_string(metrics).map_err(|e| TrainError::Other(e.to_string()))?;
-        writeln!(self.file, "{line}")
-            .map_err(|e| TrainError::Other(format!("{}: {e}", self.path.display())))
+        let line = serde_json::to_string(metrics).map_err(|e| TrainError::file(&self.path, e))?;
+        writeln!(self.file, "{line}").map_err(|e| TrainError::file(&self.path, e))
     }
 }
 
@@ -54,13 +53,12 @@ pub fn read<M: DeserializeOwned>(dir: &Path) -> Result<Vec<M>, TrainError> {
     if !path.exists() {
         return Ok(Vec::new());
     }
-    let text = std::fs::read_to_string(&path)
-        .map_err(|e| TrainError::Other(format!("{}: {e}", path.display())))?;
+    let text = std::fs::read_to_string(&path).map_err(|e| TrainError::file(&path, e))?;
     text.lines()
         .enumerate()
         .map(|(i, line)| {
             serde_json::from_str(line)
-                .map_err(|e| TrainError::Other(format!("{}:{}: {e}", path.display(), i + 1)))
+                .map_err(|e| TrainError::file(&path, format!("line {}: {e}", i + 1)))
         })
         .collect()
 }

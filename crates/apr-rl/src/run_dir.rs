@@ -7,7 +7,7 @@ use std::path::{Path, PathBuf};
 use apr_model::checkpoint;
 use serde_json::Value;
 
-use crate::sft::TrainError;
+use crate::error::TrainError;
 
 /// The files (and directories) a run writes into its directory.
 pub const RUN_FILES: &[&str] = &[
@@ -35,7 +35,7 @@ pub enum Start {
 }
 
 fn err(path: &Path, msg: impl std::fmt::Display) -> TrainError {
-    TrainError::Other(format!("{}: {msg}", path.display()))
+    TrainError::file(path, msg)
 }
 
 /// Prepares `out` for a run as `start` says and returns whether a checkpoint is there to

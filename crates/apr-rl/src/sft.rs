@@ -1,6 +1,10 @@
 //! Supervised fine-tuning on solver traces (spec §4.3): `BOS + text + EOS`, loss on every
 //! non-pad token (optionally not on the prompt), length-bucketed micro-batches, AdamW with
-//! warmup-cosine and clipping, accumulation, seeded order, atomic checkpoints, exact resume.
+//! warmup-cosine and clipping, accumulation, seeded order, atomic checkpoints, exact resume —
+//! on either learner, and a run saved by one resumes on the other.
+//!
+//! The loss is the mean negative log-likelihood of the trained targets, so its derivative with
+//! respect to each target's log-probability is `−1 / n`: that is all the learner is given.
 
 use std::ops::Range;
 use std::path::{Path, PathBuf};
@@ -8,16 +12,18 @@ use std::time::Instant;
 
 use apr_countdown::pyrand::{derive_seed, PyRandom};
 use apr_countdown::sft::{LossPlacement, SftSequence};
-use apr_model::burn::tensor::activation::log_softmax;
-use apr_model::burn::tensor::{Device, Int, Tensor, TensorData};
+use apr_model::burn::tensor::Device;
 use apr_model::checkpoint::{self, CheckpointMeta};
-use apr_model::native::{NativeModel, PackedBatch};
-use apr_model::{AprTokenizer, Model, ModelConfig, Weights};
+use apr_model::learner::{new_learner, Learner};
+use apr_model::native::PackedBatch;
+use apr_model::optim::AdamWConfig;
+use apr_model::{AprTokenizer, ModelConfig, Weights};
 use serde::{Deserialize, Serialize};
 
-use crate::metrics_log::MetricsLog;
-use crate::optim::{AdamW, AdamWConfig, FlatAdamW};
+pub use crate::error::TrainError;
 use crate::schedule::WarmupCosine;
+use crate::train_loop::{self, Trainer};
+pub use apr_model::learner::LearnerKind;
 
 /// One tokenized training sequence.
 #[derive(Clone, Debug, PartialEq)]
@@ -87,6 +93,15 @@ pub fn tokenize(
         .collect()
 }
 
+/// Splits the last 2% of `examples` off (at least one, never all of them) for the validation
+/// loss.
+pub fn split_validation(examples: &mut Vec<Example>) -> Vec<Example> {
+    let n = (examples.len() / 50)
+        .max(1)
+        .min(examples.len().saturating_sub(1));
+    examples.split_off(examples.len() - n)
+}
+
 /// Micro-batches of example indices for one epoch: a seeded shuffle, then windows of examples
 /// sorted by length and packed while `rows × longest ≤ batch_tokens`, then the batches shuffled.
 pub fn epoch_batches(
@@ -121,54 +136,6 @@ pub fn epoch_batches(
     batches
 }
 
-/// Pads a batch: `(inputs [b, L], targets [b, L], mask [b, L])`, L = longest − 1.
-pub fn pad_batch(
-    examples: &[&Example],
-    pad: u32,
-    device: &Device,
-) -> (Tensor<2, Int>, Tensor<2, Int>, Tensor<2>) {
-    let b = examples.len();
-    let l = examples
-        .iter()
-        .map(|e| e.tokens.len())
-        .max()
-        .unwrap_or(2)
-        .max(2)
-        - 1;
-    let mut inputs = Vec::with_capacity(b * l);
-    let mut targets = Vec::with_capacity(b * l);
-    let mut mask = Vec::with_capacity(b * l);
-    for e in examples {
-        for i in 0..l {
-            inputs.push(e.tokens.get(i).copied().unwrap_or(pad) as i64);
-            let target = e.tokens.get(i + 1).copied();
-            targets.push(target.unwrap_or(pad) as i64);
-            mask.push(e.trains(i + 1) as u8 as f32);
-        }
-    }
-    (
-        Tensor::from_data(TensorData::new(inputs, [b, l]), device),
-        Tensor::from_data(TensorData::new(targets, [b, l]), device),
-        Tensor::from_data(TensorData::new(mask, [b, l]), device),
-    )
-}
-
-/// Mean negative log-likelihood of the masked targets.
-pub fn masked_nll(
-    model: &Model,
-    inputs: Tensor<2, Int>,
-    targets: Tensor<2, Int>,
-    mask: Tensor<2>,
-) -> Tensor<1> {
-    let logits = model.forward(inputs);
-    let [b, l, _] = logits.dims();
-    let logp = log_softmax(logits, 2)
-        .gather(2, targets.reshape([b, l, 1]))
-        .reshape([b, l]);
-    let count = mask.clone().sum().clamp_min(1.0);
-    -(logp * mask).sum() / count
-}
-
 /// SFT settings.
 #[derive(Clone, Debug, Serialize, Deserialize)]
 pub struct SftConfig {
@@ -197,56 +164,6 @@ pub struct SftConfig {
     /// What computes the gradients.
     #[serde(default)]
     pub learner: LearnerKind,
-}
-
-/// What computes the gradients of a training step.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum LearnerKind {
-    /// The hand-differentiated CPU model ([`apr_model::native`]): packed batches, no padding.
-    #[default]
-    Native,
-    /// burn's autodiff on the trainer's device (any backend).
-    Burn,
-}
-
-impl LearnerKind {
-    /// The faster learner for a device: native on the CPU backend, burn autodiff on a GPU.
-    pub fn for_device(device: &Device) -> Self {
-        if apr_model::backend::is_cpu(device) {
-            LearnerKind::Native
-        } else {
-            LearnerKind::Burn
-        }
-    }
-}
-
-impl std::str::FromStr for LearnerKind {
-    type Err = String;
-    fn from_str(s: &str) -> Result<Self, String> {
-        match s {
-            "native" => Ok(LearnerKind::Native),
-            "burn" => Ok(LearnerKind::Burn),
-            other => Err(format!(
-                "unknown learner {other:?} (expected native or burn)"
-            )),
-        }
-    }
-}
-
-/// The model being trained and its optimizer.
-// One per trainer: the variants' size difference does not matter.
-#[allow(clippy::large_enum_variant)]
-enum Learner {
-    Burn {
-        model: Model,
-        optim: AdamW,
-    },
-    Native {
-        model: NativeModel,
-        optim: FlatAdamW,
-        grads: Vec<f32>,
-    },
 }
 
 /// One line of `metrics.jsonl`.
@@ -291,27 +208,14 @@ pub struct SftTrainer {
     pub config: SftConfig,
     /// Tokenizer.
     pub tokenizer: AprTokenizer,
-    model_config: ModelConfig,
-    learner: Learner,
+    learner: Box<dyn Learner>,
     schedule: WarmupCosine,
     examples: Vec<Example>,
     val: Vec<Example>,
     state: TrainState,
     out: PathBuf,
-    device: Device,
     /// Batches of the current epoch, cached.
     epoch_cache: Option<(u64, Vec<Vec<usize>>)>,
-}
-
-/// Failure of a training run.
-#[derive(Debug, thiserror::Error)]
-pub enum TrainError {
-    /// Checkpoint I/O.
-    #[error(transparent)]
-    Checkpoint(#[from] checkpoint::CheckpointError),
-    /// Anything else (with its own message).
-    #[error("{0}")]
-    Other(String),
 }
 
 impl SftTrainer {
@@ -334,68 +238,40 @@ impl SftTrainer {
         checkpoint::recover(&ckpt_dir)?;
         let (model_config, weights) = if resume && ckpt_dir.exists() {
             let ck = checkpoint::load(&ckpt_dir)?;
-            let text = std::fs::read_to_string(ckpt_dir.join("train_state.json"))
-                .map_err(|e| TrainError::Other(format!("{}: {e}", ckpt_dir.display())))?;
-            state = serde_json::from_str(&text).map_err(|e| {
-                TrainError::Other(format!(
-                    "{}: {e}",
-                    ckpt_dir.join("train_state.json").display()
-                ))
-            })?;
+            let path = ckpt_dir.join("train_state.json");
+            let text = std::fs::read_to_string(&path).map_err(|e| TrainError::file(&path, e))?;
+            state = serde_json::from_str(&text).map_err(|e| TrainError::file(&path, e))?;
             (ck.meta.model, ck.weights)
         } else {
             (model_config, init)
         };
-        let saved_optimizer =
-            || checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"));
-        let learner = match config.learner {
-            LearnerKind::Burn => {
-                let model = Model::new(model_config.clone(), &weights, &device.clone().autodiff())
-                    .map_err(|e| TrainError::Other(e.to_string()))?;
-                let mut optim = AdamW::new(config.adamw);
-                if state.step > 0 {
-                    optim
-                        .restore(&model.llama, device, state.step as u64, &saved_optimizer()?)
-                        .map_err(TrainError::Other)?;
-                }
-                Learner::Burn { model, optim }
-            }
-            LearnerKind::Native => {
-                let model = NativeModel::from_weights(&model_config, &weights)
-                    .map_err(|e| TrainError::Other(e.to_string()))?;
-                let mut optim = FlatAdamW::new(config.adamw, model.num_params());
-                if state.step > 0 {
-                    optim
-                        .restore_named(&model, state.step as u64, &saved_optimizer()?)
-                        .map_err(|e| TrainError::Other(format!("{}: {e}", ckpt_dir.display())))?;
-                }
-                let grads = vec![0.0; model.num_params()];
-                Learner::Native {
-                    model,
-                    optim,
-                    grads,
-                }
-            }
-        };
+        let mut learner = new_learner(
+            config.learner,
+            &model_config,
+            &weights,
+            config.adamw,
+            device,
+        )?;
+        if state.step > 0 {
+            let saved = checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"))?;
+            learner.restore_optimizer(state.step as u64, &saved)?;
+        }
         let schedule = WarmupCosine {
             peak: config.peak_lr,
             min: config.min_lr,
             warmup: config.warmup,
             total: config.steps,
         };
-        std::fs::create_dir_all(out)
-            .map_err(|e| TrainError::Other(format!("{}: {e}", out.display())))?;
+        std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
         Ok(SftTrainer {
             config,
             tokenizer,
-            model_config,
             learner,
             schedule,
             examples,
             val,
             state,
             out: out.to_owned(),
-            device: device.clone(),
             epoch_cache: None,
         })
     }
@@ -431,95 +307,53 @@ impl SftTrainer {
         }
     }
 
+    /// Which learner computes the gradients.
+    pub fn learner(&self) -> LearnerKind {
+        self.learner.kind()
+    }
+
     /// One optimizer step over `accum` micro-batches.
     pub fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
         let start = Instant::now();
         let accum = self.config.accum.max(1);
-        let mut loss_sum = 0.0;
-        let (mut tokens, mut trained_tokens) = (0.0, 0.0);
+        let step = self.state.step + 1;
+        let (mut loss_sum, mut tokens, mut trained_tokens) = (0.0, 0.0, 0.0);
         for _ in 0..accum {
             let idx = self.batch(self.state.batches_consumed);
             self.state.batches_consumed += 1;
             if idx.is_empty() {
-                return Err(TrainError::Other("no training examples".into()));
+                return Err(TrainError::NoExamples);
             }
             let batch: Vec<&Example> = idx.iter().map(|&i| &self.examples[i]).collect();
             tokens += batch
                 .iter()
                 .map(|e| e.tokens.len().saturating_sub(1))
                 .sum::<usize>() as f64;
-            let (loss, n) = match &mut self.learner {
-                Learner::Burn { model, optim } => {
-                    let device = model.rope_device();
-                    let (inputs, targets, mask) =
-                        pad_batch(&batch, self.tokenizer.pad_id(), &device);
-                    let n = scalar(mask.clone().sum());
-                    let loss = masked_nll(model, inputs, targets, mask);
-                    let value = scalar(loss.clone());
-                    if value.is_finite() {
-                        optim.accumulate(&model.llama, &loss.backward());
-                    }
-                    (value, n)
-                }
-                Learner::Native { model, grads, .. } => {
-                    let (packed, weights) = pack(&batch);
-                    let n = weights.iter().filter(|&&w| w > 0.0).count() as f64;
-                    let fwd = model
-                        .forward(&packed)
-                        .map_err(|e| TrainError::Other(e.to_string()))?;
-                    let scale = 1.0 / n.max(1.0);
-                    let value = -fwd
-                        .logprobs
-                        .iter()
-                        .zip(&weights)
-                        .map(|(&lp, &w)| lp as f64 * w as f64)
-                        .sum::<f64>()
-                        * scale;
-                    let dlogp: Vec<f32> = weights.iter().map(|&w| -w * scale as f32).collect();
-                    if value.is_finite() {
-                        model.backward(fwd, &dlogp, grads);
-                    }
-                    (value, n)
-                }
-            };
+            let (packed, weights) = pack(&batch);
+            let logprobs = self.learner.forward(&packed)?;
+            let (loss, n) = mean_nll(&logprobs, &weights);
             if !loss.is_finite() {
-                return Err(TrainError::Other(format!(
-                    "non-finite loss ({loss}) at step {}",
-                    self.state.step + 1
-                )));
+                return Err(TrainError::NonFiniteLoss {
+                    trainer: "SFT",
+                    step,
+                    loss,
+                });
             }
+            let scale = (1.0 / n.max(1.0)) as f32;
+            let dlogp: Vec<f32> = weights.iter().map(|&w| -w * scale).collect();
+            self.learner.backward(&dlogp)?;
             loss_sum += loss;
             trained_tokens += n;
         }
         let lr = self.schedule.lr(self.state.step);
-        let step = self.state.step + 1;
-        let norm = match &mut self.learner {
-            Learner::Burn { model, optim } => {
-                // Parameters are reference-counted tensors: the clone is cheap and is replaced.
-                match optim.step(model.llama.clone(), lr) {
-                    Ok((llama, norm)) => {
-                        model.llama = llama;
-                        Ok(norm)
-                    }
-                    Err((llama, e)) => {
-                        model.llama = llama;
-                        Err(e)
-                    }
-                }
-            }
-            Learner::Native {
-                model,
-                optim,
-                grads,
-            } => {
-                let inv = 1.0 / accum as f32;
-                grads.iter_mut().for_each(|g| *g *= inv);
-                let result = optim.step(&mut model.params, grads, lr);
-                grads.fill(0.0);
-                result
-            }
-        }
-        .map_err(|e| TrainError::Other(format!("step {step}: {e}")))?;
+        let norm = self
+            .learner
+            .step(lr, accum)
+            .map_err(|source| TrainError::Update {
+                trainer: "SFT",
+                step,
+                source,
+            })?;
         self.state.step = step;
         Ok(StepMetrics {
             step,
@@ -536,21 +370,7 @@ impl SftTrainer {
 
     /// The current weights.
     pub fn weights(&self) -> Weights {
-        match &self.learner {
-            Learner::Burn { model, .. } => model.llama.to_weights(),
-            Learner::Native { model, .. } => model.to_weights(),
-        }
-    }
-
-    /// The current model for inference, on the trainer's (non-autodiff) device.
-    pub fn inference_model(&self) -> Model {
-        match &self.learner {
-            Learner::Burn { model, .. } => model.valid(),
-            Learner::Native { model, .. } => {
-                Model::new(self.model_config.clone(), &model.to_weights(), &self.device)
-                    .expect("native weights have the configuration's shapes")
-            }
-        }
+        self.learner.weights()
     }
 
     /// Mean loss over the validation examples (no gradients).
@@ -558,15 +378,16 @@ impl SftTrainer {
         if self.val.is_empty() {
             return f64::NAN;
         }
-        let model = self.inference_model();
         let lengths: Vec<usize> = self.val.iter().map(|e| e.tokens.len()).collect();
         let batches = epoch_batches(&lengths, self.config.batch_tokens, 0, 0);
         let (mut sum, mut count) = (0.0, 0.0);
         for idx in batches {
             let batch: Vec<&Example> = idx.iter().map(|&i| &self.val[i]).collect();
-            let (inputs, targets, mask) = pad_batch(&batch, self.tokenizer.pad_id(), &self.device);
-            let n = scalar(mask.clone().sum());
-            let loss = scalar(masked_nll(&model, inputs, targets, mask));
+            let (packed, weights) = pack(&batch);
+            let Ok(logprobs) = self.learner.score(&packed) else {
+                return f64::NAN;
+            };
+            let (loss, n) = mean_nll(&logprobs, &weights);
             sum += loss * n;
             count += n;
         }
@@ -576,14 +397,12 @@ impl SftTrainer {
     /// Writes the checkpoint (weights, tokenizer, optimizer state, data cursor) atomically.
     pub fn save(&self, info: serde_json::Value) -> Result<PathBuf, TrainError> {
         let dir = self.out.join("checkpoint");
-        let opt = match &self.learner {
-            Learner::Burn { optim, .. } => optim.state().1,
-            Learner::Native { model, optim, .. } => optim.named_state(model),
-        };
-        let opt_bytes = checkpoint::safetensors_bytes(&opt).map_err(TrainError::Other)?;
+        let (_, opt) = self.learner.optimizer_state();
+        let opt_bytes =
+            checkpoint::safetensors_bytes(&opt).map_err(|e| TrainError::file(&dir, e))?;
         let state = serde_json::to_vec_pretty(&self.state).unwrap_or_default();
         let meta = CheckpointMeta {
-            model: self.model_config.clone(),
+            model: self.learner.config().clone(),
             info,
         };
         checkpoint::save(
@@ -629,8 +448,12 @@ impl SftTrainer {
             slots: val.slots,
             seed: 0,
         };
-        let (_, summary) = crate::eval::evaluate(
-            &self.inference_model(),
+        let context = val.context.min(self.learner.config().max_seq_len);
+        let mut decoder = self
+            .learner
+            .decoder(val.slots.max(1), context, self.tokenizer.pad_id());
+        let (_, summary) = crate::eval::evaluate_on(
+            decoder.as_mut(),
             &self.tokenizer,
             &val.problems,
             &config,
@@ -648,34 +471,65 @@ impl SftTrainer {
         val: Option<&ValProblems>,
         progress: &mut dyn FnMut(&StepMetrics),
     ) -> Result<Vec<StepMetrics>, TrainError> {
-        let mut log = MetricsLog::open(&self.out, self.state.step)?;
-        let mut all = Vec::new();
-        while self.state.step < self.config.steps {
-            let mut m = self.train_step()?;
-            let step = m.step;
-            if self.config.eval_every > 0
-                && (step.is_multiple_of(self.config.eval_every) || step == self.config.steps)
-            {
-                m.val_loss = Some(self.val_loss()).filter(|v| v.is_finite());
-                if let Some(v) = val {
-                    m.val_accuracy = Some(self.val_accuracy(v));
-                }
-            }
-            log.write(&m)?;
-            progress(&m);
-            if step.is_multiple_of(self.config.checkpoint_every.max(1)) || step == self.config.steps
-            {
-                self.save(serde_json::json!({"step": step, "trainer": "sft"}))?;
-            }
-            all.push(m);
-        }
-        Ok(all)
+        train_loop::run(&mut SftRun { trainer: self, val }, progress)
     }
 }
 
-/// The value of a one-element tensor (NaN if it has none).
-fn scalar(t: Tensor<1>) -> f64 {
-    t.into_data().iter::<f64>().next().unwrap_or(f64::NAN)
+/// An SFT run as the shared loop drives it: a step, then the held-out measurements it is due.
+struct SftRun<'a> {
+    trainer: &'a mut SftTrainer,
+    val: Option<&'a ValProblems>,
+}
+
+impl Trainer for SftRun<'_> {
+    type Metrics = StepMetrics;
+
+    fn steps_done(&self) -> usize {
+        self.trainer.state.step
+    }
+
+    fn steps(&self) -> usize {
+        self.trainer.config.steps
+    }
+
+    fn checkpoint_every(&self) -> usize {
+        self.trainer.config.checkpoint_every
+    }
+
+    fn out_dir(&self) -> &Path {
+        &self.trainer.out
+    }
+
+    fn train_step(&mut self) -> Result<StepMetrics, TrainError> {
+        let mut m = self.trainer.train_step()?;
+        let c = &self.trainer.config;
+        if c.eval_every > 0 && (m.step.is_multiple_of(c.eval_every) || m.step == c.steps) {
+            m.val_loss = Some(self.trainer.val_loss()).filter(|v| v.is_finite());
+            if let Some(v) = self.val {
+                m.val_accuracy = Some(self.trainer.val_accuracy(v));
+            }
+        }
+        Ok(m)
+    }
+
+    fn checkpoint(&mut self) -> Result<(), TrainError> {
+        let step = self.trainer.state.step;
+        self.trainer
+            .save(serde_json::json!({"step": step, "trainer": "sft"}))
+            .map(drop)
+    }
+}
+
+/// Mean negative log-likelihood of the positions with weight 1, and how many there are.
+fn mean_nll(logprobs: &[f32], weights: &[f32]) -> (f64, f64) {
+    let n = weights.iter().filter(|&&w| w > 0.0).count() as f64;
+    let sum: f64 = logprobs
+        .iter()
+        .zip(weights)
+        .map(|(&lp, &w)| lp as f64 * w as f64)
+        .sum();
+    // Times the reciprocal, as the gradient's scale is formed.
+    (-sum * (1.0 / n.max(1.0)), n)
 }
 
 /// Packs examples end to end with a loss weight (0 or 1) per position.

@@ -51,6 +51,49 @@ fn config(steps: usize, learner: LearnerKind) -> SftConfig {
     }
 }
 
+/// The tiny model, its initial weights and the APR examples every trainer here starts from.
+struct Setup {
+    tok: AprTokenizer,
+    examples: Vec<Example>,
+    model_config: ModelConfig,
+    init: apr_model::Weights,
+    dir: tempfile::TempDir,
+}
+
+impl Setup {
+    fn new() -> Self {
+        let tok = AprTokenizer::domain();
+        let model_config = ModelConfig {
+            max_seq_len: 512,
+            ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
+        };
+        Setup {
+            examples: data(&tok),
+            init: init_weights(&model_config, 3),
+            model_config,
+            tok,
+            dir: tempfile::tempdir().unwrap(),
+        }
+    }
+
+    /// A trainer of `steps` steps on `learner` in the run directory `name` (continued there when
+    /// `resume` and it holds a checkpoint).
+    fn trainer(&self, steps: usize, learner: LearnerKind, name: &str, resume: bool) -> SftTrainer {
+        SftTrainer::new(
+            config(steps, learner),
+            self.model_config.clone(),
+            self.init.clone(),
+            self.tok.clone(),
+            self.examples.clone(),
+            vec![],
+            &self.dir.path().join(name),
+            &Backend::Cpu.device(0).unwrap(),
+            resume,
+        )
+        .unwrap()
+    }
+}
+
 #[test]
 fn native_loss_falls_and_resume_is_bit_identical() {
     loss_falls_and_resume_is_bit_identical(LearnerKind::Native);
@@ -63,28 +106,9 @@ fn burn_loss_falls_and_resume_is_bit_identical() {
 
 #[test]
 fn both_learners_take_the_same_first_step() {
-    let tok = AprTokenizer::domain();
-    let examples = data(&tok);
-    let model_config = ModelConfig {
-        max_seq_len: 512,
-        ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
-    };
-    let init = init_weights(&model_config, 3);
-    let device = Backend::Cpu.device(0).unwrap();
-    let dir = tempfile::tempdir().unwrap();
+    let setup = Setup::new();
     let step = |learner: LearnerKind, name: &str| {
-        let mut t = SftTrainer::new(
-            config(1, learner),
-            model_config.clone(),
-            init.clone(),
-            tok.clone(),
-            examples.clone(),
-            vec![],
-            &dir.path().join(name),
-            &device,
-            false,
-        )
-        .unwrap();
+        let mut t = setup.trainer(1, learner, name, false);
         let m = t.train_step().unwrap();
         (m, t.weights())
     };
@@ -117,67 +141,74 @@ fn both_learners_take_the_same_first_step() {
 }
 
 fn loss_falls_and_resume_is_bit_identical(learner: LearnerKind) {
-    let tok = AprTokenizer::domain();
-    let examples = data(&tok);
-    let model_config = ModelConfig {
-        max_seq_len: 512,
-        ..ModelConfig::preset(Preset::Tiny, tok.vocab_size())
-    };
-    let init = init_weights(&model_config, 3);
-    let device = Backend::Cpu.device(0).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-
-    let mut straight = SftTrainer::new(
-        config(6, learner),
-        model_config.clone(),
-        init.clone(),
-        tok.clone(),
-        examples.clone(),
-        vec![],
-        &dir.path().join("a"),
-        &device,
-        false,
-    )
-    .unwrap();
+    let setup = Setup::new();
+    let mut straight = setup.trainer(6, learner, "a", false);
     let losses: Vec<f64> = (0..6)
         .map(|_| straight.train_step().unwrap().loss)
         .collect();
     assert!(losses[5] < losses[0] * 0.9, "loss should fall: {losses:?}");
 
-    let b = dir.path().join("b");
-    let mut first = SftTrainer::new(
-        config(6, learner),
-        model_config.clone(),
-        init.clone(),
-        tok.clone(),
-        examples.clone(),
-        vec![],
-        &b,
-        &device,
-        false,
-    )
-    .unwrap();
+    let mut first = setup.trainer(6, learner, "b", false);
     for _ in 0..3 {
         first.train_step().unwrap();
     }
     first.save(serde_json::json!({})).unwrap();
     drop(first); // the "kill"
-    let mut resumed = SftTrainer::new(
-        config(6, learner),
-        model_config.clone(),
-        init,
-        tok,
-        examples,
-        vec![],
-        &b,
-        &device,
-        true,
-    )
-    .unwrap();
+    let mut resumed = setup.trainer(6, learner, "b", true);
     assert_eq!(resumed.step(), 3);
     let resumed_losses: Vec<f64> = (0..3).map(|_| resumed.train_step().unwrap().loss).collect();
     assert_eq!(resumed_losses, losses[3..].to_vec());
     assert_eq!(resumed.weights(), straight.weights());
+}
+
+/// Largest absolute difference between two weight sets.
+fn max_difference(a: &apr_model::Weights, b: &apr_model::Weights) -> f32 {
+    a.iter()
+        .flat_map(|(name, t)| t.data.iter().zip(&b[name].data).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn a_run_resumes_on_the_other_learner() {
+    // 20 steps on one learner, checkpoint, 20 more on the other: the weights end within the
+    // learners' parity of an uninterrupted run, because the checkpoint carries the optimizer's
+    // moments under HF names that both learners read.
+    let setup = Setup::new();
+    let trainer = |learner, name: &str, resume| setup.trainer(40, learner, name, resume);
+    let straight = |learner: LearnerKind, name: &str| {
+        let mut t = trainer(learner, name, false);
+        t.run(None, &mut |_| {}).unwrap();
+        t.weights()
+    };
+    let native = straight(LearnerKind::Native, "native");
+    let burn = straight(LearnerKind::Burn, "burn");
+    let parity = max_difference(&native, &burn);
+    assert!(
+        parity < 1e-3,
+        "the learners drift apart by {parity} in 40 steps"
+    );
+    for (first, second) in [
+        (LearnerKind::Native, LearnerKind::Burn),
+        (LearnerKind::Burn, LearnerKind::Native),
+    ] {
+        let name = format!("{first:?}-then-{second:?}");
+        let mut t = trainer(first, &name, false);
+        for _ in 0..20 {
+            t.train_step().unwrap();
+        }
+        t.save(serde_json::json!({"step": 20, "trainer": "sft"}))
+            .unwrap();
+        drop(t);
+        let mut t = trainer(second, &name, true);
+        assert_eq!((t.step(), t.learner()), (20, second));
+        t.run(None, &mut |_| {}).unwrap();
+        let weights = t.weights();
+        let off = max_difference(&weights, &native).min(max_difference(&weights, &burn));
+        assert!(
+            off <= parity.max(1e-6) * 2.0,
+            "{name}: {off} from an uninterrupted run (learner parity {parity})"
+        );
+    }
 }
 
 #[test]

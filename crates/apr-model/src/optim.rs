@@ -1,17 +1,25 @@
-//! AdamW with global-norm gradient clipping and gradient accumulation, over any burn module.
+//! AdamW with global-norm gradient clipping and gradient accumulation: [`AdamW`] over any burn
+//! module, [`FlatAdamW`] over the native model's flat parameter vector. Both are the same update
+//! (PyTorch semantics); each [`crate::learner::Learner`] owns one.
 //!
-//! Parameters are addressed by their visiting order, which is fixed by the module's structure,
-//! so the optimizer state can be saved next to the weights and restored bit for bit (burn's own
-//! optimizer records are keyed by run-time parameter ids).
+//! burn parameters are addressed by their visiting order, which is fixed by the module's
+//! structure, so the optimizer state can be saved next to the weights and restored bit for bit
+//! (burn's own optimizer records are keyed by run-time parameter ids).
 
 use std::collections::BTreeMap;
 
-use apr_model::burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
-use apr_model::burn::tensor::Gradients;
-use apr_model::burn::tensor::{Tensor, TensorData};
-use apr_model::native::NativeModel;
-use apr_model::HostTensor;
+use burn::module::{Module, ModuleMapper, ModuleVisitor, Param};
+use burn::tensor::{Device, Gradients, Tensor, TensorData};
 use serde::{Deserialize, Serialize};
+
+use crate::model::HostTensor;
+use crate::native::NativeModel;
+
+/// How a checkpoint names a moment (`m` or `v`) of a parameter: `m.<HF name>`, whichever
+/// optimizer wrote it.
+pub fn moment_name(moment: &str, parameter: &str) -> String {
+    format!("{moment}.{parameter}")
+}
 
 /// AdamW hyper-parameters (PyTorch semantics: decoupled weight decay `p -= lr·wd·p`).
 #[derive(Clone, Copy, Debug, PartialEq, Serialize, Deserialize)]
@@ -140,13 +148,19 @@ impl AdamW {
         self.acc_count += 1;
     }
 
-    /// Applies one update from the accumulated gradients (averaged over micro-batches) and
-    /// returns the pre-clipping global gradient norm.
-    pub fn step<M: Module>(&mut self, module: M, lr: f64) -> Result<(M, f64), (M, OptimError)> {
+    /// Applies one update from the accumulated gradients divided by `average_over` (the
+    /// micro-batches of a mean; 1 when the loss is a sum over them) and returns the pre-clipping
+    /// global gradient norm.
+    pub fn step<M: Module>(
+        &mut self,
+        module: M,
+        lr: f64,
+        average_over: usize,
+    ) -> Result<(M, f64), (M, OptimError)> {
         if self.acc_count == 0 {
             return Err((module, OptimError::Empty));
         }
-        let scale = 1.0 / self.acc_count as f64;
+        let scale = 1.0 / average_over.max(1) as f64;
         let grads: Vec<Tensor<1>> = std::mem::take(&mut self.acc)
             .into_iter()
             .map(|g| g * scale)
@@ -201,56 +215,51 @@ impl AdamW {
         Ok((module, norm))
     }
 
-    /// The state as named host tensors (`m.i`, `v.i`) plus the step count.
-    pub fn state(&self) -> (u64, BTreeMap<String, HostTensor>) {
-        let mut out = BTreeMap::new();
-        for (name, list) in [("m", &self.m), ("v", &self.v)] {
-            for (i, t) in list.iter().enumerate() {
-                let data: Vec<f32> = t
-                    .clone()
-                    .into_data()
-                    .convert::<f32>()
-                    .try_to_vec()
-                    .unwrap_or_default();
-                out.insert(
-                    format!("{name}.{i:04}"),
-                    HostTensor {
-                        shape: vec![data.len()],
-                        data,
-                    },
-                );
-            }
-        }
-        (self.step, out)
-    }
-
-    /// Restores a state saved by [`AdamW::state`] for `module`'s parameters on its device.
-    pub fn restore<M: Module>(
-        &mut self,
-        module: &M,
-        device: &apr_model::burn::tensor::Device,
-        step: u64,
-        tensors: &BTreeMap<String, HostTensor>,
-    ) -> Result<(), String> {
-        let mut count = Count(0);
-        module.visit(&mut count);
-        let load = |name: &str| -> Result<Vec<Tensor<1>>, String> {
-            (0..count.0)
-                .map(|i| {
-                    let key = format!("{name}.{i:04}");
-                    let t = tensors
-                        .get(&key)
-                        .ok_or_else(|| format!("optimizer state lacks {key}"))?;
-                    Ok(Tensor::from_data(
-                        TensorData::new(t.data.clone(), [t.data.len()]),
-                        device,
-                    ))
+    /// The two moments of every parameter on the host, flat in the module's layout and visiting
+    /// order (empty before the first step), and the step count.
+    pub fn moments(&self) -> (u64, Vec<Vec<f32>>, Vec<Vec<f32>>) {
+        let host = |list: &[Tensor<1>]| -> Vec<Vec<f32>> {
+            list.iter()
+                .map(|t| {
+                    let data = t.clone().into_data().convert::<f32>();
+                    data.try_to_vec().unwrap_or_default()
                 })
                 .collect()
         };
+        (self.step, host(&self.m), host(&self.v))
+    }
+
+    /// Restores moments given as by [`AdamW::moments`] for `module`'s parameters on `device`;
+    /// at step 0 they are ignored (a fresh optimizer).
+    pub fn restore_moments<M: Module>(
+        &mut self,
+        module: &M,
+        device: &Device,
+        step: u64,
+        m: Vec<Vec<f32>>,
+        v: Vec<Vec<f32>>,
+    ) -> Result<(), String> {
+        let mut count = Count(0);
+        module.visit(&mut count);
         if step > 0 {
-            self.m = load("m")?;
-            self.v = load("v")?;
+            if m.len() != count.0 || v.len() != count.0 {
+                return Err(format!(
+                    "optimizer state holds {} and {} moments, the model {} parameters",
+                    m.len(),
+                    v.len(),
+                    count.0
+                ));
+            }
+            let load = |list: Vec<Vec<f32>>| -> Vec<Tensor<1>> {
+                list.into_iter()
+                    .map(|data| {
+                        let n = data.len();
+                        Tensor::from_data(TensorData::new(data, [n]), device)
+                    })
+                    .collect()
+            };
+            self.m = load(m);
+            self.v = load(v);
         }
         self.step = step;
         Ok(())
@@ -354,9 +363,9 @@ impl FlatAdamW {
     /// layout: what a checkpoint's `optimizer.safetensors` holds.
     pub fn named_state(&self, model: &NativeModel) -> BTreeMap<String, HostTensor> {
         let mut out = BTreeMap::new();
-        for (prefix, flat) in [("m.", &self.m), ("v.", &self.v)] {
+        for (moment, flat) in [("m", &self.m), ("v", &self.v)] {
             for (name, t) in model.split(flat) {
-                out.insert(format!("{prefix}{name}"), t);
+                out.insert(moment_name(moment, &name), t);
             }
         }
         out
@@ -369,8 +378,11 @@ impl FlatAdamW {
         step: u64,
         saved: &BTreeMap<String, HostTensor>,
     ) -> Result<(), String> {
-        let moments = model.join(saved, "m.").zip(model.join(saved, "v."));
-        let (m, v) = moments.ok_or("optimizer state was not written by the native learner")?;
+        let prefix = |moment| moment_name(moment, "");
+        let moments = model
+            .join(saved, &prefix("m"))
+            .zip(model.join(saved, &prefix("v")));
+        let (m, v) = moments.ok_or("moments missing or of the wrong size for this model")?;
         self.restore(step, m, v)
     }
 

@@ -1,0 +1,222 @@
+//! Causal attention over packed sequences for training, flash-style: query rows in blocks
+//! that see only the keys up to their last row, each row's log-sum-exp kept so that the backward
+//! pass recomputes probabilities instead of storing them (the tape grows linearly with length).
+//! Tensors are head-major, `[h, n, hd]`; every (head, sequence) is one parallel unit.
+
+use std::ops::Range;
+
+use rayon::prelude::*;
+
+use super::kernels::{exp, matmul, rows, softmax_in_place, split_rows};
+use crate::invariant::dot;
+
+/// Causal attention of every (head, sequence): output `[h, n, hd]` and row log-sum-exps.
+pub(super) fn forward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    bounds: &[usize],
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>) {
+    let n = *bounds.last().unwrap_or(&0);
+    let mut out = vec![0.0; q.len()];
+    let mut lse = vec![0.0; q.len() / hd.max(1)];
+    out.par_chunks_mut(n * hd)
+        .zip(lse.par_chunks_mut(n))
+        .enumerate()
+        .for_each(|(head, (o_plane, l_plane))| {
+            let units: Vec<_> = split_rows(o_plane, bounds, hd)
+                .into_iter()
+                .zip(split_rows(l_plane, bounds, 1))
+                .zip(bounds.windows(2))
+                .collect();
+            units.into_par_iter().for_each(|((o, l), w)| {
+                Unit::at(q, k, v, span(head, n, hd, w), hd).forward(o, l);
+            });
+        });
+    (out, lse)
+}
+
+/// Gradients of causal attention for every (head, sequence), probabilities recomputed from
+/// the saved log-sum-exps. All tensors head-major.
+#[allow(clippy::too_many_arguments)]
+pub(super) fn backward(
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    o: &[f32],
+    d_o: &[f32],
+    lse: &[f32],
+    bounds: &[usize],
+    hd: usize,
+) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
+    let n = *bounds.last().unwrap_or(&0);
+    let mut dq = vec![0.0; q.len()];
+    let mut dk = vec![0.0; q.len()];
+    let mut dv = vec![0.0; q.len()];
+    dq.par_chunks_mut(n * hd)
+        .zip(dk.par_chunks_mut(n * hd))
+        .zip(dv.par_chunks_mut(n * hd))
+        .enumerate()
+        .for_each(|(head, ((dq_plane, dk_plane), dv_plane))| {
+            let units: Vec<_> = split_rows(dq_plane, bounds, hd)
+                .into_iter()
+                .zip(split_rows(dk_plane, bounds, hd))
+                .zip(split_rows(dv_plane, bounds, hd))
+                .zip(bounds.windows(2))
+                .collect();
+            units.into_par_iter().for_each(|(((dq, dk), dv), w)| {
+                let part = span(head, n, hd, w);
+                let unit = Unit::at(q, k, v, part.clone(), hd);
+                let grads = UnitGrads { dq, dk, dv };
+                let lse = &lse[head * n + w[0]..head * n + w[1]];
+                unit.backward(&o[part.clone()], &d_o[part], lse, grads);
+            });
+        });
+    (dq, dk, dv)
+}
+
+/// Where head `head`'s rows of the sequence at packed positions `w[0]..w[1]` sit in a
+/// head-major `[h, n, hd]` tensor.
+fn span(head: usize, n: usize, hd: usize, w: &[usize]) -> Range<usize> {
+    head * n * hd + w[0] * hd..head * n * hd + w[1] * hd
+}
+
+/// Query rows handled together: each block attends only to the keys up to its last row, so the
+/// masked half of the score matrix is (mostly) never computed.
+const QUERY_BLOCK: usize = 64;
+
+/// One head of one sequence: `[t, hd]` queries, keys and values.
+struct Unit<'a> {
+    q: &'a [f32],
+    k: &'a [f32],
+    v: &'a [f32],
+    hd: usize,
+}
+
+/// Where [`Unit::backward`] writes (`dk`, `dv` accumulate over query blocks; all start at 0).
+struct UnitGrads<'a> {
+    dq: &'a mut [f32],
+    dk: &'a mut [f32],
+    dv: &'a mut [f32],
+}
+
+impl<'a> Unit<'a> {
+    /// The unit at `part` of head-major `q`, `k`, `v` (see [`span`]).
+    fn at(q: &'a [f32], k: &'a [f32], v: &'a [f32], part: Range<usize>, hd: usize) -> Self {
+        Unit {
+            q: &q[part.clone()],
+            k: &k[part.clone()],
+            v: &v[part],
+            hd,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.q.len() / self.hd
+    }
+
+    /// Probabilities of query rows `i0..i1` over keys `0..i1` (`[i1 − i0, i1]`): softmax of the
+    /// scaled scores, from the row log-sum-exps when given, else computing them into `lse`.
+    fn probs(&self, i0: usize, i1: usize, lse: Result<&[f32], &mut [f32]>) -> Vec<f32> {
+        let hd = self.hd;
+        let scale = 1.0 / (hd as f32).sqrt();
+        let mut p = vec![0.0; (i1 - i0) * i1];
+        let queries = rows(&self.q[i0 * hd..i1 * hd], i1 - i0, hd);
+        matmul(
+            &mut p,
+            false,
+            queries,
+            rows(&self.k[..i1 * hd], i1, hd).t(),
+            scale,
+            false,
+        );
+        let mut lse = lse;
+        for (r, row) in p.chunks_mut(i1).enumerate() {
+            let visible = i0 + r + 1;
+            match &mut lse {
+                Ok(saved) => {
+                    let log_norm = saved[i0 + r];
+                    for z in &mut row[..visible] {
+                        *z = exp(*z - log_norm);
+                    }
+                }
+                Err(out) => out[i0 + r] = softmax_in_place(&mut row[..visible]),
+            }
+            row[visible..].fill(0.0);
+        }
+        p
+    }
+
+    /// `out = softmax(q kᵀ / √hd, causal) v` and the row log-sum-exps.
+    fn forward(&self, out: &mut [f32], lse: &mut [f32]) {
+        let (t, hd) = (self.len(), self.hd);
+        for i0 in (0..t).step_by(QUERY_BLOCK) {
+            let i1 = (i0 + QUERY_BLOCK).min(t);
+            let p = self.probs(i0, i1, Err(&mut *lse));
+            let values = rows(&self.v[..i1 * hd], i1, hd);
+            matmul(
+                &mut out[i0 * hd..i1 * hd],
+                false,
+                rows(&p, i1 - i0, i1),
+                values,
+                1.0,
+                false,
+            );
+        }
+    }
+
+    /// Gradients given the output `o`, its gradient `d_o` and the saved log-sum-exps.
+    fn backward(&self, o: &[f32], d_o: &[f32], lse: &[f32], g: UnitGrads) {
+        let (t, hd) = (self.len(), self.hd);
+        let scale = 1.0 / (hd as f32).sqrt();
+        for i0 in (0..t).step_by(QUERY_BLOCK) {
+            let i1 = (i0 + QUERY_BLOCK).min(t);
+            let b = i1 - i0;
+            let p = self.probs(i0, i1, Ok(lse));
+            let d_out = rows(&d_o[i0 * hd..i1 * hd], b, hd);
+            matmul(
+                &mut g.dv[..i1 * hd],
+                true,
+                rows(&p, b, i1).t(),
+                d_out,
+                1.0,
+                false,
+            );
+            let mut ds = vec![0.0; b * i1];
+            matmul(
+                &mut ds,
+                false,
+                d_out,
+                rows(&self.v[..i1 * hd], i1, hd).t(),
+                1.0,
+                false,
+            );
+            for (r, (drow, prow)) in ds.chunks_mut(i1).zip(p.chunks(i1)).enumerate() {
+                let i = i0 + r;
+                let delta = dot(&d_o[i * hd..][..hd], &o[i * hd..][..hd]);
+                for (dz, &pz) in drow.iter_mut().zip(prow) {
+                    *dz = pz * (*dz - delta);
+                }
+            }
+            let keys = rows(&self.k[..i1 * hd], i1, hd);
+            matmul(
+                &mut g.dq[i0 * hd..i1 * hd],
+                false,
+                rows(&ds, b, i1),
+                keys,
+                scale,
+                false,
+            );
+            let queries = rows(&self.q[i0 * hd..i1 * hd], b, hd);
+            matmul(
+                &mut g.dk[..i1 * hd],
+                true,
+                rows(&ds, b, i1).t(),
+                queries,
+                scale,
+                false,
+            );
+        }
+    }
+}

@@ -1,0 +1,96 @@
+//! One decoder block on the host, written once for training and for the engine:
+//! RMSNorm → q, k, v → causal attention → output projection → residual; RMSNorm → SwiGLU →
+//! residual. The two differ only in their [`BlockOps`]: training runs `gemm` and flash attention
+//! over packed sequences and keeps a tape; the engine runs the batch-invariant kernels and
+//! attends over each slot's KV cache.
+
+use rayon::prelude::*;
+
+use super::kernels::{rms_forward, silu};
+use super::layout::BlockOffsets;
+use crate::config::ModelConfig;
+
+/// The kernels a block runs on.
+pub(super) trait BlockOps {
+    /// What attention keeps for a backward pass (nothing, for the engine).
+    type Saved;
+
+    /// `out = x · Wᵀ` (or `+=` when `accumulate`) for the `[w.len() / in_dim, in_dim]` weight.
+    fn linear(&self, out: &mut [f32], accumulate: bool, x: &[f32], w: &[f32], in_dim: usize);
+
+    /// Causal attention of the block's `[n, d]` queries, keys and values (before RoPE):
+    /// `[n, d]` rows, heads merged.
+    fn attention(&mut self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> (Vec<f32>, Self::Saved);
+}
+
+/// A block's activations, as its backward pass reads them.
+pub(super) struct BlockActs {
+    /// Input rows.
+    pub(super) x: Vec<f32>,
+    pub(super) inv_rms1: Vec<f32>,
+    pub(super) xn1: Vec<f32>,
+    /// Attention output, heads merged: `[n, d]`.
+    pub(super) att: Vec<f32>,
+    /// After the attention residual.
+    pub(super) x_mid: Vec<f32>,
+    pub(super) inv_rms2: Vec<f32>,
+    pub(super) xn2: Vec<f32>,
+    pub(super) gate: Vec<f32>,
+    pub(super) up: Vec<f32>,
+    /// `silu(gate) · up`.
+    pub(super) hidden: Vec<f32>,
+}
+
+/// Block `o` of the model with flat parameters `params` on the rows `x`: the next rows, the
+/// activations, and what attention kept.
+pub(super) fn block_forward<O: BlockOps>(
+    c: &ModelConfig,
+    params: &[f32],
+    o: &BlockOffsets,
+    x: Vec<f32>,
+    ops: &mut O,
+) -> (Vec<f32>, BlockActs, O::Saved) {
+    let w = move |offset: usize, len: usize| &params[offset..offset + len];
+    let (d, f, eps) = (c.d_model, c.d_ff, c.norm_eps as f32);
+    let n = x.len() / d;
+    let (inv_rms1, xn1) = rms_forward(&x, w(o.attn_norm, d), d, eps);
+    let project = |offset: usize| {
+        let mut out = vec![0.0; n * d];
+        ops.linear(&mut out, false, &xn1, w(offset, d * d), d);
+        out
+    };
+    let (q, k, v) = (project(o.q), project(o.k), project(o.v));
+    let (att, saved) = ops.attention(q, k, v);
+    let mut x_mid = x.clone();
+    ops.linear(&mut x_mid, true, &att, w(o.o, d * d), d);
+
+    let (inv_rms2, xn2) = rms_forward(&x_mid, w(o.mlp_norm, d), d, eps);
+    let mut gate = vec![0.0; n * f];
+    let mut up = vec![0.0; n * f];
+    ops.linear(&mut gate, false, &xn2, w(o.gate, f * d), d);
+    ops.linear(&mut up, false, &xn2, w(o.up, f * d), d);
+    let mut hidden = vec![0.0; n * f];
+    hidden
+        .par_chunks_mut(f)
+        .zip(gate.par_chunks(f).zip(up.par_chunks(f)))
+        .for_each(|(h, (g, u))| {
+            for j in 0..f {
+                h[j] = silu(g[j]) * u[j];
+            }
+        });
+    let mut x_next = x_mid.clone();
+    ops.linear(&mut x_next, true, &hidden, w(o.down, d * f), f);
+    let acts = BlockActs {
+        x,
+        inv_rms1,
+        xn1,
+        att,
+        x_mid,
+        inv_rms2,
+        xn2,
+        gate,
+        up,
+        hidden,
+    };
+    (x_next, acts, saved)
+}

@@ -1,0 +1,375 @@
+//! The host kernels of the native model: a fast `exp`, lane-parallel reductions, RMSNorm and its
+//! backward, RoPE, and strided GEMM through the `gemm` crate. Every reduction has a fixed order,
+//! so results do not depend on the number of threads.
+
+use gemm::{gemm, Parallelism};
+use rayon::prelude::*;
+
+use crate::invariant::dot;
+
+/// Rotates one head (`x: [hd]`, halves rotated as HF's `rotate_half`) in place by RoPE at one
+/// position, whose tables are `cos`, `sin` (`[hd / 2]` each); `inverse` applies the transposed
+/// rotation, the backward pass. The only RoPE on the host: training and the engine share it.
+#[inline(always)]
+pub(super) fn rope_rotate(x: &mut [f32], cos: &[f32], sin: &[f32], inverse: bool) {
+    let half = cos.len();
+    // −sin is exact, so the inverse has the bits of writing `a·cos + b·sin` out.
+    let sign = if inverse { -1.0 } else { 1.0 };
+    for j in 0..half {
+        let (a, b, s) = (x[j], x[j + half], sign * sin[j]);
+        x[j] = a * cos[j] - b * s;
+        x[j + half] = b * cos[j] + a * s;
+    }
+}
+
+pub(super) fn silu(x: f32) -> f32 {
+    x * sigmoid(x)
+}
+
+pub(super) fn sigmoid(x: f32) -> f32 {
+    1.0 / (1.0 + exp(-x))
+}
+
+/// `eˣ` in f32 without a libm call, so that loops over it vectorise (libm's `expf` was an eighth
+/// of a training step, one scalar call per attention score). `x = n·ln 2 + r` with
+/// `|r| ≤ ln 2 / 2`, a degree-6 Taylor polynomial for `eʳ` (relative error below 3·10⁻⁷), and
+/// `2ⁿ` built from its exponent bits. Inputs are clamped to `[−87.3, 88]` (results stay
+/// normal); NaN stays NaN.
+#[inline(always)]
+pub(super) fn exp(x: f32) -> f32 {
+    const LOG2_E: f32 = std::f32::consts::LOG2_E;
+    // ln 2 split so that `n · LN2_HI` is exact for the n that occur.
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    // Adding 1.5 · 2²³ rounds to the nearest integer in the low mantissa bits.
+    const ROUND: f32 = 12_582_912.0;
+    let x = x.clamp(-87.3, 88.0);
+    let shifted = x * LOG2_E + ROUND;
+    let n = shifted - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0 + r * (1.0 / 24.0 + r * (1.0 / 120.0 + r * (1.0 / 720.0))))));
+    let n_int = shifted.to_bits().wrapping_sub(ROUND.to_bits()) as i32;
+    p * f32::from_bits(((n_int + 127) as u32) << 23)
+}
+
+/// Partial results kept per reduction. The compiler may not reassociate f32 sums or maxima, so
+/// a plain `.sum()` adds one element at a time (and a scalar `exp` with it); eight independent
+/// partials vectorise. The order is fixed, so results stay deterministic.
+pub(super) const LANES: usize = 8;
+
+/// Folds `f(x)` of every element into [`LANES`] partials with the associative `combine`, then
+/// combines the partials in order.
+#[inline(always)]
+pub(super) fn reduce_lanes(
+    xs: &[f32],
+    init: f32,
+    f: impl Fn(f32) -> f32,
+    combine: impl Fn(f32, f32) -> f32,
+) -> f32 {
+    let mut acc = [init; LANES];
+    let chunks = xs.chunks_exact(LANES);
+    let tail = chunks.remainder();
+    for chunk in chunks {
+        for (a, &x) in acc.iter_mut().zip(chunk) {
+            *a = combine(*a, f(x));
+        }
+    }
+    for (a, &x) in acc.iter_mut().zip(tail) {
+        *a = combine(*a, f(x));
+    }
+    acc.into_iter().fold(init, combine)
+}
+
+/// The largest element (`−∞` for none; NaN elements are skipped, as by `f32::max`).
+pub(super) fn max_of(xs: &[f32]) -> f32 {
+    reduce_lanes(xs, f32::NEG_INFINITY, |x| x, f32::max)
+}
+
+/// `Σ exp(z − shift)`.
+pub(super) fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
+    reduce_lanes(xs, 0.0, |z| exp(z - shift), |a, b| a + b)
+}
+
+/// In place, the softmax of `row`; returns its log-sum-exp.
+pub(super) fn softmax_in_place(row: &mut [f32]) -> f32 {
+    let max = max_of(row);
+    for z in row.iter_mut() {
+        *z = exp(*z - max);
+    }
+    let sum = reduce_lanes(row, 0.0, |z| z, |a, b| a + b);
+    let inv = 1.0 / sum;
+    for z in row.iter_mut() {
+        *z *= inv;
+    }
+    max + sum.ln()
+}
+
+/// Backward of a linear layer (`y = x · Wᵀ`) to its weight `W` at offset `w` of `grads`: `grads[w] += dyᵀ · x`.
+pub(super) fn weight_grad(
+    grads: &mut [f32],
+    w: usize,
+    dy: &[f32],
+    x: &[f32],
+    out_dim: usize,
+    in_dim: usize,
+) {
+    let n = x.len() / in_dim;
+    matmul(
+        &mut grads[w..][..out_dim * in_dim],
+        true,
+        rows(dy, n, out_dim).t(),
+        rows(x, n, in_dim),
+        1.0,
+        true,
+    );
+}
+
+/// Splits a `[n, width]` buffer into the rows of each sequence.
+pub(super) fn split_rows<'a>(
+    mut buf: &'a mut [f32],
+    bounds: &[usize],
+    width: usize,
+) -> Vec<&'a mut [f32]> {
+    let mut out = Vec::with_capacity(bounds.len().saturating_sub(1));
+    for w in bounds.windows(2) {
+        let (head, tail) = buf.split_at_mut((w[1] - w[0]) * width);
+        out.push(head);
+        buf = tail;
+    }
+    out
+}
+
+/// RMSNorm of every row: `(1 / rms, x / rms · w)`.
+pub(super) fn rms_forward(x: &[f32], w: &[f32], d: usize, eps: f32) -> (Vec<f32>, Vec<f32>) {
+    let n = x.len() / d;
+    let mut inv = vec![0.0; n];
+    let mut y = vec![0.0; n * d];
+    y.par_chunks_mut(d)
+        .zip(inv.par_iter_mut())
+        .zip(x.par_chunks(d))
+        .for_each(|((y, r), x)| {
+            let ms = dot(x, x) / d as f32;
+            *r = 1.0 / (ms + eps).sqrt();
+            for j in 0..d {
+                y[j] = x[j] * *r * w[j];
+            }
+        });
+    (inv, y)
+}
+
+/// Backward of RMSNorm: adds `dx` into `dx_acc` and the weight gradient into `gw`.
+pub(super) fn rms_backward(
+    x: &[f32],
+    inv: &[f32],
+    w: &[f32],
+    dy: &[f32],
+    d: usize,
+    dx_acc: &mut [f32],
+    gw: &mut [f32],
+) {
+    dx_acc
+        .par_chunks_mut(d)
+        .zip(x.par_chunks(d).zip(dy.par_chunks(d)))
+        .zip(inv.par_iter())
+        .for_each(|((dx, (x, dy)), &r)| {
+            let weighted: f32 = (0..d).map(|j| dy[j] * w[j] * x[j]).sum();
+            let c = r * r * r * weighted / d as f32;
+            for j in 0..d {
+                dx[j] += r * w[j] * dy[j] - x[j] * c;
+            }
+        });
+    // Weight gradient: partial sums over fixed blocks of rows, added in block order.
+    const BLOCK: usize = 64;
+    let partials: Vec<Vec<f32>> = x
+        .par_chunks(BLOCK * d)
+        .zip(dy.par_chunks(BLOCK * d))
+        .zip(inv.par_chunks(BLOCK))
+        .map(|((x, dy), inv)| {
+            let mut acc = vec![0.0; d];
+            for ((x, dy), &r) in x.chunks(d).zip(dy.chunks(d)).zip(inv) {
+                for j in 0..d {
+                    acc[j] += dy[j] * x[j] * r;
+                }
+            }
+            acc
+        })
+        .collect();
+    for part in partials {
+        for (g, p) in gw.iter_mut().zip(part) {
+            *g += p;
+        }
+    }
+}
+
+/// A strided matrix view.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// A row-major `rows × cols` view.
+pub(super) fn rows(data: &[f32], rows: usize, cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+impl Mat<'_> {
+    /// The transposed view (no copy).
+    pub(super) fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+}
+
+/// `out = scale · a · b`, or `out += scale · a · b` when `accumulate`; `out` is row-major.
+/// `parallel` lets gemm use the rayon pool (off inside per-head work that is already parallel).
+pub(super) fn matmul(
+    out: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && out.len() == m * n && a.fits() && b.fits(),
+        "matmul shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let parallelism = if parallel {
+        Parallelism::Rayon(rayon::current_num_threads())
+    } else {
+        Parallelism::None
+    };
+    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
+    // `out` is borrowed mutably, so it aliases neither input.
+    unsafe {
+        gemm(
+            m,
+            n,
+            k,
+            out.as_mut_ptr(),
+            1,
+            n as isize,
+            accumulate,
+            a.data.as_ptr(),
+            a.col_stride as isize,
+            a.row_stride as isize,
+            b.data.as_ptr(),
+            b.col_stride as isize,
+            b.row_stride as isize,
+            1.0,
+            scale,
+            false,
+            false,
+            false,
+            parallelism,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{exp, max_of, rope_rotate, softmax_in_place, sum_exp_shifted};
+    use crate::invariant::dot;
+
+    #[test]
+    fn lane_reductions_match_plain_ones_at_every_tail_length() {
+        for len in 0..40 {
+            let xs: Vec<f32> = (0..len)
+                .map(|i| ((i * 37 % 11) as f32 - 5.0) * 0.7)
+                .collect();
+            let ys: Vec<f32> = (0..len).map(|i| (i as f32).sin()).collect();
+            let want_max = xs.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            assert_eq!(max_of(&xs), want_max, "max, length {len}");
+            let want_dot: f64 = xs.iter().zip(&ys).map(|(a, b)| (a * b) as f64).sum();
+            assert!(
+                (dot(&xs, &ys) as f64 - want_dot).abs() < 1e-5,
+                "dot, length {len}"
+            );
+            let want_sum: f64 = xs.iter().map(|&z| ((z - 1.0) as f64).exp()).sum();
+            let got_sum = sum_exp_shifted(&xs, 1.0) as f64;
+            assert!(
+                (got_sum - want_sum).abs() < 1e-5 * want_sum.max(1.0),
+                "sum, length {len}"
+            );
+            if len > 0 {
+                let mut row = xs.clone();
+                let lse = softmax_in_place(&mut row) as f64;
+                let want_lse = want_max as f64 + (sum_exp_shifted(&xs, want_max) as f64).ln();
+                assert!((lse - want_lse).abs() < 1e-5, "lse, length {len}");
+                let total: f32 = row.iter().sum();
+                assert!((total - 1.0).abs() < 1e-5, "softmax sums to {total}");
+                for (p, z) in row.iter().zip(&xs) {
+                    assert!((*p as f64 - (*z as f64 - lse).exp()).abs() < 1e-6);
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn fast_exp_matches_libm() {
+        let mut worst = 0.0f64;
+        let mut x = -87.0f32;
+        while x < 88.0 {
+            let want = (x as f64).exp();
+            let got = exp(x) as f64;
+            worst = worst.max(((got - want) / want).abs());
+            x += 0.0137;
+        }
+        assert!(worst < 3e-7, "worst relative error {worst}");
+        assert_eq!(exp(0.0), 1.0);
+        assert!(exp(f32::NEG_INFINITY) < 1e-37 && exp(f32::NEG_INFINITY) >= 0.0);
+        assert!(exp(f32::INFINITY).is_finite());
+        assert!(exp(f32::NAN).is_nan());
+    }
+
+    #[test]
+    fn rope_inverse_undoes_the_rotation() {
+        let (cos, sin) = ([0.6f32, 1.0, -0.28], [0.8f32, 0.0, 0.96]);
+        let x = [0.5f32, -1.5, 2.0, 3.0, 0.25, -4.0];
+        let mut y = x;
+        rope_rotate(&mut y, &cos, &sin, false);
+        // Rotating (a, b) by θ: (a cos θ − b sin θ, b cos θ + a sin θ).
+        assert_eq!(y[0], 0.5 * 0.6 - 3.0 * 0.8);
+        assert_eq!(y[3], 3.0 * 0.6 + 0.5 * 0.8);
+        assert_eq!((y[1], y[4]), (-1.5, 0.25), "a zero angle leaves its pair");
+        rope_rotate(&mut y, &cos, &sin, true);
+        for (a, b) in x.iter().zip(&y) {
+            assert!((a - b).abs() < 1e-6, "{a} vs {b}");
+        }
+    }
+}

@@ -1,0 +1,144 @@
+//! The two learners behind one seam: the same log-probabilities and updates, optimizer moments
+//! that either writes and the other reads, and clear refusals.
+
+use apr_model::backend::Backend;
+use apr_model::learner::{new_learner, LearnError, Learner, LearnerKind};
+use apr_model::native::PackedBatch;
+use apr_model::optim::AdamWConfig;
+use apr_model::{init_weights, ModelConfig, Preset, Weights};
+
+fn setup() -> (ModelConfig, Weights, PackedBatch) {
+    let config = ModelConfig {
+        max_seq_len: 64,
+        ..ModelConfig::preset(Preset::Tiny, 40)
+    };
+    let weights = init_weights(&config, 5);
+    // Three sequences of different lengths: the burn learner pads them, the native one packs.
+    let seqs: Vec<Vec<u32>> = (0..3)
+        .map(|i| {
+            (0..20 + 7 * i)
+                .map(|t| ((t * 5 + i * 3) % 37 + 1) as u32)
+                .collect()
+        })
+        .collect();
+    let refs: Vec<&[u32]> = seqs.iter().map(Vec::as_slice).collect();
+    (config, weights, PackedBatch::from_sequences(&refs))
+}
+
+fn learner(kind: LearnerKind, config: &ModelConfig, weights: &Weights) -> Box<dyn Learner> {
+    let device = Backend::Cpu.device(0).unwrap();
+    new_learner(kind, config, weights, AdamWConfig::default(), &device).unwrap()
+}
+
+/// `steps` SFT steps on `batch` at lr 1e-2; the gradient norms.
+fn train(l: &mut dyn Learner, batch: &PackedBatch, steps: usize) -> Vec<f64> {
+    (0..steps)
+        .map(|_| {
+            l.forward(batch).unwrap();
+            let scale = -1.0 / batch.len() as f32;
+            l.backward(&vec![scale; batch.len()]).unwrap();
+            l.step(1e-2, 1).unwrap()
+        })
+        .collect()
+}
+
+fn max_difference(a: &Weights, b: &Weights) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .flat_map(|(name, t)| t.data.iter().zip(&b[name].data).map(|(x, y)| (x - y).abs()))
+        .fold(0.0, f32::max)
+}
+
+#[test]
+fn both_learners_score_and_step_alike() {
+    let (config, weights, batch) = setup();
+    let mut native = learner(LearnerKind::Native, &config, &weights);
+    let mut burn = learner(LearnerKind::Burn, &config, &weights);
+    let a = native.score(&batch).unwrap();
+    let b = burn.score(&batch).unwrap();
+    assert_eq!((a.len(), b.len()), (batch.len(), batch.len()));
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    assert!(worst < 1e-4, "log-probabilities differ by {worst}");
+    let tracked = burn.forward(&batch).unwrap();
+    assert!(tracked.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
+
+    let na = train(native.as_mut(), &batch, 3);
+    let nb = train(burn.as_mut(), &batch, 3);
+    for (x, y) in na.iter().zip(&nb) {
+        assert!((x - y).abs() < 1e-3 * y, "gradient norms {na:?} vs {nb:?}");
+    }
+    // Adam normalises each update, so where a gradient is near zero the two learners' rounding
+    // can move a weight by a fraction of a step (lr 1e-2): allow a tenth of one.
+    let drift = max_difference(&native.weights(), &burn.weights());
+    assert!(drift < 1e-3, "weights differ by {drift} after 3 steps");
+    assert!(
+        max_difference(&native.weights(), &weights) > 1e-3,
+        "training moved nothing"
+    );
+}
+
+#[test]
+fn optimizer_moments_carry_across_learners() {
+    let (config, weights, batch) = setup();
+    for (from, to) in [
+        (LearnerKind::Native, LearnerKind::Burn),
+        (LearnerKind::Burn, LearnerKind::Native),
+    ] {
+        let mut a = learner(from, &config, &weights);
+        train(a.as_mut(), &batch, 2);
+        let (steps, state) = a.optimizer_state();
+        assert_eq!(steps, 2);
+        assert_eq!(state.len(), 2 * weights.len(), "an m and a v per parameter");
+        assert!(state.contains_key("m.model.layers.0.self_attn.q_proj.weight"));
+        let mut b = learner(to, &config, &a.weights());
+        b.restore_optimizer(steps, &state).unwrap();
+        let (steps_b, state_b) = b.optimizer_state();
+        assert_eq!(steps_b, 2);
+        assert_eq!(
+            state_b, state,
+            "{from:?} → {to:?}: moments change on the way"
+        );
+        // The next update uses those moments: it matches the first learner's own.
+        train(a.as_mut(), &batch, 1);
+        train(b.as_mut(), &batch, 1);
+        let drift = max_difference(&a.weights(), &b.weights());
+        assert!(
+            drift < 1e-5,
+            "{from:?} → {to:?}: the next step differs by {drift}"
+        );
+    }
+}
+
+#[test]
+fn learners_refuse_what_does_not_fit() {
+    let (config, weights, batch) = setup();
+    for kind in [LearnerKind::Native, LearnerKind::Burn] {
+        let mut l = learner(kind, &config, &weights);
+        assert!(matches!(l.backward(&[0.0]), Err(LearnError::NoForward(_))));
+        l.forward(&batch).unwrap();
+        assert!(matches!(
+            l.backward(&[0.0; 3]),
+            Err(LearnError::NoForward(_))
+        ));
+        let too_big: &[u32] = &[1, 2, 99];
+        let bad = PackedBatch::from_sequences(&[too_big]);
+        assert!(
+            matches!(l.forward(&bad), Err(LearnError::Batch(_))),
+            "{kind:?}"
+        );
+        assert!(matches!(
+            l.restore_optimizer(3, &Weights::new()),
+            Err(LearnError::State(_))
+        ));
+        // Nothing accumulated: the update is refused and the weights stay.
+        assert!(
+            matches!(l.step(1e-2, 1), Err(LearnError::Optim(_))),
+            "{kind:?}"
+        );
+        assert_eq!(max_difference(&l.weights(), &weights), 0.0);
+    }
+}
