@@ -3,8 +3,9 @@
 
 use std::collections::BTreeMap;
 
+use apr_core::Mode;
 use apr_countdown::record::CharCounter;
-use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::sft::{sequences, SftOptions};
 use apr_model::native::{NativeModel, PackedBatch};
 
 fn main() {
@@ -18,7 +19,7 @@ fn main() {
     let mut by_kind: BTreeMap<String, (f64, usize)> = BTreeMap::new();
     let mut total = (0.0, 0usize);
     for r in records.iter().take(n) {
-        for seq in sequences(r, SftView::Apr, SftOptions::default(), &CharCounter) {
+        for seq in sequences(r, Mode::Apr, SftOptions::default(), &CharCounter) {
             let mut ids = vec![tok.bos_id()];
             ids.extend(tok.encode(&seq.text).expect("encodable"));
             ids.push(tok.eos_id());

@@ -145,6 +145,26 @@ pub fn check_kv_memory(
     Ok(())
 }
 
+/// `--solver`, `--view`, `--mode`: APR or SoS+, one [`Mode`](apr_core::Mode) for every command.
+/// `serial` and `sosp` name the same mode; `serial_name` is the one this flag lists.
+pub fn mode(
+    serial_name: &'static str,
+) -> impl clap::builder::TypedValueParser<Value = apr_core::Mode> {
+    use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+    let other = if serial_name == "serial" {
+        "sosp"
+    } else {
+        "serial"
+    };
+    PossibleValuesParser::new([
+        PossibleValue::new("apr").help("Adaptive Parallel Reasoning: parents spawn child threads"),
+        PossibleValue::new(serial_name)
+            .alias(other)
+            .help("Stream of Search+ (SoS+): one serial thread per problem"),
+    ])
+    .try_map(|s| s.parse::<apr_core::Mode>())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

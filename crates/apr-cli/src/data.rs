@@ -8,6 +8,7 @@ use std::sync::Mutex;
 use std::time::Instant;
 
 use anyhow::{bail, Context, Result};
+use apr_core::Mode;
 use apr_countdown::io::{
     check_not_input, for_each_chunk, read_items, try_for_each_chunk, JsonlWriter, CHUNK,
 };
@@ -17,7 +18,7 @@ use apr_countdown::record::{
     TraceRecord,
 };
 use apr_countdown::search::SuccessorOrder;
-use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::sft::{sequences, SftOptions};
 use apr_countdown::stats::{generate_facts, RecordFacts, TraceStats};
 use apr_countdown::validate::Validator;
 use apr_model::tokenizer::AprTokenizer;
@@ -68,14 +69,6 @@ pub struct ProblemsArgs {
     out: PathBuf,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum SolverArg {
-    /// Adaptive Parallel Reasoning (beam 1–10, sub-beam beam–15, spawn p 0.9).
-    Apr,
-    /// Stream of Search+ (beam 1–5, sub-search p 0.5).
-    Sosp,
-}
-
 /// Printed order of the kept successors of an expansion.
 #[derive(Clone, Copy, ValueEnum)]
 pub enum OrderArg {
@@ -85,30 +78,30 @@ pub enum OrderArg {
     Expansion,
 }
 
-impl SolverArg {
-    fn config(self, order: OrderArg) -> SolverConfig {
-        let order = match order {
-            OrderArg::Shuffled => SuccessorOrder::Shuffled,
-            OrderArg::Expansion => SuccessorOrder::Expansion,
-        };
-        match self {
-            SolverArg::Apr => SolverConfig::Apr(AprSolverConfig {
-                order,
-                ..AprSolverConfig::default()
-            }),
-            SolverArg::Sosp => SolverConfig::Sosp(SospSolverConfig {
-                order,
-                ..SospSolverConfig::default()
-            }),
-        }
+/// The solver of `mode` (reference defaults) printing successors in `order`.
+fn solver_config(mode: Mode, order: OrderArg) -> SolverConfig {
+    let order = match order {
+        OrderArg::Shuffled => SuccessorOrder::Shuffled,
+        OrderArg::Expansion => SuccessorOrder::Expansion,
+    };
+    match mode {
+        Mode::Apr => SolverConfig::Apr(AprSolverConfig {
+            order,
+            ..AprSolverConfig::default()
+        }),
+        Mode::Serial => SolverConfig::Sosp(SospSolverConfig {
+            order,
+            ..SospSolverConfig::default()
+        }),
     }
 }
 
 #[derive(Args)]
 pub struct TracesArgs {
-    /// Which solver.
-    #[arg(long, value_enum)]
-    solver: SolverArg,
+    /// Which solver: APR (beam 1–10, sub-beam beam–15, spawn p 0.9) or SoS+ (beam 1–5,
+    /// sub-search p 0.5).
+    #[arg(long, value_parser = crate::args::mode("sosp"))]
+    solver: Mode,
     /// Problem file (JSONL or the reference's JSON array).
     #[arg(long)]
     problems: PathBuf,
@@ -131,8 +124,8 @@ pub struct StatsArgs {
     #[arg(long, value_parser = crate::args::problems, conflicts_with = "file")]
     generate: Option<usize>,
     /// With --generate: the solver.
-    #[arg(long, value_enum, default_value = "apr")]
-    solver: SolverArg,
+    #[arg(long, value_parser = crate::args::mode("sosp"), default_value = "apr")]
+    solver: Mode,
     /// With --generate: starting numbers per problem.
     #[arg(long, value_parser = crate::args::count, default_value_t = 4)]
     numbers: usize,
@@ -148,19 +141,11 @@ pub struct StatsArgs {
     tokenizer: Option<String>,
 }
 
-#[derive(Clone, Copy, ValueEnum)]
-pub enum ViewArg {
-    /// Every call its own sequence.
-    Apr,
-    /// One sequence per trace.
-    Sosp,
-}
-
 #[derive(Args)]
 pub struct SftArgs {
-    /// Which view.
-    #[arg(long, value_enum)]
-    view: ViewArg,
+    /// Which view: every APR call its own sequence, or one sequence per SoS+ trace.
+    #[arg(long, value_parser = crate::args::mode("sosp"))]
+    view: Mode,
     /// Trace file.
     #[arg(long)]
     traces: PathBuf,
@@ -244,7 +229,7 @@ fn traces(args: TracesArgs) -> Result<ExitCode> {
     let progress = bar(problems.len() as u64, "traces");
     let report = write_traces(
         &problems,
-        &args.solver.config(args.order),
+        &solver_config(args.solver, args.order),
         args.seed,
         &CharCounter,
         &args.out,
@@ -347,7 +332,7 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
             let progress = bar(count as u64, "solving");
             let (facts, timing) = generate_facts(
                 &spec,
-                &args.solver.config(args.order),
+                &solver_config(args.solver, args.order),
                 count,
                 args.seed,
                 counter,
@@ -372,10 +357,7 @@ fn stats(args: StatsArgs) -> Result<ExitCode> {
 }
 
 fn sft(args: SftArgs) -> Result<ExitCode> {
-    let view = match args.view {
-        ViewArg::Apr => SftView::Apr,
-        ViewArg::Sosp => SftView::Sosp,
-    };
+    let view = args.view;
     let options = SftOptions {
         sub_call_budget: args.sub_call_budget,
         token_budget: args.token_budget,

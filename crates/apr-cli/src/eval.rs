@@ -14,21 +14,29 @@ use apr_core::runtime::{Mode, RuntimeConfig};
 use apr_countdown::io::JsonlWriter;
 use apr_rl::eval::{evaluate, evaluate_on, EvalConfig};
 use apr_serve::client::{RemoteConfig, RemoteDecoder};
-use clap::{Args, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::Args;
 
 use crate::data::load_problems;
 use crate::model::load_model;
 use crate::progress::bar;
 use crate::DeviceArgs;
 
-#[derive(Clone, Copy, ValueEnum, PartialEq, Eq)]
-pub enum EvalMode {
-    /// Parent and child threads (greedy by default).
-    Apr,
-    /// One thread per problem (SoS+).
-    Serial,
-    /// `--n` samples per problem at `--temperature`, serial: pass@n and cons@n.
-    Sample,
+/// `--mode`: APR or serial, or `sample`, serial with τ = 1 unless `--temperature` says otherwise
+/// (`--n` samples a problem give pass@n and cons@n).
+fn eval_mode() -> impl TypedValueParser<Value = (Mode, bool)> {
+    PossibleValuesParser::new([
+        PossibleValue::new("apr").help("Parent and child threads (greedy by default)"),
+        PossibleValue::new("serial")
+            .alias("sosp")
+            .help("One thread per problem (SoS+)"),
+        PossibleValue::new("sample")
+            .help("`--n` samples per problem at `--temperature` (1.0), serial: pass@n and cons@n"),
+    ])
+    .try_map(|s| match s.as_str() {
+        "sample" => Ok((Mode::Serial, true)),
+        name => name.parse::<Mode>().map(|mode| (mode, false)),
+    })
 }
 
 #[derive(Args)]
@@ -40,8 +48,8 @@ pub struct EvalArgs {
     #[arg(long)]
     problems: PathBuf,
     /// How to solve.
-    #[arg(long, value_enum, default_value = "apr")]
-    mode: EvalMode,
+    #[arg(long, value_parser = eval_mode(), default_value = "apr")]
+    mode: (Mode, bool),
     /// Samples per problem (sample mode; APR/serial too, for pass@n).
     #[arg(long, value_parser = crate::args::samples, default_value_t = 1)]
     n: usize,
@@ -120,11 +128,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     }
     let temperature = args
         .temperature
-        .unwrap_or(if args.mode == EvalMode::Sample {
-            1.0
-        } else {
-            0.0
-        });
+        .unwrap_or(if args.mode.1 { 1.0 } else { 0.0 });
     if !temperature.is_finite() || temperature < 0.0 {
         bail!("--temperature must be a non-negative number");
     }
@@ -160,11 +164,7 @@ pub fn run(args: EvalArgs) -> Result<ExitCode> {
     };
     let context = context_for(args.context, max_seq_len)?;
     let runtime = RuntimeConfig {
-        mode: if args.mode == EvalMode::Apr {
-            Mode::Apr
-        } else {
-            Mode::Serial
-        },
+        mode: args.mode.0,
         context,
         max_total_tokens: args.max_total_tokens,
         timeout: args.timeout.map(Duration::from_secs_f64),

@@ -7,12 +7,12 @@ use anyhow::{bail, Result};
 use apr_core::runtime::Mode;
 use apr_countdown::io::{for_each_chunk, CHUNK};
 use apr_countdown::record::{CharCounter, TraceRecord};
-use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
+use apr_countdown::sft::{sequences, LossPlacement, SftOptions};
 use apr_model::{checkpoint, init_weights, Preset};
 use apr_rl::optim::AdamWConfig;
 use apr_rl::run_dir::{self, Start};
 use apr_rl::sft::{tokenize, SftConfig, SftTrainer, ValProblems};
-use clap::{Args, Subcommand, ValueEnum};
+use clap::{Args, Subcommand};
 use serde_json::json;
 
 use crate::data::load_problems;
@@ -92,22 +92,15 @@ pub struct GrpoArgs {
     device: DeviceArgs,
 }
 
-#[derive(Clone, Copy, Debug, ValueEnum)]
-pub enum View {
-    /// Every APR call its own sequence.
-    Apr,
-    /// One SoS+ trace per sequence.
-    Sosp,
-}
-
 #[derive(Args)]
 pub struct SftArgs {
     /// Trace file (`apr data traces` output).
     #[arg(long)]
     data: PathBuf,
-    /// How to cut traces into sequences.
-    #[arg(long, value_enum, default_value = "apr")]
-    view: View,
+    /// How to cut traces into sequences: every APR call its own sequence, or one SoS+ trace per
+    /// sequence.
+    #[arg(long, value_parser = crate::args::mode("sosp"), default_value = "apr")]
+    view: Mode,
     /// Model size (when not starting from --init).
     #[arg(long, default_value = "small")]
     preset: Preset,
@@ -345,10 +338,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         }
     };
     let context = args.context.min(model_config.max_seq_len);
-    let view = match args.view {
-        View::Apr => SftView::Apr,
-        View::Sosp => SftView::Sosp,
-    };
+    let view = args.view;
     let options = SftOptions {
         sub_call_budget: args.sub_call_budget,
         token_budget: false,
@@ -374,10 +364,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
                 .into_iter()
                 .take(args.val_count)
                 .collect(),
-            mode: match args.view {
-                View::Apr => Mode::Apr,
-                View::Sosp => Mode::Serial,
-            },
+            mode: args.view,
             context,
             slots: 64,
         }),

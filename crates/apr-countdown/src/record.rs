@@ -1,6 +1,7 @@
 //! Trace records with the reference's field names (`generate_apr.py` / `generate_sosp.py`), their
 //! length accounting, and the parallel, per-problem-seeded trace generation.
 
+use apr_core::Mode;
 use rayon::prelude::*;
 use serde::{Deserialize, Serialize};
 
@@ -36,16 +37,6 @@ fn chars(text: &str) -> usize {
     } else {
         text.chars().count()
     }
-}
-
-/// Which solver wrote a trace.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SolverKind {
-    /// Adaptive Parallel Reasoning: parent calls plus child calls.
-    Apr,
-    /// Stream of Search+: one serial trace.
-    Sosp,
 }
 
 /// Parameters of the APR solver (reference defaults: `create_search.sh`).
@@ -106,10 +97,10 @@ pub enum SolverConfig {
 
 impl SolverConfig {
     /// The kind of solver.
-    pub fn kind(&self) -> SolverKind {
+    pub fn kind(&self) -> Mode {
         match self {
-            SolverConfig::Apr(_) => SolverKind::Apr,
-            SolverConfig::Sosp(_) => SolverKind::Sosp,
+            SolverConfig::Apr(_) => Mode::Apr,
+            SolverConfig::Sosp(_) => Mode::Serial,
         }
     }
 
@@ -213,11 +204,11 @@ impl TraceRecord {
     }
 
     /// Which solver wrote it: APR records carry a `trace_dict`.
-    pub fn kind(&self) -> SolverKind {
+    pub fn kind(&self) -> Mode {
         if self.trace_dict.is_some() {
-            SolverKind::Apr
+            Mode::Apr
         } else {
-            SolverKind::Sosp
+            Mode::Serial
         }
     }
 

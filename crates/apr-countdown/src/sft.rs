@@ -5,21 +5,11 @@
 
 use std::ops::Range;
 
-use apr_core::Conditioning;
+use apr_core::{Conditioning, Mode};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{TokenCounter, TraceRecord};
 use crate::search::TraceDict;
-
-/// Which view to take of a record.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum SftView {
-    /// Every call its own sequence.
-    Apr,
-    /// The whole serial trace as one sequence.
-    Sosp,
-}
 
 /// Optional conditioning prefixes on the sequences.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -126,12 +116,12 @@ impl SftSequence {
 /// The sequences of one record.
 pub fn sequences(
     record: &TraceRecord,
-    view: SftView,
+    view: Mode,
     options: SftOptions,
     counter: &dyn TokenCounter,
 ) -> Vec<SftSequence> {
     match (view, &record.trace_dict) {
-        (SftView::Apr, Some(dict)) => {
+        (Mode::Apr, Some(dict)) => {
             let mut cond = Conditioning::default();
             if options.sub_call_budget {
                 cond.sub_call_budget = Some(record.sub_call_count.ceil().max(0.0) as u32);

@@ -1,49 +1,40 @@
 //! Countdown as an APR [`Task`]: prompts, child prompts looked up in the parent's text, join
 //! messages, answers and the binary reward.
 
-use apr_core::{NodeId, Task, TaskError};
+use apr_core::{Mode, NodeId, Task, TaskError};
 
 use crate::arith::push_list;
 use crate::problem::Problem;
 use crate::verify::{check_answer, final_answer};
 
-/// Which prompt format a model was trained on.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub enum PromptStyle {
-    /// APR: `Moving to Node #0\nCurrent State: T:[..], Operations: []`.
-    #[default]
-    Apr,
-    /// SoS+: `Current State: T:[..], Operations: []`.
-    Sosp,
-}
-
 /// The Countdown task.
-#[derive(Clone, Copy, Debug, Default)]
+#[derive(Clone, Copy, Debug)]
 pub struct CountdownTask {
-    /// Prompt format.
-    pub style: PromptStyle,
+    /// Prompt format: APR's root prompt names its node (`Moving to Node #0`), SoS+'s does not.
+    pub style: Mode,
 }
 
 impl CountdownTask {
+    /// The task with `mode`'s prompts.
+    pub fn new(mode: Mode) -> Self {
+        CountdownTask { style: mode }
+    }
+
     /// The APR task.
     pub fn apr() -> Self {
-        CountdownTask {
-            style: PromptStyle::Apr,
-        }
+        Self::new(Mode::Apr)
     }
 
     /// The serial (SoS+) task.
     pub fn sosp() -> Self {
-        CountdownTask {
-            style: PromptStyle::Sosp,
-        }
+        Self::new(Mode::Serial)
     }
 }
 
 /// The root prompt in a given style (no trailing newline: the model writes it).
-pub fn root_prompt(problem: &Problem, style: PromptStyle) -> String {
+pub fn root_prompt(problem: &Problem, style: Mode) -> String {
     let mut out = String::with_capacity(64);
-    if style == PromptStyle::Apr {
+    if style == Mode::Apr {
         out.push_str("Moving to Node #0\n");
     }
     out.push_str("Current State: ");

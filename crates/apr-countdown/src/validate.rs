@@ -1,13 +1,13 @@
 //! Dataset validation: replays a trace file through our grammar and task, and checks every
 //! child prompt, every join and every solved answer.
 
-use apr_core::{ends_with_spawn, join_context, split_spawn, JoinBlock, JoinEntry, Task};
+use apr_core::{ends_with_spawn, join_context, split_spawn, JoinBlock, JoinEntry, Mode, Task};
 use rayon::prelude::*;
 use serde::Serialize;
 
-use crate::record::{SolverKind, TraceRecord};
+use crate::record::TraceRecord;
 use crate::search::TraceDict;
-use crate::task::{root_prompt, CountdownTask, PromptStyle};
+use crate::task::{root_prompt, CountdownTask};
 use crate::verify::{final_answer, verify_trace};
 
 /// The outcome of validating a file.
@@ -92,16 +92,16 @@ impl Validator {
 pub fn check_record(record: &TraceRecord) -> Result<(), String> {
     let problem = record.problem();
     match record.kind() {
-        SolverKind::Sosp => {
-            let prompt = root_prompt(&problem, PromptStyle::Sosp);
+        Mode::Serial => {
+            let prompt = root_prompt(&problem, Mode::Serial);
             expect_prefix(&record.search_path, &prompt, "search_path")
         }
-        SolverKind::Apr => {
+        Mode::Apr => {
             let dict = record
                 .trace_dict
                 .as_ref()
                 .expect("APR record has a trace_dict");
-            let prompt = root_prompt(&problem, PromptStyle::Apr);
+            let prompt = root_prompt(&problem, Mode::Apr);
             let first = dict
                 .main_calls
                 .first()

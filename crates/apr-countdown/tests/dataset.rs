@@ -3,11 +3,12 @@
 
 use std::collections::HashSet;
 
+use apr_core::Mode;
 use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::record::{
     generate_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TraceRecord,
 };
-use apr_countdown::sft::{sequences, SftOptions, SftView};
+use apr_countdown::sft::{sequences, SftOptions};
 use apr_countdown::stats::TraceStats;
 use apr_countdown::validate::{validate, Validator};
 
@@ -166,7 +167,7 @@ fn output_does_not_depend_on_the_thread_count() {
 fn sft_views_split_apr_calls_and_prefix_budgets() {
     let records = apr_records(50, 8);
     let r = records.iter().find(|r| r.children() >= 2).unwrap();
-    let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
+    let seqs = sequences(r, Mode::Apr, SftOptions::default(), &CharCounter);
     assert_eq!(seqs.len(), r.calls().len());
     assert_eq!(
         seqs.len(),
@@ -177,11 +178,11 @@ fn sft_views_split_apr_calls_and_prefix_budgets() {
         .starts_with("Moving to Node #0\nCurrent State: "));
     assert_eq!(
         &seqs[0].text[..seqs[0].prompt_len],
-        apr_countdown::task::root_prompt(&r.problem(), apr_countdown::task::PromptStyle::Apr)
+        apr_countdown::task::root_prompt(&r.problem(), apr_core::Mode::Apr)
     );
     let with_budget = sequences(
         r,
-        SftView::Apr,
+        Mode::Apr,
         SftOptions {
             sub_call_budget: true,
             token_budget: false,
@@ -212,7 +213,7 @@ fn loss_placements_mask_what_the_runtime_writes() {
     use apr_countdown::sft::LossPlacement::{All, Generated, Once};
     let records = apr_records(50, 8);
     let r = records.iter().find(|r| r.children() >= 2).unwrap();
-    let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
+    let seqs = sequences(r, Mode::Apr, SftOptions::default(), &CharCounter);
     let parents = r.trace_dict.as_ref().unwrap().main_calls.len();
     let (root, post_join, child) = (&seqs[0], &seqs[1], &seqs[parents]);
     let join = post_join.join.clone().unwrap();
@@ -240,7 +241,7 @@ fn loss_placements_mask_what_the_runtime_writes() {
     assert!("none".parse::<apr_countdown::sft::LossPlacement>().is_err());
     let sosp = sequences(
         r,
-        SftView::Sosp,
+        Mode::Serial,
         SftOptions {
             sub_call_budget: false,
             token_budget: true,

@@ -3,9 +3,10 @@
 
 use std::collections::HashSet;
 
+use apr_core::Mode;
 use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::record::{generate_traces, AprSolverConfig, CharCounter, SolverConfig};
-use apr_countdown::sft::{sequences, LossPlacement, SftOptions, SftView};
+use apr_countdown::sft::{sequences, LossPlacement, SftOptions};
 use apr_model::backend::Backend;
 use apr_model::{init_weights, AprTokenizer, ModelConfig, Preset};
 use apr_rl::optim::AdamWConfig;
@@ -29,7 +30,7 @@ fn apr_traces(max_target: i64) -> Vec<apr_countdown::record::TraceRecord> {
 fn data(tok: &AprTokenizer) -> Vec<Example> {
     let seqs: Vec<_> = apr_traces(100)
         .iter()
-        .flat_map(|r| sequences(r, SftView::Apr, SftOptions::default(), &CharCounter))
+        .flat_map(|r| sequences(r, Mode::Apr, SftOptions::default(), &CharCounter))
         .collect();
     tokenize(&seqs, tok, 512, LossPlacement::All, false).unwrap()
 }
@@ -216,7 +217,7 @@ fn loss_placements_become_token_masks() {
     let tok = AprTokenizer::numbers();
     let traces = apr_traces(30);
     let r = traces.iter().find(|r| r.children() >= 2).unwrap();
-    let seqs = sequences(r, SftView::Apr, SftOptions::default(), &CharCounter);
+    let seqs = sequences(r, Mode::Apr, SftOptions::default(), &CharCounter);
     let all = tokenize(&seqs, &tok, 1024, LossPlacement::All, false).unwrap();
     let generated = tokenize(&seqs, &tok, 1024, LossPlacement::Generated, false).unwrap();
     let once = tokenize(&seqs, &tok, 1024, LossPlacement::Once, false).unwrap();

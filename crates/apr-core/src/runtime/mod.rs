@@ -29,20 +29,11 @@ use serde::{Deserialize, Serialize};
 
 use crate::decoder::{BatchedDecoder, Horizon, Sampling, SlotId, StepInput, TextCodec};
 use crate::grammar::{Conditioning, JOIN_OPEN};
+pub use crate::mode::Mode;
 use crate::task::Task;
 
 pub use outcome::{Failure, Finish, Metrics, ProblemResult, Role, Segment};
 use thread::{Place, Thread, ThreadState};
-
-/// How problems are solved.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Mode {
-    /// Adaptive Parallel Reasoning: parents spawn children.
-    Apr,
-    /// One thread per problem (SoS+); a spawn block is just text.
-    Serial,
-}
 
 /// Budgets and decoding settings.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
