@@ -4,12 +4,14 @@
 use std::collections::HashMap;
 use std::time::Instant;
 
-use apr_core::runtime::{run, Job, Mode, ProblemResult, RuntimeConfig};
+use apr_core::runtime::{ProblemResult, RuntimeConfig};
 use apr_core::BatchedDecoder;
-use apr_countdown::{CountdownTask, Problem};
+use apr_countdown::Problem;
 use apr_model::engine::engine_for;
 use apr_model::{AprTokenizer, Model};
 use serde::{Deserialize, Serialize};
+
+use crate::rollout::rollout;
 
 /// One sample of one problem, as written to `records.jsonl`.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -129,24 +131,14 @@ pub fn evaluate_on(
     progress: &mut dyn FnMut(usize, usize),
 ) -> (Vec<EvalRecord>, EvalSummary) {
     let start = Instant::now();
-    let task = match config.runtime.mode {
-        Mode::Apr => CountdownTask::apr(),
-        Mode::Serial => CountdownTask::sosp(),
-    };
     let samples = config.samples.max(1);
-    let jobs: Vec<Job<Problem>> = (0..problems.len() * samples)
-        .map(|i| Job {
-            id: i,
-            problem: problems[i / samples].clone(),
-            seed: config.seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) ^ i as u64,
-        })
-        .collect();
-    let total = jobs.len();
-    let results = run(
-        &task,
+    let total = problems.len() * samples;
+    let results = rollout(
         decoder,
         tokenizer,
-        jobs,
+        problems,
+        samples,
+        config.seed,
         &config.runtime,
         &mut |done| progress(done, total),
     );

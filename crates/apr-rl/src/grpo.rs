@@ -11,8 +11,8 @@
 
 use std::path::{Path, PathBuf};
 
-use apr_core::runtime::{run, Finish, Job, ProblemResult, RuntimeConfig};
-use apr_countdown::{CountdownTask, Problem};
+use apr_core::runtime::{Finish, ProblemResult, RuntimeConfig};
+use apr_countdown::Problem;
 use apr_model::burn::tensor::Device;
 use apr_model::checkpoint::{self, CheckpointMeta};
 use apr_model::learner::{new_learner, Learner, LearnerKind};
@@ -22,6 +22,7 @@ use apr_model::{AprTokenizer, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
+use crate::rollout::rollout;
 use crate::train_loop::{self, Trainer};
 
 /// GRPO settings (reference defaults: spec §5.3).
@@ -417,23 +418,12 @@ impl GrpoTrainer {
             self.config.runtime.context,
             self.tokenizer.pad_id(),
         );
-        let task = match self.config.runtime.mode {
-            apr_core::runtime::Mode::Apr => CountdownTask::apr(),
-            apr_core::runtime::Mode::Serial => CountdownTask::sosp(),
-        };
-        let g = self.config.group.max(1);
-        let jobs: Vec<Job<Problem>> = (0..problems.len() * g)
-            .map(|i| Job {
-                id: i,
-                problem: problems[i / g].clone(),
-                seed: seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            })
-            .collect();
-        run(
-            &task,
+        rollout(
             engine.as_mut(),
             &self.tokenizer,
-            jobs,
+            problems,
+            self.config.group,
+            seed,
             &self.config.runtime,
             &mut |_| {},
         )
