@@ -22,6 +22,9 @@ pub enum TrainError {
         /// What is wrong with it.
         message: String,
     },
+    /// A training sequence the tokenizer cannot encode, or whose loss boundaries split a token.
+    #[error("tokenizing the traces: {0}")]
+    Tokenize(String),
     /// Nothing to train on.
     #[error("no training examples")]
     NoExamples,

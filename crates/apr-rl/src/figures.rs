@@ -1,45 +1,51 @@
-//! `apr report`: the paper's figures (PNG and SVG) and the same numbers as a Markdown table,
-//! from the `summary.json` of several `apr eval` outputs.
+//! The paper's figures (PNG and SVG) and the same numbers as a Markdown table, from the
+//! `summary.json` of evaluations (`apr report`, and the pipeline's report).
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
-use std::process::ExitCode;
 
-use anyhow::{bail, Context, Result};
-use apr_rl::eval::{AtSamples, EvalSummary};
-use clap::Args;
 use plotters::coord::Shift;
 use plotters::prelude::*;
 
-/// Arguments of `apr report`.
-#[derive(Args, Debug)]
-pub struct ReportArgs {
-    /// Eval output directories (each with a `summary.json`), or directories holding them (such
-    /// as a pipeline's `eval/`).
-    #[arg(required = true)]
-    dirs: Vec<PathBuf>,
-    /// Where to write the figures and `report.md` (default: next to the first input).
-    #[arg(long)]
-    out: Option<PathBuf>,
-    /// SFT run directories (`metrics.jsonl` with held-out accuracy, `--eval-every`) to draw as
-    /// held-out accuracy against training tokens; `DIR@N` shifts a run that started from a
-    /// model trained on N tokens.
-    #[arg(long = "curve")]
-    curves: Vec<String>,
+use crate::error::TrainError;
+use crate::eval::{AtSamples, EvalSummary};
+
+type Result<T> = std::result::Result<T, TrainError>;
+
+/// An SFT run to draw as held-out accuracy against training tokens: its directory (with a
+/// `metrics.jsonl` holding held-out accuracy) and the tokens of the model it started from.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Curve {
+    /// The run's directory.
+    pub dir: PathBuf,
+    /// Training tokens before its first step (0 from random weights).
+    pub offset_tokens: f64,
+}
+
+impl std::str::FromStr for Curve {
+    type Err = String;
+
+    /// `DIR`, or `DIR@N` for a run that started from a model trained on N tokens.
+    fn from_str(spec: &str) -> std::result::Result<Self, String> {
+        let (dir, offset_tokens) = match spec.rsplit_once('@') {
+            Some((dir, n)) => match n.parse::<f64>() {
+                Ok(n) if n.is_finite() && n >= 0.0 => (dir, n),
+                _ => return Err(format!("{spec}: the part after @ is not a token count")),
+            },
+            None => (spec, 0.0),
+        };
+        Ok(Curve {
+            dir: PathBuf::from(dir),
+            offset_tokens,
+        })
+    }
 }
 
 /// Held-out accuracy against cumulative training tokens, from an SFT run's `metrics.jsonl`.
-fn curve(spec: &str) -> Result<Series> {
-    let (dir, offset) = match spec.rsplit_once('@') {
-        Some((dir, n)) => (
-            dir,
-            n.parse::<f64>()
-                .with_context(|| format!("{spec}: the part after @ is not a token count"))?,
-        ),
-        None => (spec, 0.0),
-    };
-    let dir = Path::new(dir);
-    let metrics: Vec<apr_rl::sft::StepMetrics> = apr_rl::metrics_log::read(dir)?;
+fn curve(spec: &Curve) -> Result<Series> {
+    let dir = spec.dir.as_path();
+    let offset = spec.offset_tokens;
+    let metrics: Vec<crate::sft::StepMetrics> = crate::metrics_log::read(dir)?;
     let mut tokens = offset;
     let mut points = Vec::new();
     for m in &metrics {
@@ -49,7 +55,10 @@ fn curve(spec: &str) -> Result<Series> {
         }
     }
     if points.is_empty() {
-        bail!("{}: no held-out accuracy in metrics.jsonl", dir.display());
+        return Err(TrainError::file(
+            &dir.join("metrics.jsonl"),
+            "no held-out accuracy (train with --eval-every)",
+        ));
     }
     let name = dir
         .file_name()
@@ -71,9 +80,12 @@ fn collect(dir: &Path) -> Result<Vec<Run>> {
     if direct.is_file() {
         paths.push(direct);
     } else {
-        let entries = std::fs::read_dir(dir).with_context(|| format!("{}", dir.display()))?;
+        let entries = std::fs::read_dir(dir).map_err(|e| TrainError::file(dir, e))?;
         for entry in entries {
-            let path = entry?.path().join("summary.json");
+            let path = entry
+                .map_err(|e| TrainError::file(dir, e))?
+                .path()
+                .join("summary.json");
             if path.is_file() {
                 paths.push(path);
             }
@@ -81,15 +93,17 @@ fn collect(dir: &Path) -> Result<Vec<Run>> {
         paths.sort();
     }
     if paths.is_empty() {
-        bail!("{}: no summary.json here or one level below", dir.display());
+        return Err(TrainError::file(
+            dir,
+            "no summary.json here or one level below",
+        ));
     }
     paths
         .into_iter()
         .map(|path| {
-            let text =
-                std::fs::read_to_string(&path).with_context(|| format!("{}", path.display()))?;
+            let text = std::fs::read_to_string(&path).map_err(|e| TrainError::file(&path, e))?;
             let summary: EvalSummary = serde_json::from_str(&text)
-                .with_context(|| format!("{}: not an eval summary", path.display()))?;
+                .map_err(|e| TrainError::file(&path, format!("not an eval summary ({e})")))?;
             let name = path
                 .parent()
                 .and_then(Path::file_name)
@@ -100,8 +114,9 @@ fn collect(dir: &Path) -> Result<Vec<Run>> {
         .collect()
 }
 
-/// Registers the first TrueType font found as plotters' "sans-serif" (bitmaps need glyphs).
-fn load_font() -> Result<()> {
+/// Registers the first TrueType font found as plotters' "sans-serif" (bitmaps need glyphs);
+/// `out` is where the figures were to go, named in the error.
+fn load_font(out: &Path) -> Result<()> {
     let candidates = [
         std::env::var("APR_FONT").unwrap_or_default(),
         "/usr/share/fonts/truetype/dejavu/DejaVuSans.ttf".into(),
@@ -119,7 +134,7 @@ fn load_font() -> Result<()> {
             }
         }
     }
-    bail!("no TrueType font found for the PNG figures (install fonts-dejavu-core or set APR_FONT=/path/to/font.ttf)")
+    Err(TrainError::file(out, "no TrueType font found for the PNG figures (install fonts-dejavu-core or set APR_FONT=/path/to/font.ttf)"))
 }
 
 /// A named series of (x, y) points.
@@ -140,11 +155,14 @@ struct Figure<'a> {
 /// Width in pixels of the legend column right of the plot, so no label covers a curve.
 const LEGEND_WIDTH: u32 = 250;
 
-fn draw<DB: DrawingBackend>(root: DrawingArea<DB, Shift>, fig: &Figure) -> Result<()>
+fn draw<DB: DrawingBackend>(
+    root: DrawingArea<DB, Shift>,
+    fig: &Figure,
+) -> std::result::Result<(), String>
 where
     DB::ErrorType: 'static,
 {
-    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| anyhow::anyhow!("{e}");
+    let err = |e: DrawingAreaErrorKind<DB::ErrorType>| e.to_string();
     root.fill(&WHITE).map_err(err)?;
     let (width, _) = root.dim_in_pixel();
     let (plot, legend) = root.split_horizontally(width.saturating_sub(LEGEND_WIDTH));
@@ -156,7 +174,7 @@ where
         .x_label_area_size(44)
         .y_label_area_size(56)
         .build_cartesian_2d(0.0..x_max, 0.0..100.0)
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| e.to_string())?;
     chart
         .configure_mesh()
         .x_desc(fig.x_label)
@@ -166,18 +184,18 @@ where
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 16))
         .draw()
-        .map_err(|e| anyhow::anyhow!("{e}"))?;
+        .map_err(|e| e.to_string())?;
     for (i, s) in fig.series.iter().enumerate() {
         let color = Palette99::pick(i).to_rgba();
         let points: Vec<(f64, f64)> = s.points.iter().map(|&(x, y)| (x, 100.0 * y)).collect();
         if fig.lines {
             chart
                 .draw_series(LineSeries::new(points.clone(), color.stroke_width(2)))
-                .map_err(|e| anyhow::anyhow!("{e}"))?;
+                .map_err(|e| e.to_string())?;
         }
         chart
             .draw_series(points.iter().map(|&p| Circle::new(p, 5, color.filled())))
-            .map_err(|e| anyhow::anyhow!("{e}"))?;
+            .map_err(|e| e.to_string())?;
         // The legend: a swatch and the series' name, one row each, beside the plot.
         let y = 60 + 24 * i as i32;
         legend
@@ -203,9 +221,9 @@ fn save(out: &Path, fig: &Figure) -> Result<Vec<PathBuf>> {
         BitMapBackend::new(&png, (1100, 600)).into_drawing_area(),
         fig,
     )
-    .with_context(|| format!("{}", png.display()))?;
+    .map_err(|e| TrainError::file(&png, e))?;
     draw(SVGBackend::new(&svg, (1100, 600)).into_drawing_area(), fig)
-        .with_context(|| format!("{}", svg.display()))?;
+        .map_err(|e| TrainError::file(&svg, e))?;
     Ok(vec![png, svg])
 }
 
@@ -316,17 +334,14 @@ fn table(runs: &[Run]) -> String {
 
 /// Draws every figure for the runs under `dirs` into `out` and writes `out/report.md`'s table
 /// as `figures.md`; returns the files written.
-pub fn write_report(dirs: &[PathBuf], curves: &[String], out: &Path) -> Result<Vec<PathBuf>> {
+pub fn write_report(dirs: &[PathBuf], curves: &[Curve], out: &Path) -> Result<Vec<PathBuf>> {
     let mut runs = Vec::new();
     for dir in dirs {
         runs.extend(collect(dir)?);
     }
-    let curves = curves
-        .iter()
-        .map(|c| curve(c))
-        .collect::<Result<Vec<_>>>()?;
-    load_font()?;
-    std::fs::create_dir_all(out).with_context(|| format!("{}", out.display()))?;
+    let curves = curves.iter().map(curve).collect::<Result<Vec<_>>>()?;
+    load_font(out)?;
+    std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
     let mut written = Vec::new();
     let mut md = String::from("# Evaluation figures\n\n");
     let mut all = figures(&runs);
@@ -345,20 +360,7 @@ pub fn write_report(dirs: &[PathBuf], curves: &[String], out: &Path) -> Result<V
     }
     md.push_str(&table(&runs));
     let path = out.join("figures.md");
-    std::fs::write(&path, &md).with_context(|| format!("{}", path.display()))?;
+    std::fs::write(&path, &md).map_err(|e| TrainError::file(&path, e))?;
     written.push(path);
     Ok(written)
-}
-
-/// `apr report`.
-pub fn run(args: ReportArgs) -> Result<ExitCode> {
-    let out = match &args.out {
-        Some(o) => o.clone(),
-        None => args.dirs[0].join("figures"),
-    };
-    let written = write_report(&args.dirs, &args.curves, &out)?;
-    for path in &written {
-        println!("{}", path.display());
-    }
-    Ok(ExitCode::SUCCESS)
 }

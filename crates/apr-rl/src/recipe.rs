@@ -25,6 +25,42 @@ pub enum RecipePreset {
     Smoke,
 }
 
+impl RecipePreset {
+    /// Every preset, in the order the CLI lists them.
+    pub const ALL: [RecipePreset; 4] = [Self::Quick, Self::Repro, Self::Paper, Self::Smoke];
+
+    /// The preset's name: `quick`, `repro`, `paper`, `smoke` (also its default output directory).
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Quick => "quick",
+            Self::Repro => "repro",
+            Self::Paper => "paper",
+            Self::Smoke => "smoke",
+        }
+    }
+
+    /// One line on what the preset runs and how long it takes.
+    pub fn about(self) -> &'static str {
+        match self {
+            Self::Quick => "CPU, about 20 minutes on 2 cores: 3-number Countdown with targets up to 30, number tokens, the `small` model",
+            Self::Repro => "The paper's comparison at CPU scale, about 2 hours on 2 cores: 1,000 held-out problems, both models trained to convergence, a longer GRPO, 8 samples",
+            Self::Paper => "The paper's scale (4 numbers, 500k problems, the `paper` model); needs a GPU",
+            Self::Smoke => "Seconds: every stage on a handful of problems with the `tiny` model (tests)",
+        }
+    }
+}
+
+impl std::str::FromStr for RecipePreset {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        Self::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("`{s}` is not a preset (quick, repro, paper or smoke)"))
+    }
+}
+
 /// GRPO of the APR model.
 pub struct GrpoPlan {
     /// Steps.
