@@ -6,33 +6,28 @@ use std::hint::black_box;
 use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, SlotId, StepInput};
 use apr_core::runtime::{run, Job, RuntimeConfig};
 use apr_core::scripted::ByteCodec;
+use apr_core::SlotTable;
 use apr_countdown::{CountdownTask, Problem};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 /// Writes `steps` digits per thread, then EOS; keeps no state but lengths.
 struct Noop {
-    lens: Vec<usize>,
+    lens: SlotTable,
     steps: usize,
     calls: u64,
 }
 
 impl BatchedDecoder for Noop {
-    fn slots(&self) -> usize {
-        self.lens.len()
-    }
-    fn context_limit(&self) -> usize {
-        100_000
-    }
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.lens[slot]
+    fn table(&self) -> &SlotTable {
+        &self.lens
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
         self.calls += 1;
+        self.lens.append(inputs);
         Ok(inputs
             .iter()
             .map(|i| {
-                self.lens[i.slot] += i.tokens.len();
-                let token = if self.lens[i.slot] > self.steps + 40 {
+                let token = if self.lens.slot_len(i.slot) > self.steps + 40 {
                     2
                 } else {
                     b'7' as u32 + 3
@@ -45,11 +40,10 @@ impl BatchedDecoder for Noop {
             .collect())
     }
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
-        self.lens[slot] = self.lens[slot].min(len);
-        Ok(())
+        self.lens.truncate(slot, len).map(|_| ())
     }
     fn release(&mut self, slot: SlotId) {
-        self.lens[slot] = 0;
+        self.lens.release(slot);
     }
 }
 
@@ -69,7 +63,7 @@ fn scheduler(c: &mut Criterion) {
     group.bench_function("scheduler_64_slots", |b| {
         b.iter(|| {
             let mut model = Noop {
-                lens: vec![0; SLOTS],
+                lens: SlotTable::new(SLOTS, 100_000),
                 steps: STEPS,
                 calls: 0,
             };

@@ -1,6 +1,7 @@
 //! What the runtime asks of a language model: a pool of slots, each holding one thread's KV
 //! state, advanced together in batched steps (the model-agnostic side of the engine).
 
+use crate::slots::SlotTable;
 use serde::{Deserialize, Serialize};
 
 /// Index of a slot in a decoder's pool.
@@ -97,12 +98,21 @@ pub struct Horizon {
 
 /// A batched language model with per-slot state (KV caches).
 pub trait BatchedDecoder {
+    /// The lengths of the slots: every decoder keeps them in one [`SlotTable`], which checks
+    /// what a step may append.
+    fn table(&self) -> &SlotTable;
     /// Number of slots.
-    fn slots(&self) -> usize;
+    fn slots(&self) -> usize {
+        self.table().slots()
+    }
     /// Most tokens a slot can hold.
-    fn context_limit(&self) -> usize;
+    fn context_limit(&self) -> usize {
+        self.table().max_len()
+    }
     /// Tokens held by a slot.
-    fn slot_len(&self, slot: SlotId) -> usize;
+    fn slot_len(&self, slot: SlotId) -> usize {
+        self.table().slot_len(slot)
+    }
     /// Appends each input's tokens to its slot in one batched pass and samples the next token of
     /// every input, returned in input order. Slots must be distinct.
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError>;

@@ -2,6 +2,7 @@
 //! interface, with a byte-level codec. Used to test the runtime without a neural network.
 
 use crate::decoder::{BatchedDecoder, DecoderError, Sampled, SlotId, StepInput, TextCodec};
+use crate::slots::SlotTable;
 
 /// Byte-level codec: token = byte + 3; 0 pad, 1 BOS, 2 EOS.
 #[derive(Clone, Debug, Default)]
@@ -39,10 +40,11 @@ impl TextCodec for ByteCodec {
 pub struct ScriptedModel<C: TextCodec = ByteCodec> {
     codec: C,
     scripts: Vec<(String, String)>,
+    /// Each slot's tokens; their lengths are `table`'s.
     slots: Vec<Vec<u32>>,
     /// Each slot's text (without BOS), kept in step with `slots`.
     texts: Vec<String>,
-    context: usize,
+    table: SlotTable,
     /// Steps taken, and the most slots used by one step.
     pub steps: usize,
     /// The largest number of rows seen in one step.
@@ -72,7 +74,7 @@ impl<C: TextCodec> ScriptedModel<C> {
             scripts,
             slots: vec![Vec::new(); slots],
             texts: vec![String::new(); slots],
-            context,
+            table: SlotTable::new(slots, context),
             steps: 0,
             max_rows: 0,
             prefilled: 0,
@@ -103,37 +105,17 @@ impl<C: TextCodec> ScriptedModel<C> {
 }
 
 impl<C: TextCodec> BatchedDecoder for ScriptedModel<C> {
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-    fn context_limit(&self) -> usize {
-        self.context
-    }
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.slots.get(slot).map_or(0, Vec::len)
+    fn table(&self) -> &SlotTable {
+        &self.table
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
+        self.table.check(inputs)?;
+        self.table.append(inputs);
         self.steps += 1;
         self.max_rows = self.max_rows.max(inputs.len());
-        let mut seen = vec![false; self.slots.len()];
-        for input in inputs {
-            if input.slot >= self.slots.len() || std::mem::replace(&mut seen[input.slot], true) {
-                return Err(DecoderError::BadSlot(input.slot));
-            }
-            let len = self.slots[input.slot].len() + input.tokens.len();
-            if len > self.context {
-                return Err(DecoderError::ContextFull {
-                    slot: input.slot,
-                    len,
-                    limit: self.context,
-                });
-            }
-        }
+        self.prefilled = self.table.token_counts().0 as usize;
         let mut out = Vec::with_capacity(inputs.len());
         for input in inputs {
-            if input.tokens.len() > 1 {
-                self.prefilled += input.tokens.len();
-            }
             self.slots[input.slot].extend_from_slice(input.tokens);
             let text = &mut self.texts[input.slot];
             text.extend(input.tokens.iter().map(|&t| self.codec.piece(t)));
@@ -145,17 +127,15 @@ impl<C: TextCodec> BatchedDecoder for ScriptedModel<C> {
         Ok(out)
     }
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
-        let s = self
-            .slots
-            .get_mut(slot)
-            .ok_or(DecoderError::BadSlot(slot))?;
+        let len = self.table.truncate(slot, len)?;
+        let s = &mut self.slots[slot];
         s.truncate(len);
         self.texts[slot] = s.iter().map(|&t| self.codec.piece(t)).collect();
         Ok(())
     }
     fn release(&mut self, slot: SlotId) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.clear();
+        if self.table.release(slot) {
+            self.slots[slot].clear();
             self.texts[slot].clear();
         }
     }

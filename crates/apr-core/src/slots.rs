@@ -1,9 +1,10 @@
-//! The slot bookkeeping every engine shares: how many tokens each slot holds, what a step may
-//! append, where each slot's next draw comes from, and what was prefilled and decoded. An engine
-//! owns its KV memory; this table owns the lengths, so both engines obey one contract
-//! (llama.cpp's sequence API in spirit: one memory interface whatever holds the keys).
+//! The slot bookkeeping every decoder shares: how many tokens each slot holds, what a step may
+//! append, where each slot's next draw comes from, and what was prefilled and decoded. A decoder
+//! owns its memory (KV caches, a server's token lists); this table owns the lengths, so every
+//! decoder obeys one contract (llama.cpp's sequence API in spirit: one memory interface whatever
+//! holds the keys).
 
-use apr_core::decoder::{uniform_at, DecoderError, SlotId, StepInput};
+use crate::decoder::{uniform_at, DecoderError, SlotId, StepInput};
 
 /// Lengths and counters of a pool of slots.
 #[derive(Clone, Debug)]
@@ -99,6 +100,20 @@ impl SlotTable {
         }
     }
 
+    /// Records `n` tokens appended to `slot` outside a checked step (a decoder that samples
+    /// several tokens a call keeps all but the last); false when there is no such slot or it
+    /// would overflow.
+    pub fn extend(&mut self, slot: SlotId, n: usize) -> bool {
+        match self.lens.get_mut(slot) {
+            Some(len) if *len + n <= self.max_len => {
+                *len += n;
+                self.decoded_tokens += n as u64;
+                true
+            }
+            _ => false,
+        }
+    }
+
     /// Keeps at most `len` tokens of `slot`; returns the length it now holds.
     pub fn truncate(&mut self, slot: SlotId, len: usize) -> Result<usize, DecoderError> {
         let current = self.lens.get_mut(slot).ok_or(DecoderError::BadSlot(slot))?;
@@ -121,7 +136,7 @@ impl SlotTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use apr_core::decoder::Sampling;
+    use crate::decoder::Sampling;
 
     fn input(slot: SlotId, tokens: &[u32]) -> StepInput<'_> {
         StepInput {

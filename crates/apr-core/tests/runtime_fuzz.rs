@@ -9,6 +9,7 @@ use apr_core::decoder::{
 };
 use apr_core::runtime::{run, Finish, Job, Mode, ProblemResult, Role, RuntimeConfig};
 use apr_core::scripted::{ByteCodec, ScriptedModel};
+use apr_core::SlotTable;
 use chaos::{check, run_chaos, Tally};
 
 /// Each result as a JSON line, its wall-clock latency zeroed: what two runs must agree on.
@@ -154,14 +155,8 @@ struct Chunked {
 }
 
 impl BatchedDecoder for Chunked {
-    fn slots(&self) -> usize {
-        self.inner.slots()
-    }
-    fn context_limit(&self) -> usize {
-        self.inner.context_limit()
-    }
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.inner.slot_len(slot)
+    fn table(&self) -> &SlotTable {
+        self.inner.table()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
         self.inner.step(inputs)

@@ -20,7 +20,7 @@ use burn::tensor::activation::{log_softmax, softmax};
 use burn::tensor::{Device, Int, Tensor, TensorData};
 
 use crate::model::{CachedBatch, KvCache, Model};
-use crate::slots::SlotTable;
+use apr_core::SlotTable;
 
 /// Keys are attended over a multiple of this many positions, so the number of distinct shapes
 /// (kernels to compile on GPU backends) stays small.
@@ -223,16 +223,8 @@ fn sample(logits: Tensor<2>, params: &[(Sampling, f64)], device: &Device) -> Vec
 }
 
 impl BatchedDecoder for Engine {
-    fn slots(&self) -> usize {
-        self.slots.slots()
-    }
-
-    fn context_limit(&self) -> usize {
-        self.slots.max_len()
-    }
-
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.slots.slot_len(slot)
+    fn table(&self) -> &SlotTable {
+        &self.slots
     }
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {

@@ -14,13 +14,12 @@ pub mod model;
 pub mod native;
 pub mod optim;
 pub mod params;
-pub mod slots;
 pub mod tokenizer;
 
+pub use apr_core::SlotTable;
 pub use burn;
 pub use config::{ModelConfig, Preset};
 pub use engine::Engine;
 pub use learner::{Learner, LearnerKind};
 pub use model::{init_weights, HostTensor, Llama, Model, Weights};
-pub use slots::SlotTable;
 pub use tokenizer::AprTokenizer;

@@ -6,6 +6,7 @@ use std::collections::HashSet;
 use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput};
 use apr_core::runtime::{run, Job, Role, RuntimeConfig};
 use apr_core::scripted::ScriptedModel;
+use apr_core::SlotTable;
 use apr_core::{split_spawn, Task};
 use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::record::{generate_traces, AprSolverConfig, CharCounter, SolverConfig};
@@ -117,14 +118,8 @@ struct Forced {
 }
 
 impl BatchedDecoder for Forced {
-    fn slots(&self) -> usize {
-        self.engine.slots()
-    }
-    fn context_limit(&self) -> usize {
-        self.engine.context_limit()
-    }
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.engine.slot_len(slot)
+    fn table(&self) -> &SlotTable {
+        self.engine.table()
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
         self.engine.step(inputs)?;

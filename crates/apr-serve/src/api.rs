@@ -331,56 +331,26 @@ mod tests {
 
     #[test]
     fn malformed_requests_are_400s_that_name_the_problem() {
-        for (body, status, needle) in [
+        #[rustfmt::skip]
+        let cases = [
             ("{", 400, "EOF"),
             ("[]", 400, "expected struct"),
             (r#"{"model":"m"}"#, 400, "prompt"),
             (r#"{"model":"m","prompt":3}"#, 400, "did not match"),
-            (
-                r#"{"model":"m","prompt":"1","bogus":1}"#,
-                400,
-                "unknown field",
-            ),
+            (r#"{"model":"m","prompt":"1","bogus":1}"#, 400, "unknown field"),
             (r#"{"model":"x","prompt":"1"}"#, 404, "does not exist"),
             (r#"{"model":"m","prompt":[]}"#, 400, "empty"),
             (r#"{"model":"m","prompt":"1","n":0}"#, 400, "n must"),
-            (
-                r#"{"model":"m","prompt":["1","2"],"n":9223372036854775808}"#,
-                400,
-                "n must",
-            ),
-            (
-                r#"{"model":"m","prompt":"1","max_tokens":0}"#,
-                400,
-                "max_tokens",
-            ),
-            (
-                r#"{"model":"m","prompt":"1","max_tokens":-5}"#,
-                400,
-                "invalid value",
-            ),
-            (
-                r#"{"model":"m","prompt":"1","temperature":-1}"#,
-                400,
-                "temperature",
-            ),
+            (r#"{"model":"m","prompt":["1","2"],"n":9223372036854775808}"#, 400, "n must"),
+            (r#"{"model":"m","prompt":"1","max_tokens":0}"#, 400, "max_tokens"),
+            (r#"{"model":"m","prompt":"1","max_tokens":-5}"#, 400, "invalid value"),
+            (r#"{"model":"m","prompt":"1","temperature":-1}"#, 400, "temperature"),
             (r#"{"model":"m","prompt":"1","top_p":0}"#, 400, "top_p"),
-            (
-                r#"{"model":"m","prompt":"1","stop":["a","b","c","d","e"]}"#,
-                400,
-                "stop",
-            ),
-            (
-                r#"{"model":"m","prompt":"1","logprobs":5}"#,
-                400,
-                "logprobs",
-            ),
-            (
-                r#"{"model":"m","prompt":"1","presence_penalty":1}"#,
-                400,
-                "not supported",
-            ),
-        ] {
+            (r#"{"model":"m","prompt":"1","stop":["a","b","c","d","e"]}"#, 400, "stop"),
+            (r#"{"model":"m","prompt":"1","logprobs":5}"#, 400, "logprobs"),
+            (r#"{"model":"m","prompt":"1","presence_penalty":1}"#, 400, "not supported"),
+        ];
+        for (body, status, needle) in cases {
             let e = check(body).unwrap_err();
             assert_eq!(e.status, status, "{body}: {e:?}");
             assert!(e.message.contains(needle), "{body}: {}", e.message);

@@ -13,7 +13,9 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use apr_core::{BatchedDecoder, DecoderError, Horizon, Sampled, SlotId, StepInput, TextCodec};
+use apr_core::{
+    BatchedDecoder, DecoderError, Horizon, Sampled, SlotId, SlotTable, StepInput, TextCodec,
+};
 use serde_json::{json, Value};
 
 /// Where the servers are and how to talk to them.
@@ -67,9 +69,11 @@ pub struct RemoteDecoder {
     agent: ureq::Agent,
     urls: Vec<String>,
     model: String,
-    context: usize,
     codec: Arc<dyn TextCodec + Send + Sync>,
+    /// Each slot's tokens (sent whole with every request); their lengths are `table`'s, its
+    /// limit the served context.
     slots: Vec<Vec<u32>>,
+    table: SlotTable,
     in_flight: usize,
     retries: usize,
     backoff: Duration,
@@ -163,9 +167,9 @@ impl RemoteDecoder {
             agent,
             urls,
             model: model.unwrap_or_default(),
-            context,
             codec,
             slots: vec![Vec::new(); config.slots.max(1)],
+            table: SlotTable::new(config.slots.max(1), context),
             in_flight: config.in_flight.max(1),
             retries: config.retries,
             backoff: config.backoff,
@@ -342,16 +346,8 @@ fn mix(mut z: u64) -> u64 {
 }
 
 impl BatchedDecoder for RemoteDecoder {
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-
-    fn context_limit(&self) -> usize {
-        self.context
-    }
-
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.slots.get(slot).map_or(0, Vec::len)
+    fn table(&self) -> &SlotTable {
+        &self.table
     }
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
@@ -377,17 +373,18 @@ impl BatchedDecoder for RemoteDecoder {
         // The prompts: each slot's tokens with the input appended.
         let mut prompts: Vec<Result<Vec<u32>, DecoderError>> = Vec::with_capacity(inputs.len());
         for input in inputs {
+            // Room for the input and the token the server samples after it.
+            let len = self.table.slot_len(input.slot) + input.tokens.len() + 1;
             let prompt = match self.slots.get_mut(input.slot) {
                 None => Err(DecoderError::BadSlot(input.slot)),
-                Some(held) if held.len() + input.tokens.len() + 1 > self.context => {
-                    Err(DecoderError::ContextFull {
-                        slot: input.slot,
-                        len: held.len() + input.tokens.len() + 1,
-                        limit: self.context,
-                    })
-                }
+                Some(_) if len > self.table.max_len() => Err(DecoderError::ContextFull {
+                    slot: input.slot,
+                    len,
+                    limit: self.table.max_len(),
+                }),
                 Some(held) => {
                     held.extend_from_slice(input.tokens);
+                    self.table.extend(input.slot, input.tokens.len());
                     Ok(held.clone())
                 }
             };
@@ -423,24 +420,23 @@ impl BatchedDecoder for RemoteDecoder {
         // Every chunk token but the last is now part of its slot.
         for (input, result) in inputs.iter().zip(&results) {
             if let (Ok(chunk), Some(held)) = (result, self.slots.get_mut(input.slot)) {
-                held.extend(chunk[..chunk.len() - 1].iter().map(|s| s.token));
+                let kept = &chunk[..chunk.len() - 1];
+                held.extend(kept.iter().map(|s| s.token));
+                self.table.extend(input.slot, kept.len());
             }
         }
         results
     }
 
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
-        let held = self
-            .slots
-            .get_mut(slot)
-            .ok_or(DecoderError::BadSlot(slot))?;
-        held.truncate(len);
+        let len = self.table.truncate(slot, len)?;
+        self.slots[slot].truncate(len);
         Ok(())
     }
 
     fn release(&mut self, slot: SlotId) {
-        if let Some(held) = self.slots.get_mut(slot) {
-            held.clear();
+        if self.table.release(slot) {
+            self.slots[slot].clear();
         }
     }
 }

@@ -114,68 +114,20 @@ async fn models(State(s): State<Arc<Shared>>) -> Json<Value> {
 async fn metrics(State(s): State<Arc<Shared>>) -> impl IntoResponse {
     let c = &s.counters;
     let load = |a: &AtomicU64| a.load(Ordering::Relaxed);
+    // Prometheus' text format: name, type, help, value; a table, one metric a line.
+    #[rustfmt::skip]
     let lines = [
-        (
-            "apr_requests_total",
-            "counter",
-            "Completion requests received.",
-            load(&s.requests),
-        ),
-        (
-            "apr_requests_rejected_total",
-            "counter",
-            "Requests refused (4xx, 429).",
-            load(&s.rejected),
-        ),
-        (
-            "apr_sequences_total",
-            "counter",
-            "Sequences (choices) finished.",
-            load(&c.sequences),
-        ),
-        (
-            "apr_sequences_cancelled_total",
-            "counter",
-            "Sequences whose client went away.",
-            load(&c.cancelled),
-        ),
-        (
-            "apr_generated_tokens_total",
-            "counter",
-            "Tokens sampled.",
-            load(&c.generated_tokens),
-        ),
-        (
-            "apr_prefill_tokens_total",
-            "counter",
-            "Prompt tokens prefilled into slots.",
-            load(&c.prefilled_tokens),
-        ),
-        (
-            "apr_prefix_cache_tokens_total",
-            "counter",
-            "Prompt tokens served from the prefix cache.",
-            load(&c.reused_tokens),
-        ),
-        (
-            "apr_engine_steps_total",
-            "counter",
-            "Batched engine steps.",
-            load(&c.steps),
-        ),
-        (
-            "apr_busy_slots",
-            "gauge",
-            "Slots decoding now.",
-            load(&c.busy_slots),
-        ),
+        ("apr_requests_total", "counter", "Completion requests received.", load(&s.requests)),
+        ("apr_requests_rejected_total", "counter", "Requests refused (4xx, 429).", load(&s.rejected)),
+        ("apr_sequences_total", "counter", "Sequences (choices) finished.", load(&c.sequences)),
+        ("apr_sequences_cancelled_total", "counter", "Sequences whose client went away.", load(&c.cancelled)),
+        ("apr_generated_tokens_total", "counter", "Tokens sampled.", load(&c.generated_tokens)),
+        ("apr_prefill_tokens_total", "counter", "Prompt tokens prefilled into slots.", load(&c.prefilled_tokens)),
+        ("apr_prefix_cache_tokens_total", "counter", "Prompt tokens served from the prefix cache.", load(&c.reused_tokens)),
+        ("apr_engine_steps_total", "counter", "Batched engine steps.", load(&c.steps)),
+        ("apr_busy_slots", "gauge", "Slots decoding now.", load(&c.busy_slots)),
         ("apr_slots", "gauge", "Slots of the engine.", s.slots as u64),
-        (
-            "apr_queue_length",
-            "gauge",
-            "Sequences waiting for a slot.",
-            load(&c.waiting),
-        ),
+        ("apr_queue_length", "gauge", "Sequences waiting for a slot.", load(&c.waiting)),
     ];
     let mut text = String::new();
     for (name, kind, help, value) in lines {

@@ -9,6 +9,7 @@
 use apr_core::decoder::uniform_at;
 use apr_core::runtime::{run, Finish, Job, Mode, ProblemResult, RuntimeConfig};
 use apr_core::scripted::ByteCodec;
+use apr_core::SlotTable;
 use apr_core::{
     BatchedDecoder, DecoderError, NodeId, Sampled, SlotId, StepInput, Task, TaskError, TextCodec,
 };
@@ -48,10 +49,11 @@ fn mix(mut z: u64) -> u64 {
 
 /// The chaotic model: a pool of byte-level slots.
 pub struct ChaosModel {
+    /// Each slot's tokens; their lengths are `table`'s.
     slots: Vec<Vec<u32>>,
     /// Rolling hash of each slot's tokens, kept in step with `slots`.
     hashes: Vec<Vec<u64>>,
-    context: usize,
+    table: SlotTable,
     /// Whether draws depend on the thread's seed and position too.
     pub seeded: bool,
     /// Chance of EOS at a token (out of 1,000).
@@ -64,7 +66,7 @@ impl ChaosModel {
         ChaosModel {
             slots: vec![Vec::new(); slots],
             hashes: vec![Vec::new(); slots],
-            context,
+            table: SlotTable::new(slots, context),
             seeded: false,
             eos_per_mille: 15,
         }
@@ -123,30 +125,12 @@ impl ChaosModel {
 }
 
 impl BatchedDecoder for ChaosModel {
-    fn slots(&self) -> usize {
-        self.slots.len()
-    }
-    fn context_limit(&self) -> usize {
-        self.context
-    }
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.slots.get(slot).map_or(0, Vec::len)
+    fn table(&self) -> &SlotTable {
+        &self.table
     }
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
-        let mut seen = vec![false; self.slots.len()];
-        for input in inputs {
-            if input.slot >= self.slots.len() || std::mem::replace(&mut seen[input.slot], true) {
-                return Err(DecoderError::BadSlot(input.slot));
-            }
-            let len = self.slots[input.slot].len() + input.tokens.len();
-            if len > self.context || input.tokens.is_empty() {
-                return Err(DecoderError::ContextFull {
-                    slot: input.slot,
-                    len,
-                    limit: self.context,
-                });
-            }
-        }
+        self.table.check(inputs)?;
+        self.table.append(inputs);
         let mut out = Vec::with_capacity(inputs.len());
         for input in inputs {
             let slot = input.slot;
@@ -170,23 +154,21 @@ impl BatchedDecoder for ChaosModel {
         Ok(out)
     }
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
-        let s = self
-            .slots
-            .get_mut(slot)
-            .ok_or(DecoderError::BadSlot(slot))?;
-        if len > s.len() {
+        // Stricter than the engines: the runtime never rewinds past what a slot holds.
+        let held = self.table.slot_len(slot);
+        if len > held {
             return Err(DecoderError::Backend(format!(
-                "truncate to {len} beyond {}",
-                s.len()
+                "truncate to {len} beyond {held}"
             )));
         }
-        s.truncate(len);
+        self.table.truncate(slot, len)?;
+        self.slots[slot].truncate(len);
         self.hashes[slot].truncate(len);
         Ok(())
     }
     fn release(&mut self, slot: SlotId) {
-        if let Some(s) = self.slots.get_mut(slot) {
-            s.clear();
+        if self.table.release(slot) {
+            self.slots[slot].clear();
             self.hashes[slot].clear();
         }
     }

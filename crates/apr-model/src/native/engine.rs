@@ -11,7 +11,7 @@ use super::kernels::{rms_forward, rope_rotate, softmax_in_place, split_rows};
 use super::model::NativeModel;
 use super::sample::sample;
 use crate::invariant;
-use crate::slots::SlotTable;
+use apr_core::SlotTable;
 
 /// A slot pool over a [`NativeModel`].
 ///
@@ -162,16 +162,8 @@ impl BlockOps for CacheOps<'_> {
 }
 
 impl BatchedDecoder for NativeEngine {
-    fn slots(&self) -> usize {
-        self.slots.slots()
-    }
-
-    fn context_limit(&self) -> usize {
-        self.slots.max_len()
-    }
-
-    fn slot_len(&self, slot: SlotId) -> usize {
-        self.slots.slot_len(slot)
+    fn table(&self) -> &SlotTable {
+        &self.slots
     }
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
