@@ -83,9 +83,6 @@ pub struct GrpoArgs {
     /// default elsewhere).
     #[arg(long)]
     learner: Option<apr_rl::sft::LearnerKind>,
-    /// Seed.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
     run: RunDirArgs,
     #[command(flatten)]
@@ -162,9 +159,6 @@ pub struct SftArgs {
     /// Checkpoint every this many steps.
     #[arg(long, value_parser = crate::args::steps, default_value_t = 100)]
     checkpoint_every: usize,
-    /// Seed of data order and initialisation.
-    #[arg(long, default_value_t = 0)]
-    seed: u64,
     #[command(flatten)]
     run: RunDirArgs,
     #[command(flatten)]
@@ -186,6 +180,9 @@ pub struct RunDirArgs {
     /// Output directory (metrics.jsonl, checkpoint/, run.json).
     #[arg(long)]
     out: PathBuf,
+    /// Seed of everything the run draws: initialisation, data order, rollouts.
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
 }
 
 impl RunDirArgs {
@@ -246,7 +243,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         "steps": args.steps, "group": args.group, "batch": args.batch, "lr": args.lr,
         "kl_beta": args.kl_beta, "inner_steps": args.inner_steps, "no_std_norm": args.no_std_norm,
         "serial": args.serial, "context": args.context, "temperature": args.temperature,
-        "seed": args.seed,
+        "seed": args.run.seed,
     });
     let resuming = args.run.prepare(&settings)?;
     let mode = if args.serial { Mode::Serial } else { Mode::Apr };
@@ -267,7 +264,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
         },
         slots: args.slots,
         batch_tokens: args.batch_tokens,
-        seed: args.seed,
+        seed: args.run.seed,
         checkpoint_every: args.checkpoint_every,
         learner: args
             .learner
@@ -322,7 +319,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         "mask_prompt": args.mask_prompt, "sub_call_budget": args.sub_call_budget,
         "steps": args.steps, "batch_tokens": args.batch_tokens, "accum": args.accum,
         "lr": args.lr, "min_lr": args.min_lr, "warmup": args.warmup, "context": args.context,
-        "seed": args.seed,
+        "seed": args.run.seed,
     });
     let resuming = args.run.prepare(&settings)?;
     let (tok, model_config, weights) = match &init {
@@ -333,7 +330,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         None => {
             let tok = tokenizer(args.tokenizer.as_ref())?;
             let config = model_config(args.preset, args.config.as_ref(), tok.vocab_size())?;
-            let weights = init_weights(&config, args.seed);
+            let weights = init_weights(&config, args.run.seed);
             (tok, config, weights)
         }
     };
@@ -379,7 +376,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         warmup: args.warmup,
         adamw: AdamWConfig::default(),
         context,
-        seed: args.seed,
+        seed: args.run.seed,
         checkpoint_every: args.checkpoint_every,
         eval_every: args.eval_every,
         learner: args

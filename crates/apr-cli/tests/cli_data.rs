@@ -2,85 +2,35 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
-
-use common::{apr, one_line_error, s};
+use common::{apr, apr_line, ok, one_line_error, problems_and_traces, s};
 
 /// Writes `count` problems (seed 5) and their `solver` traces under `dir`; returns the traces.
-fn problems_and_traces(dir: &Path, count: &str, solver: &str) -> PathBuf {
-    let problems = dir.join("p.jsonl");
-    let traces = dir.join("t.jsonl");
-    let out = apr(&[
-        "data",
-        "problems",
-        "--count",
-        count,
-        "--seed",
-        "5",
-        "--out",
-        s(&problems),
-    ]);
-    assert!(out.status.success());
-    let out = apr(&[
-        "data",
-        "traces",
-        "--solver",
-        solver,
-        "--problems",
-        s(&problems),
-        "--out",
-        s(&traces),
-    ]);
-    assert!(out.status.success());
-    traces
-}
-
 #[test]
 fn problems_traces_validate_stats_round_trip() {
     let dir = tempfile::tempdir().unwrap();
     let problems = dir.path().join("p.jsonl");
     let val = dir.path().join("val.jsonl");
     let traces = dir.path().join("t.jsonl.zst");
-    let out = apr(&[
-        "data",
-        "problems",
-        "--count",
-        "60",
-        "--seed",
-        "3",
-        "--out",
-        s(&problems),
-    ]);
+    let out = apr_line(&format!(
+        "data problems --count 60 --seed 3 --out {}",
+        s(&problems)
+    ));
     assert!(
         out.status.success(),
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let out = apr(&[
-        "data",
-        "problems",
-        "--count",
-        "20",
-        "--seed",
-        "3",
-        "--exclude",
+    let out = apr_line(&format!(
+        "data problems --count 20 --seed 3 --exclude {} --out {}",
         s(&problems),
-        "--out",
-        s(&val),
-    ]);
+        s(&val)
+    ));
     assert!(out.status.success());
-    let out = apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--order",
-        "sorted",
-        "--problems",
+    let out = apr_line(&format!(
+        "data traces --solver apr --order sorted --problems {} --out {}",
         s(&problems),
-        "--out",
-        s(&traces),
-    ]);
+        s(&traces)
+    ));
     assert!(!out.status.success(), "an unknown order is refused");
     // Both solvers, in the reference's order and in expansion order.
     for (solver, order) in [
@@ -89,34 +39,14 @@ fn problems_traces_validate_stats_round_trip() {
         ("apr", "expansion"),
         ("sosp", "expansion"),
     ] {
-        let out = apr(&[
-            "--threads",
-            "1",
-            "data",
-            "traces",
-            "--solver",
-            solver,
-            "--order",
-            order,
-            "--problems",
+        let out = apr_line(&format!(
+            "--threads 1 data traces --solver {solver} --order {order} --problems {} --out {}",
             s(&problems),
-            "--out",
-            s(&traces),
-        ]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+            s(&traces)
+        ));
+        let report = ok(&out);
         assert_eq!(report["records"], 60);
-        let out = apr(&["data", "validate", s(&traces)]);
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stdout)
-        );
-        let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        let summary = ok(&apr(&["data", "validate", s(&traces)]));
         assert_eq!(summary["consistent"], 60);
         assert_eq!(summary["solved"], summary["verified"]);
         // Only the non-reference order is recorded (reference files stay byte-identical).
@@ -155,7 +85,7 @@ fn problems_traces_validate_stats_round_trip() {
 #[test]
 fn stats_reports_text_the_tokenizer_cannot_encode() {
     let dir = tempfile::tempdir().unwrap();
-    let traces = problems_and_traces(dir.path(), "5", "sosp");
+    let (_, traces) = problems_and_traces(dir.path(), 5, "sosp");
     let text = std::fs::read_to_string(&traces).unwrap();
     std::fs::write(&traces, text.replace("Current State", "Current Stat\u{e9}")).unwrap();
     let out = apr(&["data", "stats", s(&traces), "--tokenizer", "domain"]);
@@ -165,7 +95,7 @@ fn stats_reports_text_the_tokenizer_cannot_encode() {
 #[test]
 fn validate_fails_on_an_altered_record() {
     let dir = tempfile::tempdir().unwrap();
-    let traces = problems_and_traces(dir.path(), "40", "apr");
+    let (_, traces) = problems_and_traces(dir.path(), 40, "apr");
     let text = std::fs::read_to_string(&traces).unwrap();
     // Break the first join block of the file by one character.
     let altered = text.replacen("at level 1 at Node #0,", "at level 1 at Node #0;", 1);
@@ -188,16 +118,10 @@ fn validate_fails_on_an_altered_record() {
 #[test]
 fn bad_input_gives_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
-    let out = apr(&[
-        "data",
-        "problems",
-        "--numbers",
-        "1",
-        "--count",
-        "5",
-        "--out",
-        s(&dir.path().join("x.jsonl")),
-    ]);
+    let out = apr_line(&format!(
+        "data problems --numbers 1 --count 5 --out {}",
+        s(&dir.path().join("x.jsonl"))
+    ));
     one_line_error(&out, "--numbers must be between 3 and 6");
 
     let bad_json = dir.path().join("bad.jsonl");
@@ -206,30 +130,20 @@ fn bad_input_gives_one_line_errors() {
         "{\"nums\": [1, 2, 3], \"target\": 6}\nnot json\n",
     )
     .unwrap();
-    let out = apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
+    let out = apr_line(&format!(
+        "data traces --solver apr --problems {} --out {}",
         s(&bad_json),
-        "--out",
-        s(&dir.path().join("t.jsonl")),
-    ]);
+        s(&dir.path().join("t.jsonl"))
+    ));
     one_line_error(&out, "bad.jsonl:2:");
 
     let negative = dir.path().join("neg.jsonl");
     std::fs::write(&negative, "{\"nums\": [1, -2, 3, 4], \"target\": 6}\n").unwrap();
-    let out = apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
+    let out = apr_line(&format!(
+        "data traces --solver apr --problems {} --out {}",
         s(&negative),
-        "--out",
-        s(&dir.path().join("t.jsonl")),
-    ]);
+        s(&dir.path().join("t.jsonl"))
+    ));
     one_line_error(&out, "numbers must be positive integers, got -2");
     assert!(!dir.path().join("t.jsonl").exists(), "no partial output");
 

@@ -4,39 +4,17 @@
 //! sampled, because both sides run the same batch-invariant engine and draw each token from the
 //! thread's seed and position.
 
-use std::io::{BufRead, BufReader};
+mod common;
+
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
 
-fn apr(args: &[&str]) -> std::process::Output {
-    Command::new(env!("CARGO_BIN_EXE_apr"))
-        .args(args)
-        .output()
-        .unwrap()
-}
+use common::{apr, apr_line, ok, serve};
 
-fn ok(out: std::process::Output) {
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-/// `apr serve` on a free port: the process and its URL.
-fn serve(model: &str) -> (Child, String) {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_apr"))
-        .args(["serve", "--model", model, "--port", "0", "--slots", "16"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
-    (server, info["listening"].as_str().unwrap().to_owned())
+/// `apr data problems ARGS` into `dir/problems.jsonl`; returns its path.
+fn problems(dir: &Path, args: &str) -> String {
+    let path = dir.join("problems.jsonl").to_str().unwrap().to_owned();
+    ok(&apr_line(&format!("data problems {args} --out {path}")));
+    path
 }
 
 /// An evaluation's records without their wall-clock latency.
@@ -55,23 +33,12 @@ fn records(dir: &Path) -> Vec<serde_json::Value> {
 #[test]
 fn eval_over_http_gives_the_in_process_records() {
     let tmp = tempfile::tempdir().unwrap();
-    let problems = tmp.path().join("problems.jsonl");
-    let p = problems.to_str().unwrap();
-    ok(apr(&[
-        "data",
-        "problems",
-        "--numbers",
-        "3",
-        "--max-target",
-        "30",
-        "--count",
-        "24",
-        "--seed",
-        "11",
-        "--out",
-        p,
-    ]));
-    let (mut server, url) = serve("apr-sft");
+    let problems = problems(
+        tmp.path(),
+        "--numbers 3 --max-target 30 --count 24 --seed 11",
+    );
+    let p = problems.as_str();
+    let (mut server, url) = serve("apr-sft", 16);
     let mut compared = 0;
     let mut children = 0;
     for (name, extra) in [
@@ -96,10 +63,10 @@ fn eval_over_http_gives_the_in_process_records() {
         let mut args: Vec<&str> = base.to_vec();
         args.extend(&extra);
         args.extend(["--out", local.to_str().unwrap()]);
-        ok(apr(&args));
+        ok(&apr(&args));
         args.truncate(args.len() - 2);
         args.extend(["--out", remote.to_str().unwrap(), "--engine", url.as_str()]);
-        ok(apr(&args));
+        ok(&apr(&args));
         let (a, b) = (records(&local), records(&remote));
         assert_eq!(a.len(), b.len(), "{name}");
         for (x, y) in a.iter().zip(&b) {
@@ -118,31 +85,14 @@ fn eval_over_http_gives_the_in_process_records() {
 #[test]
 fn an_unreachable_engine_is_a_one_line_error() {
     let tmp = tempfile::tempdir().unwrap();
-    let problems = tmp.path().join("problems.jsonl");
-    let p = problems.to_str().unwrap();
-    ok(apr(&[
-        "data",
-        "problems",
-        "--numbers",
-        "3",
-        "--count",
-        "2",
-        "--out",
-        p,
-    ]));
+    let problems = problems(tmp.path(), "--numbers 3 --count 2");
+    let p = problems.as_str();
     let out_dir = tmp.path().join("out");
     for url in ["http://127.0.0.1:1", "https://example.invalid"] {
-        let out = apr(&[
-            "eval",
-            "--model",
-            "apr-sft",
-            "--problems",
-            p,
-            "--out",
-            out_dir.to_str().unwrap(),
-            "--engine",
-            url,
-        ]);
+        let out = apr_line(&format!(
+            "eval --model apr-sft --problems {p} --out {} --engine {url}",
+            out_dir.to_str().unwrap()
+        ));
         assert!(!out.status.success(), "{url}");
         let err = String::from_utf8_lossy(&out.stderr);
         assert_eq!(err.trim().lines().count(), 1, "{url}: {err}");

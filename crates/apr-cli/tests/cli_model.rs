@@ -3,22 +3,16 @@
 
 mod common;
 
-use common::{apr, ok, one_line_error, s};
+use common::{apr, apr_line, ok, one_line_error, s};
 
 #[test]
 fn init_generate_export_train_eval() {
     let dir = tempfile::tempdir().unwrap();
     let model = dir.path().join("m");
-    let info = ok(&apr(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--seed",
-        "1",
-        "--out",
-        s(&model),
-    ]));
+    let info = ok(&apr_line(&format!(
+        "model init --preset tiny --seed 1 --out {}",
+        s(&model)
+    )));
     assert!(info["parameters"].as_u64().unwrap() < 1_000_000);
     let gen = ok(&apr(&[
         "generate",
@@ -36,93 +30,36 @@ fn init_generate_export_train_eval() {
     );
     assert_eq!(gen["prompt_tokens"][0], 1, "BOS first");
     let export = dir.path().join("hf");
-    ok(&apr(&[
-        "export",
-        "--model",
+    ok(&apr_line(&format!(
+        "export --model {} --format hf --out {}",
         s(&model),
-        "--format",
-        "hf",
-        "--out",
-        s(&export),
-    ]));
+        s(&export)
+    )));
     let config: serde_json::Value =
         serde_json::from_str(&std::fs::read_to_string(export.join("config.json")).unwrap())
             .unwrap();
     assert_eq!(config["architectures"][0], "LlamaForCausalLM");
     assert!(export.join("model.safetensors").exists() && export.join("tokenizer.json").exists());
 
-    let problems = dir.path().join("p.jsonl");
-    let traces = dir.path().join("t.jsonl");
-    ok(&apr(&[
-        "data",
-        "problems",
-        "--numbers",
-        "3",
-        "--count",
-        "12",
-        "--out",
-        s(&problems),
-    ]));
-    ok(&apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
-        s(&problems),
-        "--out",
-        s(&traces),
-    ]));
+    let (problems, traces) = (dir.path().join("p.jsonl"), dir.path().join("t.jsonl"));
+    let (p, t) = (s(&problems), s(&traces));
+    ok(&apr_line(&format!(
+        "data problems --numbers 3 --count 12 --out {p}"
+    )));
+    ok(&apr_line(&format!(
+        "data traces --solver apr --problems {p} --out {t}"
+    )));
     let run = dir.path().join("sft");
     let cfg = dir.path().join("cfg.json");
     std::fs::write(&cfg, r#"{"vocab_size":57,"d_model":32,"n_layers":1,"n_heads":2,"d_ff":64,"max_seq_len":512,"rope_theta":10000.0,"norm_eps":1e-6,"init_std":0.02}"#).unwrap();
-    let sft = ok(&apr(&[
-        "train",
-        "sft",
-        "--data",
-        s(&traces),
-        "--config",
-        s(&cfg),
-        "--steps",
-        "2",
-        "--batch-tokens",
-        "2048",
-        "--context",
-        "512",
-        "--val-problems",
-        s(&problems),
-        "--val-count",
-        "2",
-        "--eval-every",
-        "2",
-        "--out",
-        s(&run),
-    ]));
+    let sft = ok(&apr_line(&format!("train sft --data {} --config {} --steps 2 --batch-tokens 2048 --context 512 --val-problems {} --val-count 2 --eval-every 2 --out {}", s(&traces), s(&cfg), s(&problems), s(&run))));
     assert_eq!(sft["steps"], 2);
     let metrics = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(metrics.lines().count(), 2);
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert!(last["loss"].is_number() && last["val_accuracy"].is_number());
     let eval_dir = dir.path().join("eval");
-    let summary = ok(&apr(&[
-        "eval",
-        "--model",
-        s(&run.join("checkpoint")),
-        "--problems",
-        s(&problems),
-        "--mode",
-        "sample",
-        "--n",
-        "2",
-        "--context",
-        "256",
-        "--limit",
-        "3",
-        "--slots",
-        "4",
-        "--out",
-        s(&eval_dir),
-    ]));
+    let summary = ok(&apr_line(&format!("eval --model {} --problems {} --mode sample --n 2 --context 256 --limit 3 --slots 4 --out {}", s(&run.join("checkpoint")), s(&problems), s(&eval_dir))));
     assert_eq!(summary["problems"], 3);
     assert_eq!(
         std::fs::read_to_string(eval_dir.join("records.jsonl"))
@@ -131,26 +68,7 @@ fn init_generate_export_train_eval() {
             .count(),
         6
     );
-    let grpo = ok(&apr(&[
-        "train",
-        "grpo",
-        "--init",
-        s(&run.join("checkpoint")),
-        "--problems",
-        s(&problems),
-        "--steps",
-        "1",
-        "--batch",
-        "2",
-        "--group",
-        "2",
-        "--context",
-        "256",
-        "--slots",
-        "4",
-        "--out",
-        s(&dir.path().join("grpo")),
-    ]));
+    let grpo = ok(&apr_line(&format!("train grpo --init {} --problems {} --steps 1 --batch 2 --group 2 --context 256 --slots 4 --out {}", s(&run.join("checkpoint")), s(&problems), s(&dir.path().join("grpo")))));
     assert_eq!(grpo["steps"], 1);
 }
 
@@ -160,16 +78,10 @@ fn builtin_tokenizers_by_name() {
     let mut vocab = Vec::new();
     for name in ["domain", "numbers"] {
         let model = dir.path().join(name);
-        ok(&apr(&[
-            "model",
-            "init",
-            "--preset",
-            "tiny",
-            "--tokenizer",
-            name,
-            "--out",
-            s(&model),
-        ]));
+        ok(&apr_line(&format!(
+            "model init --preset tiny --tokenizer {name} --out {}",
+            s(&model)
+        )));
         let config: serde_json::Value =
             serde_json::from_str(&std::fs::read_to_string(model.join("config.json")).unwrap())
                 .unwrap();
@@ -181,12 +93,8 @@ fn builtin_tokenizers_by_name() {
 #[test]
 fn pipeline_smoke_writes_a_report() {
     let dir = tempfile::tempdir().unwrap();
-    let out = apr(&["pipeline", "--preset", "smoke", "--out", s(dir.path())]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    let smoke = format!("pipeline --preset smoke --out {}", s(dir.path()));
+    ok(&apr_line(&smoke));
     let report = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     assert!(report.contains("| APR SFT | greedy |") && report.contains("SoS+"));
     assert!(report.contains("`numbers` tokenizer"), "{report}");
@@ -239,12 +147,7 @@ fn pipeline_smoke_writes_a_report() {
     std::fs::remove_dir_all(dir.path().join("grpo-apr")).unwrap();
     let sft_weights =
         std::fs::read(dir.path().join("sft-apr/checkpoint/model.safetensors")).unwrap();
-    let out = apr(&["pipeline", "--preset", "smoke", "--out", s(dir.path())]);
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    ok(&apr_line(&smoke));
     let again = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
     let without_times = |r: &str| -> String {
         r.lines()
@@ -281,13 +184,10 @@ fn pipeline_smoke_writes_a_report() {
 fn wrong_input_gives_one_line_errors() {
     let dir = tempfile::tempdir().unwrap();
     one_line_error(
-        &apr(&[
-            "generate",
-            "--model",
-            s(&dir.path().join("nope")),
-            "--prompt",
-            "x",
-        ]),
+        &apr_line(&format!(
+            "generate --model {} --prompt x",
+            s(&dir.path().join("nope"))
+        )),
         "no such checkpoint directory",
     );
     // A bare name is looked up among the shipped models too, and the error says so.
@@ -296,24 +196,15 @@ fn wrong_input_gives_one_line_errors() {
         "nor a shipped model",
     );
     let model = dir.path().join("m");
-    ok(&apr(&[
-        "model",
-        "init",
-        "--preset",
-        "tiny",
-        "--out",
-        s(&model),
-    ]));
+    ok(&apr_line(&format!(
+        "model init --preset tiny --out {}",
+        s(&model)
+    )));
     one_line_error(
-        &apr(&[
-            "generate",
-            "--model",
-            s(&model),
-            "--prompt",
-            "x",
-            "--backend",
-            "tpu",
-        ]),
+        &apr_line(&format!(
+            "generate --model {} --prompt x --backend tpu",
+            s(&model)
+        )),
         "unknown backend \"tpu\"",
     );
     // The binary shares apr-model's features with this test: without CUDA compiled in it says
@@ -328,15 +219,10 @@ fn wrong_input_gives_one_line_errors() {
     };
     if let Some(expected) = cuda_expected {
         one_line_error(
-            &apr(&[
-                "generate",
-                "--model",
-                s(&model),
-                "--prompt",
-                "x",
-                "--backend",
-                "cuda",
-            ]),
+            &apr_line(&format!(
+                "generate --model {} --prompt x --backend cuda",
+                s(&model)
+            )),
             expected,
         );
     }
@@ -345,41 +231,24 @@ fn wrong_input_gives_one_line_errors() {
         "cannot encode 'h'",
     );
     one_line_error(
-        &apr(&[
-            "solve",
-            "--model",
-            s(&model),
-            "--numbers",
-            "5,x",
-            "--target",
-            "10",
-        ]),
+        &apr_line(&format!(
+            "solve --model {} --numbers 5,x --target 10",
+            s(&model)
+        )),
         "--numbers: \"x\" is not an integer",
     );
     one_line_error(
-        &apr(&[
-            "solve",
-            "--model",
-            s(&model),
-            "--numbers",
-            "5,-1,3",
-            "--target",
-            "10",
-        ]),
+        &apr_line(&format!(
+            "solve --model {} --numbers 5,-1,3 --target 10",
+            s(&model)
+        )),
         "numbers must be positive",
     );
     let solve = |context: &str| {
-        apr(&[
-            "solve",
-            "--model",
-            s(&model),
-            "--numbers",
-            "22,26,31,53",
-            "--target",
-            "27",
-            "--context",
-            context,
-        ])
+        apr_line(&format!(
+            "solve --model {} --numbers 22,26,31,53 --target 27 --context {context}",
+            s(&model)
+        ))
     };
     let solved = solve("128");
     assert!(
@@ -391,15 +260,12 @@ fn wrong_input_gives_one_line_errors() {
     // A context longer than the model's positions is refused, not silently shortened.
     one_line_error(&solve("100000"), "exceeds the model's max_seq_len");
     one_line_error(
-        &apr(&[
-            "eval",
-            "--model",
+        &apr_line(&format!(
+            "eval --model {} --problems {} --out {}",
             s(&model),
-            "--problems",
             s(&dir.path().join("none.jsonl")),
-            "--out",
-            s(dir.path()),
-        ]),
+            s(dir.path())
+        )),
         "none.jsonl",
     );
 }

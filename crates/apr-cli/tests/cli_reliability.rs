@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Output;
 
-use common::{apr, ok, one_line_error, s};
+use common::{apr, apr_line, ok, one_line_error, problems_and_traces, s};
 
 /// A usage error from the argument parser: exit 2, the reason on the first line, no panic.
 fn usage_error(out: &Output, needle: &str) {
@@ -22,31 +22,6 @@ fn tiny_model(dir: &Path) -> String {
     let m = dir.join("model");
     ok(&apr(&["model", "init", "--preset", "tiny", "--out", s(&m)]));
     s(&m).to_owned()
-}
-
-/// `count` problems and their APR traces under `dir`; returns (problems, traces).
-fn problems_and_traces(dir: &Path, count: &str) -> (std::path::PathBuf, std::path::PathBuf) {
-    let p = dir.join("p.jsonl");
-    let traces = dir.join("t.jsonl");
-    ok(&apr(&[
-        "data",
-        "problems",
-        "--count",
-        count,
-        "--out",
-        s(&p),
-    ]));
-    ok(&apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
-        s(&p),
-        "--out",
-        s(&traces),
-    ]));
-    (p, traces)
 }
 
 /// The arguments of a tiny SFT run on `traces` into `out`, then `extra`.
@@ -140,16 +115,11 @@ fn outputs_never_replace_what_the_command_did_not_make() {
     let link = dir.path().join("link.jsonl");
     std::fs::hard_link(&p, &link).unwrap();
     one_line_error(
-        &apr(&[
-            "data",
-            "traces",
-            "--solver",
-            "apr",
-            "--problems",
+        &apr_line(&format!(
+            "data traces --solver apr --problems {} --out {}",
             s(&p),
-            "--out",
-            s(&link),
-        ]),
+            s(&link)
+        )),
         "would destroy what is being read",
     );
     assert_eq!(std::fs::read(&p).unwrap(), before);
@@ -163,16 +133,11 @@ fn outputs_never_replace_what_the_command_did_not_make() {
     assert!(!dir.path().join("adir.partial").exists());
     // Training never overwrites its own initial checkpoint.
     let traces = dir.path().join("t.jsonl");
-    ok(&apr(&[
-        "data",
-        "traces",
-        "--solver",
-        "apr",
-        "--problems",
+    ok(&apr_line(&format!(
+        "data traces --solver apr --problems {} --out {}",
         s(&p),
-        "--out",
-        s(&traces),
-    ]));
+        s(&traces)
+    )));
     let run = dir.path().join("run");
     let sft = |extra: &[&str]| {
         let mut all = vec!["--steps", "2"];
@@ -231,6 +196,12 @@ fn numeric_flags_are_refused_at_parse_time() {
         all.extend_from_slice(args);
         apr(&all)
     };
+    let grpo = |rest: &str| {
+        apr_line(&format!(
+            "train grpo --init {m} --problems {} {rest}",
+            s(&p)
+        ))
+    };
     for (flag, value) in [
         ("--slots", max.as_str()),
         ("--group", max.as_str()),
@@ -243,18 +214,7 @@ fn numeric_flags_are_refused_at_parse_time() {
         ("--inner-steps", "0"),
         ("--batch-tokens", "0"),
     ] {
-        let arg = format!("{flag}={value}");
-        let out = train(&[
-            "grpo",
-            "--init",
-            &m,
-            "--problems",
-            s(&p),
-            "--out",
-            "x",
-            &arg,
-        ]);
-        usage_error(&out, flag);
+        usage_error(&grpo(&format!("--out x {flag}={value}")), flag);
     }
     for (flag, value) in [("--accum", "0"), ("--lr", "-1"), ("--context", "0")] {
         let arg = format!("{flag}={value}");
@@ -262,17 +222,10 @@ fn numeric_flags_are_refused_at_parse_time() {
         usage_error(&out, flag);
     }
     // GRPO beyond the model's positions is an error, not a silent cut.
-    let out = train(&[
-        "grpo",
-        "--init",
-        &m,
-        "--problems",
-        s(&p),
-        "--out",
-        s(&dir.path().join("g")),
-        "--context",
-        "100000",
-    ]);
+    let out = grpo(&format!(
+        "--out {} --context 100000",
+        s(&dir.path().join("g"))
+    ));
     one_line_error(&out, "exceeds the model's max_seq_len");
     // A configuration no machine could hold is refused when written and when loaded.
     let cfg = dir.path().join("big.json");
@@ -282,14 +235,11 @@ fn numeric_flags_are_refused_at_parse_time() {
     config["model"]["max_seq_len"] = serde_json::json!(1_000_000_000u64);
     std::fs::write(&cfg, config["model"].to_string()).unwrap();
     one_line_error(
-        &apr(&[
-            "model",
-            "init",
-            "--config",
+        &apr_line(&format!(
+            "model init --config {} --out {}",
             s(&cfg),
-            "--out",
-            s(&dir.path().join("b")),
-        ]),
+            s(&dir.path().join("b"))
+        )),
         "max_seq_len 1000000000 is above the limit",
     );
     std::fs::write(Path::new(&m).join("apr.json"), config.to_string()).unwrap();
@@ -301,24 +251,15 @@ fn numeric_flags_are_refused_at_parse_time() {
     let empty = dir.path().join("empty.jsonl");
     std::fs::write(&empty, "").unwrap();
     let m2 = tiny_model(&dir.path().join("m2"));
-    one_line_error(
-        &apr(&[
-            "eval",
-            "--model",
-            &m2,
-            "--problems",
-            s(&empty),
-            "--out",
-            s(&dir.path().join("e")),
-        ]),
-        "no problems",
-    );
+    let (empty, out) = (s(&empty), dir.path().join("e"));
+    let eval = format!("eval --model {m2} --problems {empty} --out {}", s(&out));
+    one_line_error(&apr_line(&eval), "no problems");
 }
 
 #[test]
 fn run_directories_resume_only_as_they_were_started() {
     let dir = tempfile::tempdir().unwrap();
-    let (p, traces) = problems_and_traces(dir.path(), "20");
+    let (p, traces) = problems_and_traces(dir.path(), 20, "apr");
     let run = dir.path().join("run");
     let sft = |extra: &[&str]| apr(&tiny_sft(&traces, &run, extra));
     one_line_error(&sft(&["--steps", "3", "--resume"]), "no checkpoint here");
@@ -337,15 +278,7 @@ fn run_directories_resume_only_as_they_were_started() {
     std::fs::rename(run.join("checkpoint"), run.join("checkpoint.old")).unwrap();
     ok(&sft(&["--steps", "4", "--resume", "--allow-changed"]));
     assert!(run.join("checkpoint").is_dir() && !run.join("checkpoint.old").exists());
-    let steps: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
-                .as_u64()
-                .unwrap()
-        })
-        .collect();
+    let steps = logged_steps(&run);
     assert_eq!(steps, [1, 2, 3, 4]);
     // --force starts over: only the run's files go.
     std::fs::write(run.join("notes.txt"), "mine").unwrap();
@@ -357,26 +290,21 @@ fn run_directories_resume_only_as_they_were_started() {
     let lines = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
     assert_eq!(lines.lines().count(), 2);
     // A run directory given as --init says where its checkpoint is.
-    one_line_error(
-        &apr(&[
-            "train",
-            "grpo",
-            "--init",
-            s(&run),
-            "--problems",
-            s(&p),
-            "--out",
-            s(&dir.path().join("g")),
-        ]),
-        "its checkpoint is",
+    let out = dir.path().join("g");
+    let grpo = format!(
+        "train grpo --init {} --problems {} --out {}",
+        s(&run),
+        s(&p),
+        s(&out)
     );
+    one_line_error(&apr_line(&grpo), "its checkpoint is");
 }
 
 #[test]
 fn sft_killed_five_times_ends_as_an_uninterrupted_run() {
     use std::process::{Command, Stdio};
     let dir = tempfile::tempdir().unwrap();
-    let (_, traces) = problems_and_traces(dir.path(), "60");
+    let (_, traces) = problems_and_traces(dir.path(), 60, "apr");
     let steps = "120";
     let args = |out: &Path, mode: Option<&'static str>| {
         let mut a: Vec<String> = [
@@ -468,14 +396,18 @@ fn sft_killed_five_times_ends_as_an_uninterrupted_run() {
         weights(&straight) == weights(&run),
         "killed and resumed run ended elsewhere"
     );
-    let steps_logged: Vec<u64> = std::fs::read_to_string(run.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
+    let steps_logged = logged_steps(&run);
+    assert_eq!(steps_logged, (1..=120).collect::<Vec<u64>>());
+}
+
+/// The `step` of every line of a run's `metrics.jsonl`.
+fn logged_steps(run: &Path) -> Vec<u64> {
+    let text = std::fs::read_to_string(run.join("metrics.jsonl")).unwrap();
+    text.lines()
         .map(|l| {
             serde_json::from_str::<serde_json::Value>(l).unwrap()["step"]
                 .as_u64()
                 .unwrap()
         })
-        .collect();
-    assert_eq!(steps_logged, (1..=120).collect::<Vec<u64>>());
+        .collect()
 }

@@ -2,26 +2,17 @@
 //! `openai` Python package (named by `APR_PYTHON`, which `.ci/run` sets) passes
 //! `scripts/openai_client_check.py` against it: completions, n > 1, stop, streaming, errors.
 
-use std::io::{BufRead, BufReader, Read, Write};
+mod common;
+
+use std::io::{Read, Write};
 use std::path::Path;
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 const PROMPT: &str = "Moving to Node #0\nCurrent State: 19:[18, 19, 20], Operations: []";
 
 #[test]
 fn serve_answers_http_and_the_openai_client() {
-    let mut server = Command::new(env!("CARGO_BIN_EXE_apr"))
-        .args(["serve", "--model", "apr-sft", "--port", "0", "--slots", "8"])
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .unwrap();
-    let mut line = String::new();
-    BufReader::new(server.stdout.take().unwrap())
-        .read_line(&mut line)
-        .unwrap();
-    let info: serde_json::Value = serde_json::from_str(&line).unwrap();
-    let url = info["listening"].as_str().unwrap().to_owned();
+    let (mut server, url) = common::serve("apr-sft", 8);
     let addr = url.trim_start_matches("http://").to_owned();
     let mut s = std::net::TcpStream::connect(&addr).unwrap();
     s.write_all(b"GET /health HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")

@@ -51,6 +51,18 @@ pub struct StepInput<'a> {
     pub seed: u64,
 }
 
+impl<'a> StepInput<'a> {
+    /// Greedy decoding of `tokens` appended to `slot` (no draw, so no seed).
+    pub fn greedy(slot: SlotId, tokens: &'a [u32]) -> Self {
+        StepInput {
+            slot,
+            tokens,
+            sampling: Sampling::GREEDY,
+            seed: 0,
+        }
+    }
+}
+
 /// A sampled token with its log-probability under the model's unscaled distribution (what a
 /// policy-gradient trainer needs as the behaviour policy's log-probability at τ = 1).
 #[derive(Clone, Copy, Debug, PartialEq)]

@@ -7,7 +7,7 @@ mod chaos;
 use apr_core::decoder::{
     BatchedDecoder, DecoderError, Horizon, Sampled, SlotId, StepInput, TextCodec,
 };
-use apr_core::runtime::{run, Finish, Job, Mode, ProblemResult, Role, RuntimeConfig};
+use apr_core::runtime::{Finish, Job, Mode, ProblemResult, Role, RuntimeConfig};
 use apr_core::scripted::{ByteCodec, ScriptedModel};
 use apr_core::SlotTable;
 use chaos::{check, run_chaos, Tally};
@@ -66,14 +66,7 @@ fn several_substitutions_in_one_call_match_the_reference_loop() {
             problem: 1u64,
             seed: 0,
         }];
-        let results = run(
-            &chaos::ToyTask,
-            &mut model,
-            &ByteCodec,
-            jobs,
-            &config,
-            &mut |_| {},
-        );
+        let results = chaos::run_toy(&mut model, jobs, &config);
         let r = &results[0];
         assert_eq!(r.failure, None);
         assert_eq!(r.segments.len(), 1);
@@ -217,23 +210,9 @@ fn records_do_not_depend_on_how_many_tokens_a_step_returns() {
                     inner: model,
                     draws: 3,
                 };
-                run(
-                    &chaos::ToyTask,
-                    &mut decoder,
-                    &ByteCodec,
-                    jobs,
-                    &config,
-                    &mut |_| {},
-                )
+                chaos::run_toy(&mut decoder, jobs, &config)
             } else {
-                run(
-                    &chaos::ToyTask,
-                    &mut model,
-                    &ByteCodec,
-                    jobs,
-                    &config,
-                    &mut |_| {},
-                )
+                chaos::run_toy(&mut model, jobs, &config)
             };
             record_lines(results)
         };

@@ -18,6 +18,14 @@ pub struct Op {
 }
 
 impl Op {
+    /// `0?0=0`: what a successor buffer holds before [`combine`] fills it.
+    pub const ZERO: Op = Op {
+        a: 0,
+        kind: 0,
+        b: 0,
+        result: 0,
+    };
+
     /// Appends `a+b=r` (no quotes).
     pub fn write(&self, out: &mut String) {
         push_int(out, self.a);
@@ -194,13 +202,22 @@ pub fn push_list(out: &mut String, nums: &[i64]) {
 
 /// Appends a Python list of quoted operations: `['53-22=31', '31/31=1']`, or `[]`.
 pub fn push_op_list<'a>(out: &mut String, ops: impl IntoIterator<Item = &'a Op>) {
+    push_quoted_list(out, ops, |out, op| op.write(out));
+}
+
+/// Appends a Python list of quoted items, each written by `write`: `['a', 'b']`, or `[]`.
+pub fn push_quoted_list<T>(
+    out: &mut String,
+    items: impl IntoIterator<Item = T>,
+    mut write: impl FnMut(&mut String, T),
+) {
     out.push('[');
-    for (i, op) in ops.into_iter().enumerate() {
+    for (i, item) in items.into_iter().enumerate() {
         if i > 0 {
             out.push_str(", ");
         }
         out.push('\'');
-        op.write(out);
+        write(out, item);
         out.push('\'');
     }
     out.push(']');
@@ -212,12 +229,7 @@ mod tests {
 
     #[test]
     fn combine_follows_the_reference_order() {
-        let mut ops = [Op {
-            a: 0,
-            kind: 0,
-            b: 0,
-            result: 0,
-        }; 4];
+        let mut ops = [Op::ZERO; 4];
         let n = combine(31, 31, &mut ops);
         let texts: Vec<String> = ops[..n].iter().map(Op::text).collect();
         assert_eq!(texts, ["31+31=62", "31*31=961", "31-31=0", "31/31=1"]);

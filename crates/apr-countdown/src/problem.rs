@@ -5,7 +5,7 @@ use std::collections::HashSet;
 
 use serde::{Deserialize, Serialize};
 
-use crate::arith::{combine, push_list, Op, MAX_NUMS};
+use crate::arith::{combine, push_list, push_quoted_list, Op, MAX_NUMS};
 use crate::pyrand::{derive_seed, par_map_seeded, PyRandom};
 
 /// Smallest target.
@@ -112,12 +112,7 @@ fn solvable_with(nums: &[i64], target: i64, values: &mut [Vec<i64>]) -> bool {
     if n == 1 {
         return nums[0] == target;
     }
-    let mut ops = [Op {
-        a: 0,
-        kind: 0,
-        b: 0,
-        result: 0,
-    }; 4];
+    let mut ops = [Op::ZERO; 4];
     // Value lists of every subset of at most n − 2 numbers (and the single numbers), smallest
     // first: masks in increasing order visit every proper submask before its supermask.
     let listed = (n as u32 - 2).max(1);
@@ -216,12 +211,7 @@ fn dfs(nums: &[i64], target: i64, ops: &mut Vec<Op>) -> bool {
     if nums.len() == 1 {
         return nums[0] == target;
     }
-    let mut succ = [Op {
-        a: 0,
-        kind: 0,
-        b: 0,
-        result: 0,
-    }; 4];
+    let mut succ = [Op::ZERO; 4];
     let mut next = [0i64; MAX_NUMS];
     for i in 0..nums.len() {
         for j in i + 1..nums.len() {
@@ -295,16 +285,9 @@ pub fn optimal_path(target: i64, nums: &[i64], solution: &[String]) -> String {
             explored.push(op);
             out.push_str(&format!("Current State: {target}:"));
             push_list(&mut out, &nums);
-            out.push_str(", Operations: [");
-            for (i, e) in explored.iter().enumerate() {
-                if i > 0 {
-                    out.push_str(", ");
-                }
-                out.push('\'');
-                out.push_str(e);
-                out.push('\'');
-            }
-            out.push_str("]\n");
+            out.push_str(", Operations: ");
+            push_quoted_list(&mut out, &explored, |out, e| out.push_str(e));
+            out.push('\n');
         }
     }
     out

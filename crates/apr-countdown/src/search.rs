@@ -258,12 +258,7 @@ impl Searcher {
         let parent = self.arena[node as usize];
         let nums = parent.nums();
         self.generated.clear();
-        let mut ops = [Op {
-            a: 0,
-            kind: 0,
-            b: 0,
-            result: 0,
-        }; 4];
+        let mut ops = [Op::ZERO; 4];
         // Successors are scored without building them: the heuristic is a sum over numbers, so
         // a successor's is the parent's minus its two operands' plus the result's.
         let base = parent.h;
@@ -678,12 +673,7 @@ mod tests {
             assert_eq!(s, o, "seed {seed}");
             assert_eq!(s.len(), 4);
             // ...printed in generation order: pairs (0,1), (0,2), …, then + * - /.
-            let mut all = [Op {
-                a: 0,
-                kind: 0,
-                b: 0,
-                result: 0,
-            }; 4];
+            let mut all = [Op::ZERO; 4];
             let mut generation = Vec::new();
             for i in 0..nums.len() {
                 for j in i + 1..nums.len() {

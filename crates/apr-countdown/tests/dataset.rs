@@ -1,26 +1,19 @@
 //! End-to-end properties of generated datasets: reference solver statistics, validation that
 //! passes on our output and catches single-character edits, SFT views, thread-count independence.
 
+mod common;
+
 use std::collections::HashSet;
 
 use apr_core::Mode;
 use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::record::{
-    generate_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig, TraceRecord,
+    generate_traces, AprSolverConfig, CharCounter, SolverConfig, SospSolverConfig,
 };
 use apr_countdown::sft::{sequences, SftOptions};
 use apr_countdown::stats::TraceStats;
 use apr_countdown::validate::{validate, Validator};
-
-fn apr_records(n: usize, seed: u64) -> Vec<TraceRecord> {
-    let problems = ProblemSpec::default().generate(n, seed, streams::TRAIN, &HashSet::new());
-    generate_traces(
-        &problems,
-        &SolverConfig::Apr(AprSolverConfig::default()),
-        seed,
-        &CharCounter,
-    )
-}
+use common::apr_records;
 
 #[test]
 fn solver_statistics_match_the_reference() {

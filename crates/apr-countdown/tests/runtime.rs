@@ -2,29 +2,18 @@
 //! reference's texts exactly, slots stay within capacity, budgets stop what they should, and
 //! malformed output fails cleanly.
 
-use std::collections::HashSet;
+mod common;
+
 use std::time::Duration;
 
 use apr_core::runtime::{run, Finish, Job, Mode, ProblemResult, Role, RuntimeConfig};
 use apr_core::scripted::{ByteCodec, ScriptedModel};
 use apr_core::{split_spawn, Task};
-use apr_countdown::problem::{streams, ProblemSpec};
 use apr_countdown::pyrand::PyRandom;
-use apr_countdown::record::{
-    generate_traces, AprSolverConfig, CharCounter, SolverConfig, TraceRecord,
-};
+use apr_countdown::record::TraceRecord;
 use apr_countdown::search::TraceDict;
 use apr_countdown::{CountdownTask, Problem};
-
-fn records(n: usize, seed: u64) -> Vec<TraceRecord> {
-    let problems = ProblemSpec::default().generate(n, seed, streams::TRAIN, &HashSet::new());
-    generate_traces(
-        &problems,
-        &SolverConfig::Apr(AprSolverConfig::default()),
-        seed,
-        &CharCounter,
-    )
-}
+use common::apr_records;
 
 /// Scripts that make the model write exactly the solver's calls.
 fn scripts_for(dict: &TraceDict, prompt: &str, out: &mut Vec<(String, String)>) {
@@ -95,7 +84,7 @@ fn config() -> RuntimeConfig {
 
 #[test]
 fn spawn_join_round_trips_reproduce_the_reference_texts() {
-    let recs = records(60, 21);
+    let recs = apr_records(60, 21);
     assert!(
         recs.iter().any(|r| r.spawn_rounds() >= 2),
         "cover repeated spawn rounds"
@@ -110,24 +99,14 @@ fn spawn_join_round_trips_reproduce_the_reference_texts() {
         for (r, res) in recs.iter().zip(&results) {
             assert_eq!(res.failure, None, "slots {slots}, problem {}", res.id);
             let dict = r.trace_dict.as_ref().unwrap();
-            let parents: Vec<String> = res
-                .segments
-                .iter()
-                .filter(|s| s.role == Role::Parent)
-                .map(|s| format!("{}{}", s.prompt, s.output))
-                .collect();
+            let parents: Vec<String> = res.calls(Role::Parent);
             assert_eq!(
                 parents, dict.main_calls,
                 "slots {slots}, problem {}: parent calls",
                 res.id
             );
             // Children come in tree order (round by round, by index), whatever the batching.
-            let children: Vec<String> = res
-                .segments
-                .iter()
-                .filter(|s| s.role == Role::Child)
-                .map(|s| format!("{}{}", s.prompt, s.output))
-                .collect();
+            let children: Vec<String> = res.calls(Role::Child);
             let expected: Vec<String> = dict
                 .sub_calls
                 .iter()
@@ -144,7 +123,7 @@ fn spawn_join_round_trips_reproduce_the_reference_texts() {
 
 #[test]
 fn the_join_reuses_the_parent_prefix() {
-    let recs: Vec<TraceRecord> = records(40, 5)
+    let recs: Vec<TraceRecord> = apr_records(40, 5)
         .into_iter()
         .filter(|r| r.spawn_rounds() == 1)
         .take(10)
@@ -158,9 +137,7 @@ fn the_join_reuses_the_parent_prefix() {
         let join_block = &dict.main_calls[1]
             [split.before.len()..dict.main_calls[1].find("<End Sub Searches>\n").unwrap() + 19];
         let child_prompts: usize = res
-            .segments
-            .iter()
-            .filter(|s| s.role == Role::Child)
+            .segments_of(Role::Child)
             .map(|s| s.prompt.len() + 1)
             .sum();
         let this = 1 + prompt.len() + child_prompts + join_block.len();
@@ -181,7 +158,7 @@ fn the_join_reuses_the_parent_prefix() {
 
 #[test]
 fn budgets_stop_what_they_should() {
-    let recs: Vec<TraceRecord> = records(80, 9)
+    let recs: Vec<TraceRecord> = apr_records(80, 9)
         .into_iter()
         .filter(|r| r.spawn_rounds() >= 1 && r.children() >= 3)
         .take(8)

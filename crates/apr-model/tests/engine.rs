@@ -40,12 +40,7 @@ fn max_diff(a: &[f32], b: &[f32]) -> f32 {
 }
 
 fn input(slot: usize, tokens: &[u32]) -> StepInput<'_> {
-    StepInput {
-        slot,
-        tokens,
-        sampling: Sampling::GREEDY,
-        seed: 0,
-    }
+    StepInput::greedy(slot, tokens)
 }
 
 fn sequences() -> Vec<Vec<u32>> {

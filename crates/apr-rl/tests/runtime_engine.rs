@@ -4,7 +4,7 @@
 use std::collections::HashSet;
 
 use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput};
-use apr_core::runtime::{run, Job, Role, RuntimeConfig};
+use apr_core::runtime::{Role, RuntimeConfig};
 use apr_core::scripted::ScriptedModel;
 use apr_core::SlotTable;
 use apr_core::{split_spawn, Task};
@@ -14,6 +14,7 @@ use apr_countdown::search::TraceDict;
 use apr_countdown::{CountdownTask, Problem};
 use apr_model::backend::Backend;
 use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_rl::rollout::rollout;
 
 fn engine(slots: usize, context: usize) -> (Engine, AprTokenizer) {
     let tok = AprTokenizer::domain();
@@ -50,29 +51,12 @@ fn thread_streams_equal_running_each_thread_alone() {
     })
     .collect();
     let (mut batched, tok) = engine(3, 128);
-    let jobs: Vec<Job<Problem>> = problems
-        .iter()
-        .cloned()
-        .enumerate()
-        .map(|(i, p)| Job {
-            id: i,
-            problem: p,
-            seed: i as u64,
-        })
-        .collect();
     let config = RuntimeConfig {
         context: 128,
         sampling: Sampling::GREEDY,
         ..RuntimeConfig::default()
     };
-    let results = run(
-        &CountdownTask::apr(),
-        &mut batched,
-        &tok,
-        jobs,
-        &config,
-        &mut |_| {},
-    );
+    let results = rollout(&mut batched, &tok, &problems, 1, 0, &config, &mut |_| {});
     let mut lengths = HashSet::new();
     let mut compared = 0;
     for res in &results {
@@ -83,14 +67,7 @@ fn thread_streams_equal_running_each_thread_alone() {
             let (mut alone, _) = engine(1, 128);
             let mut pending = seg.prompt_tokens.clone();
             for (i, (&token, &sampled)) in seg.tokens.iter().zip(&seg.sampled).enumerate() {
-                let s = alone
-                    .step(&[StepInput {
-                        slot: 0,
-                        tokens: &pending,
-                        sampling: Sampling::GREEDY,
-                        seed: 0,
-                    }])
-                    .unwrap()[0];
+                let s = alone.step(&[StepInput::greedy(0, &pending)]).unwrap()[0];
                 if sampled {
                     assert_eq!(
                         s.token, token,
@@ -185,37 +162,17 @@ fn at_a_join_only_the_join_block_is_prefilled() {
         engine,
         script: ScriptedModel::with_codec(tok.clone(), scripts, 24, 1024),
     };
-    let jobs: Vec<Job<Problem>> = records
-        .iter()
-        .enumerate()
-        .map(|(i, r)| Job {
-            id: i,
-            problem: r.problem(),
-            seed: 0,
-        })
-        .collect();
+    let problems: Vec<Problem> = records.iter().map(|r| r.problem()).collect();
     let config = RuntimeConfig {
         context: 1024,
         ..RuntimeConfig::default()
     };
-    let results = run(
-        &CountdownTask::apr(),
-        &mut forced,
-        &tok,
-        jobs,
-        &config,
-        &mut |_| {},
-    );
+    let results = rollout(&mut forced, &tok, &problems, 1, 0, &config, &mut |_| {});
     let mut expected_prefill = 0;
     for (r, res) in records.iter().zip(&results) {
         assert_eq!(res.failure, None);
         let dict = r.trace_dict.as_ref().unwrap();
-        let parents: Vec<String> = res
-            .segments
-            .iter()
-            .filter(|s| s.role == Role::Parent)
-            .map(|s| format!("{}{}", s.prompt, s.output))
-            .collect();
+        let parents: Vec<String> = res.calls(Role::Parent);
         assert_eq!(parents, dict.main_calls);
         let prompt = CountdownTask::apr().parent_prompt(&r.problem());
         let before = split_spawn(&dict.main_calls[0]).unwrap().before;
@@ -232,9 +189,7 @@ fn at_a_join_only_the_join_block_is_prefilled() {
             "the pre-spawn KV prefix is kept"
         );
         let children: usize = res
-            .segments
-            .iter()
-            .filter(|s| s.role == Role::Child)
+            .segments_of(Role::Child)
             .map(|s| 1 + tok.encode(&s.prompt).unwrap().len())
             .sum();
         let this =

@@ -9,7 +9,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use apr_core::scripted::ByteCodec;
-use apr_core::{BatchedDecoder, Horizon, Sampling, StepInput};
+use apr_core::{BatchedDecoder, Horizon, StepInput};
 use apr_serve::client::{RemoteConfig, RemoteDecoder};
 use serde_json::{json, Value};
 
@@ -99,12 +99,7 @@ fn failures_are_retried_then_fail_only_their_own_input() {
     let inputs: Vec<StepInput> = prompts
         .iter()
         .enumerate()
-        .map(|(slot, p)| StepInput {
-            slot,
-            tokens: p,
-            sampling: Sampling::GREEDY,
-            seed: 0,
-        })
+        .map(|(slot, p)| StepInput::greedy(slot, p))
         .collect();
     let horizons = vec![
         Horizon {
@@ -141,22 +136,12 @@ fn failures_are_retried_then_fail_only_their_own_input() {
     assert_eq!(c.failures.load(Ordering::Relaxed), 3);
     // The next step continues a slot from the chunk's last token.
     let last = [6];
-    let next = StepInput {
-        slot: 4,
-        tokens: &last,
-        sampling: Sampling::GREEDY,
-        seed: 0,
-    };
+    let next = StepInput::greedy(4, &last);
     assert!(decoder.step_many(&[next], &horizons[..1])[0].is_ok());
     assert_eq!(decoder.slot_len(4), 6);
     // A prompt the context cannot hold fails before any request.
     let long = vec![1; 64];
-    let too_long = StepInput {
-        slot: 0,
-        tokens: &long,
-        sampling: Sampling::GREEDY,
-        seed: 0,
-    };
+    let too_long = StepInput::greedy(0, &long);
     assert!(decoder.step_many(&[too_long], &horizons[..1])[0].is_err());
 }
 

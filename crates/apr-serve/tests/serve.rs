@@ -8,7 +8,7 @@ use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
 use std::sync::Arc;
 
-use apr_core::{BatchedDecoder, Sampling, StepInput, TextCodec};
+use apr_core::{BatchedDecoder, StepInput, TextCodec};
 use apr_model::checkpoint;
 use apr_model::native::{NativeEngine, NativeModel};
 use apr_model::AprTokenizer;
@@ -109,14 +109,7 @@ fn greedy_alone(prompt: &str, max_tokens: usize) -> String {
     pending.extend(tok.encode(prompt).unwrap());
     let mut out = String::new();
     for _ in 0..max_tokens {
-        let s = e
-            .step(&[StepInput {
-                slot: 0,
-                tokens: &pending,
-                sampling: Sampling::GREEDY,
-                seed: 0,
-            }])
-            .unwrap()[0];
+        let s = e.step(&[StepInput::greedy(0, &pending)]).unwrap()[0];
         if s.token == tok.eos() {
             break;
         }
@@ -267,73 +260,26 @@ fn bad_requests_are_4xx_and_the_server_stays_up() {
         "{{\"model\":\"apr-sft\",\"prompt\":\"{}\"}}",
         "1".repeat(10 << 20)
     );
+    #[rustfmt::skip]
     let cases: Vec<(Vec<u8>, &str)> = vec![
         (b"{".to_vec(), "EOF"),
         (b"not json".to_vec(), "expected"),
-        (
-            br#"{"model":"apr-sft","prompt":1}"#.to_vec(),
-            "did not match",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","max_tokens":"9"}"#.to_vec(),
-            "invalid type",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","max_tokens":100000}"#.to_vec(),
-            "exceed the context",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","n":0}"#.to_vec(),
-            "n must",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","max_tokens":1.5}"#.to_vec(),
-            "invalid type",
-        ),
-        (
-            br#"{"model":"other","prompt":"1"}"#.to_vec(),
-            "does not exist",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"hello"}"#.to_vec(),
-            "cannot encode",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","temperature":-2}"#.to_vec(),
-            "temperature",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","top_p":2}"#.to_vec(),
-            "top_p",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","n":100000}"#.to_vec(),
-            "n must",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","stop":""}"#.to_vec(),
-            "stop",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","logprobs":3}"#.to_vec(),
-            "logprobs",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","frequency_penalty":1}"#.to_vec(),
-            "not supported",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","extra":true}"#.to_vec(),
-            "unknown field",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":"1","seed":18446744073709551616}"#.to_vec(),
-            "did not match",
-        ),
-        (
-            br#"{"model":"apr-sft","prompt":["1",2]}"#.to_vec(),
-            "did not match",
-        ),
+        (br#"{"model":"apr-sft","prompt":1}"#.to_vec(), "did not match"),
+        (br#"{"model":"apr-sft","prompt":"1","max_tokens":"9"}"#.to_vec(), "invalid type"),
+        (br#"{"model":"apr-sft","prompt":"1","max_tokens":100000}"#.to_vec(), "exceed the context"),
+        (br#"{"model":"apr-sft","prompt":"1","n":0}"#.to_vec(), "n must"),
+        (br#"{"model":"apr-sft","prompt":"1","max_tokens":1.5}"#.to_vec(), "invalid type"),
+        (br#"{"model":"other","prompt":"1"}"#.to_vec(), "does not exist"),
+        (br#"{"model":"apr-sft","prompt":"hello"}"#.to_vec(), "cannot encode"),
+        (br#"{"model":"apr-sft","prompt":"1","temperature":-2}"#.to_vec(), "temperature"),
+        (br#"{"model":"apr-sft","prompt":"1","top_p":2}"#.to_vec(), "top_p"),
+        (br#"{"model":"apr-sft","prompt":"1","n":100000}"#.to_vec(), "n must"),
+        (br#"{"model":"apr-sft","prompt":"1","stop":""}"#.to_vec(), "stop"),
+        (br#"{"model":"apr-sft","prompt":"1","logprobs":3}"#.to_vec(), "logprobs"),
+        (br#"{"model":"apr-sft","prompt":"1","frequency_penalty":1}"#.to_vec(), "not supported"),
+        (br#"{"model":"apr-sft","prompt":"1","extra":true}"#.to_vec(), "unknown field"),
+        (br#"{"model":"apr-sft","prompt":"1","seed":18446744073709551616}"#.to_vec(), "did not match"),
+        (br#"{"model":"apr-sft","prompt":["1",2]}"#.to_vec(), "did not match"),
         (br#"{"prompt":"1"}"#.to_vec(), "model"),
         (huge.into_bytes(), "context"),
     ];

@@ -119,6 +119,19 @@ impl ProblemResult {
     pub fn correct(&self) -> bool {
         self.reward > 0.0
     }
+
+    /// The segments of threads of `role`, in tree order.
+    pub fn segments_of(&self, role: Role) -> impl Iterator<Item = &Segment> {
+        self.segments.iter().filter(move |s| s.role == role)
+    }
+
+    /// Each call of `role`'s threads as the model saw and wrote it (prompt, then output): the
+    /// form of a solver trace's calls.
+    pub fn calls(&self, role: Role) -> Vec<String> {
+        self.segments_of(role)
+            .map(|s| format!("{}{}", s.prompt, s.output))
+            .collect()
+    }
 }
 
 /// Why a problem failed. Records hold the message ([`std::fmt::Display`]), and a message reads

@@ -287,8 +287,16 @@ pub fn run_chaos_with(
             seed: first + i as u64,
         })
         .collect();
-    let results = run(&ToyTask, &mut model, &ByteCodec, jobs, &config, &mut |_| {});
-    (results, model)
+    (run_toy(&mut model, jobs, &config), model)
+}
+
+/// Runs `jobs` of the [`ToyTask`] on `decoder` with byte tokens.
+pub fn run_toy(
+    decoder: &mut dyn BatchedDecoder,
+    jobs: Vec<Job<u64>>,
+    config: &RuntimeConfig,
+) -> Vec<ProblemResult> {
+    run(&ToyTask, decoder, &ByteCodec, jobs, config, &mut |_| {})
 }
 
 /// Counts of what a fuzz run saw.
