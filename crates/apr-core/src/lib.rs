@@ -15,6 +15,7 @@ pub mod mode;
 pub mod runtime;
 pub mod scripted;
 pub mod slots;
+pub mod step;
 pub mod stop;
 pub mod task;
 

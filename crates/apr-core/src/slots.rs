@@ -4,7 +4,7 @@
 //! decoder obeys one contract (llama.cpp's sequence API in spirit: one memory interface whatever
 //! holds the keys).
 
-use crate::decoder::{uniform_at, DecoderError, SlotId, StepInput};
+use crate::step::{uniform_at, DecoderError, SlotId, StepInput};
 
 /// Lengths and counters of a pool of slots.
 #[derive(Clone, Debug)]
@@ -136,7 +136,7 @@ impl SlotTable {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::decoder::Sampling;
+    use crate::step::Sampling;
 
     fn input(slot: SlotId, tokens: &[u32]) -> StepInput<'_> {
         StepInput {
