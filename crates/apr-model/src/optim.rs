@@ -286,6 +286,10 @@ fn current_params<M: Module>(module: &M) -> Vec<Tensor<1>> {
 pub struct FlatAdamW {
     config: AdamWConfig,
     step: u64,
+    /// Parameters it updates.
+    len: usize,
+    /// The moments, allocated at the first step or restore (a model that is only scored, such
+    /// as GRPO's frozen reference, never holds them).
     m: Vec<f32>,
     v: Vec<f32>,
 }
@@ -296,9 +300,19 @@ impl FlatAdamW {
         FlatAdamW {
             config,
             step: 0,
-            m: vec![0.0; len],
-            v: vec![0.0; len],
+            len,
+            m: Vec::new(),
+            v: Vec::new(),
         }
+    }
+
+    /// The moments, allocated (zero) on first use.
+    fn moments_mut(&mut self) -> (&mut [f32], &mut [f32]) {
+        if self.m.len() != self.len {
+            self.m = vec![0.0; self.len];
+            self.v = vec![0.0; self.len];
+        }
+        (&mut self.m, &mut self.v)
     }
 
     /// Steps taken.
@@ -310,8 +324,8 @@ impl FlatAdamW {
     /// gradient norm; non-finite gradients leave the parameters untouched.
     pub fn step(&mut self, params: &mut [f32], grads: &[f32], lr: f64) -> Result<f64, OptimError> {
         use rayon::prelude::*;
-        assert_eq!(params.len(), self.m.len(), "parameter count");
-        assert_eq!(grads.len(), self.m.len(), "gradient count");
+        assert_eq!(params.len(), self.len, "parameter count");
+        assert_eq!(grads.len(), self.len, "gradient count");
         const BLOCK: usize = 1 << 14;
         let partial: Vec<f64> = grads
             .par_chunks(BLOCK)
@@ -337,10 +351,11 @@ impl FlatAdamW {
             c.weight_decay as f32,
         );
         let (clip, bias1, bias2, lr) = (clip as f32, bias1 as f32, bias2 as f32, lr as f32);
+        let (m, v) = self.moments_mut();
         params
             .par_chunks_mut(BLOCK)
-            .zip(self.m.par_chunks_mut(BLOCK))
-            .zip(self.v.par_chunks_mut(BLOCK))
+            .zip(m.par_chunks_mut(BLOCK))
+            .zip(v.par_chunks_mut(BLOCK))
             .zip(grads.par_chunks(BLOCK))
             .for_each(|(((p, m), v), g)| {
                 for i in 0..p.len() {
@@ -354,16 +369,18 @@ impl FlatAdamW {
         Ok(norm)
     }
 
-    /// The two moments, flat, and the step count.
-    pub fn state(&self) -> (u64, &[f32], &[f32]) {
-        (self.step, &self.m, &self.v)
-    }
-
     /// The moments as named host tensors (`m.<parameter>`, `v.<parameter>`) in `model`'s
-    /// layout: what a checkpoint's `optimizer.safetensors` holds.
+    /// layout, zero before the first step: what a checkpoint's `optimizer.safetensors` holds.
     pub fn named_state(&self, model: &NativeModel) -> BTreeMap<String, HostTensor> {
+        let zeros;
+        let (m, v): (&[f32], &[f32]) = if self.m.len() == self.len {
+            (&self.m, &self.v)
+        } else {
+            zeros = vec![0.0; self.len];
+            (&zeros, &zeros)
+        };
         let mut out = BTreeMap::new();
-        for (moment, flat) in [("m", &self.m), ("v", &self.v)] {
+        for (moment, flat) in [("m", m), ("v", v)] {
             for (name, t) in model.split(flat) {
                 out.insert(moment_name(moment, &name), t);
             }
@@ -388,11 +405,11 @@ impl FlatAdamW {
 
     /// Restores a state saved from [`FlatAdamW::state`].
     pub fn restore(&mut self, step: u64, m: Vec<f32>, v: Vec<f32>) -> Result<(), String> {
-        if m.len() != self.m.len() || v.len() != self.v.len() {
+        if m.len() != self.len || v.len() != self.len {
             return Err(format!(
                 "optimizer state has {} values, the model {}",
                 m.len(),
-                self.m.len()
+                self.len
             ));
         }
         (self.step, self.m, self.v) = (step, m, v);

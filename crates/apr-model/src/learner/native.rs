@@ -13,6 +13,8 @@ use crate::optim::{AdamWConfig, FlatAdamW, OptimError};
 pub struct NativeLearner {
     model: NativeModel,
     optim: FlatAdamW,
+    /// Accumulated gradients, allocated at the first backward pass (GRPO's reference model is
+    /// only scored).
     grads: Vec<f32>,
     /// Backward passes accumulated in `grads` since the last step.
     accumulated: usize,
@@ -30,7 +32,7 @@ impl NativeLearner {
         let n = model.num_params();
         Ok(NativeLearner {
             optim: FlatAdamW::new(adamw, n),
-            grads: vec![0.0; n],
+            grads: Vec::new(),
             accumulated: 0,
             tape: None,
             model,
@@ -75,6 +77,9 @@ impl Learner for NativeLearner {
                 tape.logprobs.len(),
                 dlogp.len()
             )));
+        }
+        if self.grads.is_empty() {
+            self.grads = vec![0.0; self.model.num_params()];
         }
         self.model.backward(tape, dlogp, &mut self.grads);
         self.accumulated += 1;
