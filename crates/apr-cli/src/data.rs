@@ -22,7 +22,8 @@ use apr_countdown::sft::{sequences, SftOptions};
 use apr_countdown::stats::{generate_facts, RecordFacts, TraceStats};
 use apr_countdown::validate::Validator;
 use apr_model::tokenizer::AprTokenizer;
-use clap::{Args, Subcommand, ValueEnum};
+use clap::builder::{PossibleValue, PossibleValuesParser, TypedValueParser};
+use clap::{Args, Subcommand};
 use rayon::prelude::*;
 use serde_json::json;
 
@@ -69,21 +70,33 @@ pub struct ProblemsArgs {
     out: PathBuf,
 }
 
-/// Printed order of the kept successors of an expansion.
-#[derive(Clone, Copy, ValueEnum)]
-pub enum OrderArg {
-    /// Shuffled, as the reference prints them (the released data).
-    Shuffled,
-    /// In the order they are generated (pairs in order, then + * - /): easier for small models.
-    Expansion,
+/// The values of `--order`: the printed order of the kept successors of an expansion.
+const ORDERS: [(SuccessorOrder, &str, &str); 2] = [
+    (
+        SuccessorOrder::Shuffled,
+        "shuffled",
+        "Shuffled, as the reference prints them (the released data)",
+    ),
+    (
+        SuccessorOrder::Expansion,
+        "expansion",
+        "In the order they are generated (pairs in order, then + * - /): easier for small models",
+    ),
+];
+
+/// `--order`, one of [`ORDERS`].
+fn order() -> impl TypedValueParser<Value = SuccessorOrder> {
+    PossibleValuesParser::new(ORDERS.map(|(_, name, help)| PossibleValue::new(name).help(help)))
+        .map(|s| {
+            ORDERS
+                .iter()
+                .find(|o| o.1 == s)
+                .map_or(SuccessorOrder::default(), |o| o.0)
+        })
 }
 
 /// The solver of `mode` (reference defaults) printing successors in `order`.
-fn solver_config(mode: Mode, order: OrderArg) -> SolverConfig {
-    let order = match order {
-        OrderArg::Shuffled => SuccessorOrder::Shuffled,
-        OrderArg::Expansion => SuccessorOrder::Expansion,
-    };
+fn solver_config(mode: Mode, order: SuccessorOrder) -> SolverConfig {
     match mode {
         Mode::Apr => SolverConfig::Apr(AprSolverConfig {
             order,
@@ -112,8 +125,8 @@ pub struct TracesArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// Printed order of each expansion's kept successors.
-    #[arg(long, value_enum, default_value = "shuffled")]
-    order: OrderArg,
+    #[arg(long, value_parser = order(), default_value = "shuffled")]
+    order: SuccessorOrder,
 }
 
 #[derive(Args)]
@@ -133,8 +146,8 @@ pub struct StatsArgs {
     #[arg(long, default_value_t = 42)]
     seed: u64,
     /// With --generate: printed order of each expansion's kept successors.
-    #[arg(long, value_enum, default_value = "shuffled")]
-    order: OrderArg,
+    #[arg(long, value_parser = order(), default_value = "shuffled")]
+    order: SuccessorOrder,
     /// Count lengths in tokens of this HF `tokenizer.json` (each call as `BOS + text + EOS`)
     /// instead of characters; `domain` and `numbers` are our own tokenizers.
     #[arg(long)]
