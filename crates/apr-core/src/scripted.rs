@@ -49,8 +49,6 @@ pub struct ScriptedModel<C: TextCodec = ByteCodec> {
     pub steps: usize,
     /// The largest number of rows seen in one step.
     pub max_rows: usize,
-    /// Tokens appended in rows of more than one token (prefill).
-    pub prefilled: usize,
 }
 
 impl ScriptedModel<ByteCodec> {
@@ -77,8 +75,12 @@ impl<C: TextCodec> ScriptedModel<C> {
             table: SlotTable::new(slots, context),
             steps: 0,
             max_rows: 0,
-            prefilled: 0,
         }
+    }
+
+    /// Tokens appended in rows of more than one token (prefill).
+    pub fn prefilled(&self) -> usize {
+        self.table.token_counts().0 as usize
     }
 
     fn next_token(&self, slot: SlotId) -> u32 {
@@ -113,7 +115,6 @@ impl<C: TextCodec> BatchedDecoder for ScriptedModel<C> {
         self.table.append(inputs);
         self.steps += 1;
         self.max_rows = self.max_rows.max(inputs.len());
-        self.prefilled = self.table.token_counts().0 as usize;
         let mut out = Vec::with_capacity(inputs.len());
         for input in inputs {
             self.slots[input.slot].extend_from_slice(input.tokens);

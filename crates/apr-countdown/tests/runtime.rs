@@ -153,7 +153,7 @@ fn the_join_reuses_the_parent_prefix() {
         assert_eq!(resumed.reused_prefix, 1 + split.before.len());
         expected_prefill += this;
     }
-    assert_eq!(model.prefilled, expected_prefill);
+    assert_eq!(model.prefilled(), expected_prefill);
 }
 
 #[test]

@@ -375,18 +375,20 @@ impl BatchedDecoder for RemoteDecoder {
         for input in inputs {
             // Room for the input and the token the server samples after it.
             let len = self.table.slot_len(input.slot) + input.tokens.len() + 1;
-            let prompt = match self.slots.get_mut(input.slot) {
-                None => Err(DecoderError::BadSlot(input.slot)),
-                Some(_) if len > self.table.max_len() => Err(DecoderError::ContextFull {
+            let prompt = if input.slot >= self.slots.len() {
+                Err(DecoderError::BadSlot(input.slot))
+            } else if len > self.table.max_len() {
+                Err(DecoderError::ContextFull {
                     slot: input.slot,
                     len,
                     limit: self.table.max_len(),
-                }),
-                Some(held) => {
-                    held.extend_from_slice(input.tokens);
-                    self.table.extend(input.slot, input.tokens.len());
-                    Ok(held.clone())
-                }
+                })
+            } else {
+                // Fits the table: checked just above.
+                self.table.extend(input.slot, input.tokens.len());
+                let held = &mut self.slots[input.slot];
+                held.extend_from_slice(input.tokens);
+                Ok(held.clone())
             };
             prompts.push(prompt);
         }
@@ -409,7 +411,7 @@ impl BatchedDecoder for RemoteDecoder {
                 });
             }
         });
-        let results: Vec<Chunk> = results
+        let mut results: Vec<Chunk> = results
             .into_iter()
             .map(|r| {
                 r.into_inner()
@@ -417,12 +419,21 @@ impl BatchedDecoder for RemoteDecoder {
                     .unwrap_or_else(|| Err(backend("the request was not made".into())))
             })
             .collect();
-        // Every chunk token but the last is now part of its slot.
-        for (input, result) in inputs.iter().zip(&results) {
-            if let (Ok(chunk), Some(held)) = (result, self.slots.get_mut(input.slot)) {
-                let kept = &chunk[..chunk.len() - 1];
-                held.extend(kept.iter().map(|s| s.token));
-                self.table.extend(input.slot, kept.len());
+        // Every chunk token but the last is now part of its slot; a chunk that would overflow
+        // the slot (a server that wrote past the context) fails its input instead, so the
+        // tokens held and the table's lengths never disagree.
+        for (input, result) in inputs.iter().zip(&mut results) {
+            let Ok(chunk) = result else { continue };
+            let kept = &chunk[..chunk.len() - 1];
+            if self.table.extend(input.slot, kept.len()) {
+                self.slots[input.slot].extend(kept.iter().map(|s| s.token));
+            } else {
+                let len = self.table.slot_len(input.slot) + kept.len();
+                *result = Err(DecoderError::ContextFull {
+                    slot: input.slot,
+                    len,
+                    limit: self.table.max_len(),
+                });
             }
         }
         results
