@@ -5,9 +5,13 @@
 //!   prompts and join blocks) or one token to every active slot (decode).
 //! * `truncate` keeps a KV prefix: at a join the parent keeps everything before its spawn block
 //!   and only the join block is prefilled.
-//! * Sampling happens on the device (greedy, temperature, top-k, top-p); one token id and one
-//!   log-probability per slot come back, not the logits. The uniform behind slot `s`'s draw at
-//!   position `p` is `uniform_at(seed_s, p)`: a thread's tokens do not depend on its batch.
+//! * Sampling happens on the device (greedy, temperature, top-k, top-p, without a sort:
+//!   [`crate::device_sample`]); one token id and one log-probability per slot come back, not the
+//!   logits. The uniform behind slot `s`'s draw at position `p` is `uniform_at(seed_s, p)`: a
+//!   thread's tokens do not depend on its batch.
+//! * Decode steps take the [`DecodePath`] of the device: on the GPU backends a static step
+//!   captured into a graph per shape ([`crate::static_step`]), on burn-flex the dynamic path
+//!   prefill takes.
 //!
 //! Memory: every slot owns a preallocated `[heads, max_len, head_dim]` key and value buffer per
 //! layer (static shapes: the CubeCL backends compile one kernel set). That is
@@ -15,12 +19,17 @@
 //! (64 slots × 2,048 × 192 × 4 layers × 2 × 4 B = 805 MB at `small`); for the `paper` preset
 //! (302 MB per slot at 4,096 positions) a paged cache would be the next step.
 
-use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput};
-use burn::tensor::activation::{log_softmax, softmax};
-use burn::tensor::{Device, Int, Tensor, TensorData};
+use std::cell::RefCell;
+use std::rc::Rc;
 
-use crate::model::{CachedBatch, KvCache, Model};
+use apr_core::decoder::{BatchedDecoder, DecoderError, Sampled, Sampling, SlotId, StepInput};
 use apr_core::SlotTable;
+use burn::tensor::{Device, Int, Tensor, TensorData, Transaction};
+
+use crate::device_sample::{draw_table, f32_tensor, sample_rows, SamplerTables, DRAW_FIELDS};
+use crate::model::{CachedBatch, KvCache, Model};
+use crate::static_step::StaticSteps;
+pub use crate::static_step::{DecodePath, GraphReport};
 
 /// Keys are attended over a multiple of this many positions, so the number of distinct shapes
 /// (kernels to compile on GPU backends) stays small.
@@ -30,10 +39,13 @@ const KV_BUCKET: usize = 64;
 #[derive(Debug)]
 pub struct Engine {
     model: Model,
-    cache: KvCache,
+    /// Shared with the captured steps, which write it in place.
+    cache: Rc<RefCell<KvCache>>,
     slots: SlotTable,
     device: Device,
     pad: u32,
+    tables: SamplerTables,
+    decode: StaticSteps,
 }
 
 impl Engine {
@@ -42,13 +54,34 @@ impl Engine {
         let max_len = max_len.min(model.config.max_seq_len).max(1);
         let device = model.rope_device();
         let cache = KvCache::new(&model.config, slots, max_len, &device);
+        let vocab = model.config.vocab_size;
+        let path = DecodePath::default_for(&device);
         Engine {
+            tables: SamplerTables::new(vocab, &device),
+            decode: StaticSteps::new(path, vocab, cache.stride(), &device),
+            cache: Rc::new(RefCell::new(cache)),
             model,
-            cache,
             slots: SlotTable::new(slots, max_len),
             device,
             pad,
         }
+    }
+
+    /// The same engine with decode steps on `path`.
+    pub fn with_decode_path(mut self, path: DecodePath) -> Self {
+        let stride = self.cache.borrow().stride();
+        self.decode = StaticSteps::new(path, self.model.config.vocab_size, stride, &self.device);
+        self
+    }
+
+    /// How decode steps run.
+    pub fn decode_path(&self) -> DecodePath {
+        self.decode.path()
+    }
+
+    /// How the decode steps' captures went (all zero off [`DecodePath::Captured`]).
+    pub fn graph_report(&self) -> GraphReport {
+        self.decode.report()
     }
 
     /// The model.
@@ -67,6 +100,37 @@ impl Engine {
         let [b, v] = logits.dims();
         let data = to_f32(logits);
         Ok((0..b).map(|r| data[r * v..(r + 1) * v].to_vec()).collect())
+    }
+
+    /// Samples one token per row of `logits` on the device and reads ids and log-probabilities
+    /// back in one transaction.
+    fn sample(
+        &self,
+        logits: Tensor<2>,
+        params: &[(Sampling, f64)],
+    ) -> Result<Vec<Sampled>, DecoderError> {
+        let rows = params.len();
+        let greedy_only = params.iter().all(|(s, _)| s.temperature <= 0.0);
+        let draws = if greedy_only {
+            Tensor::zeros([DRAW_FIELDS, rows], &self.device)
+        } else {
+            let table = draw_table(params, self.model.config.vocab_size);
+            f32_tensor(table, [DRAW_FIELDS, rows], &self.device)
+        };
+        let (tokens, logprobs) = sample_rows(logits, &draws, &self.tables, greedy_only);
+        let data = Transaction::default()
+            .register(tokens)
+            .register(logprobs)
+            .try_execute()
+            .map_err(|e| DecoderError::Backend(format!("reading sampled tokens: {e:?}")))?;
+        Ok(data[0]
+            .iter::<i64>()
+            .zip(data[1].iter::<f32>())
+            .map(|(token, logprob)| Sampled {
+                token: token as u32,
+                logprob,
+            })
+            .collect())
     }
 
     fn forward(&mut self, inputs: &[StepInput<'_>]) -> Result<Tensor<2>, DecoderError> {
@@ -106,7 +170,7 @@ impl Engine {
             tokens,
             positions,
             &batch,
-            &mut self.cache,
+            &mut self.cache.borrow_mut(),
             &self.model.rope,
         );
         self.slots.append(inputs);
@@ -131,97 +195,6 @@ pub fn engine_for(
     Box::new(Engine::new(model.clone(), slots, max_len, pad))
 }
 
-fn to_f32(t: Tensor<2>) -> Vec<f32> {
-    t.into_data()
-        .convert::<f32>()
-        .try_to_vec::<f32>()
-        .unwrap_or_default()
-}
-
-fn to_i64(t: Tensor<2, Int>) -> Vec<i64> {
-    t.into_data().iter::<i64>().collect()
-}
-
-/// Samples one token per row on the device; returns ids and log-probabilities (τ = 1).
-fn sample(logits: Tensor<2>, params: &[(Sampling, f64)], device: &Device) -> Vec<Sampled> {
-    let [b, v] = logits.dims();
-    let logp = log_softmax(logits.clone(), 1);
-    let greedy = logits.clone().argmax(1);
-    let all_greedy = params.iter().all(|(s, _)| s.temperature <= 0.0);
-    let chosen = if all_greedy {
-        greedy
-    } else {
-        let column = |f: &dyn Fn(&(Sampling, f64)) -> f32| {
-            Tensor::<2>::from_data(
-                TensorData::new(params.iter().map(f).collect::<Vec<f32>>(), [b, 1]),
-                device,
-            )
-        };
-        let temps = column(&|(s, _)| {
-            if s.temperature > 0.0 {
-                s.temperature
-            } else {
-                1.0
-            }
-        });
-        let ks = column(&|(s, _)| {
-            if s.top_k == 0 {
-                v as f32
-            } else {
-                s.top_k as f32
-            }
-        });
-        let ps = column(&|(s, _)| {
-            if s.top_p > 0.0 && s.top_p < 1.0 {
-                s.top_p
-            } else {
-                2.0
-            }
-        });
-        let us = column(&|(_, u)| *u as f32);
-        let (sorted, order) = (logits / temps).sort_descending_with_indices(1);
-        let probs = softmax(sorted, 1);
-        let before = probs.clone().cumsum(1) - probs.clone();
-        let rank = Tensor::<1, Int>::arange(0..v as i64, device)
-            .float()
-            .reshape([1, v]);
-        // Drop ranks past k and tokens once the mass before them reaches p.
-        let drop = rank.greater_equal(ks).int() + before.greater_equal(ps).int();
-        let kept = probs.mask_fill(drop.greater_elem(0), 0.0);
-        let cdf = kept.cumsum(1);
-        let total = cdf.clone().slice([0..b, v - 1..v]);
-        let pick = cdf
-            .lower(us * total)
-            .int()
-            .sum_dim(1)
-            .clamp(0, v as i64 - 1);
-        let sampled = order.gather(1, pick);
-        let is_greedy = Tensor::<2, Int>::from_data(
-            TensorData::new(
-                params
-                    .iter()
-                    .map(|(s, _)| (s.temperature <= 0.0) as i64)
-                    .collect::<Vec<_>>(),
-                [b, 1],
-            ),
-            device,
-        )
-        .greater_elem(0);
-        sampled.mask_where(is_greedy, greedy)
-    };
-    let lp = logp.gather(1, chosen.clone());
-    let tokens = to_i64(chosen);
-    let logprobs = to_f32(lp);
-    tokens
-        .into_iter()
-        .zip(logprobs)
-        .map(|(t, lp)| Sampled {
-            token: t as u32,
-            logprob: lp,
-        })
-        .collect()
-}
-
 impl BatchedDecoder for Engine {
     fn table(&self) -> &SlotTable {
         &self.slots
@@ -229,9 +202,19 @@ impl BatchedDecoder for Engine {
 
     fn step(&mut self, inputs: &[StepInput<'_>]) -> Result<Vec<Sampled>, DecoderError> {
         let draws = self.slots.draws(inputs);
+        let decoding = !inputs.is_empty() && inputs.iter().all(|i| i.tokens.len() == 1);
+        if decoding && self.decode.path() != DecodePath::Dynamic {
+            self.slots.check(inputs)?;
+            let (model, table) = (&self.model, &self.slots);
+            let out = self
+                .decode
+                .decode(model, &self.cache, table, inputs, &draws, self.pad)?;
+            self.slots.append(inputs);
+            return Ok(out);
+        }
         let logits = self.forward(inputs)?;
         let params: Vec<(Sampling, f64)> = inputs.iter().map(|i| i.sampling).zip(draws).collect();
-        Ok(sample(logits, &params, &self.device))
+        self.sample(logits, &params)
     }
 
     fn truncate(&mut self, slot: SlotId, len: usize) -> Result<(), DecoderError> {
@@ -241,4 +224,11 @@ impl BatchedDecoder for Engine {
     fn release(&mut self, slot: SlotId) {
         self.slots.release(slot);
     }
+}
+
+fn to_f32(t: Tensor<2>) -> Vec<f32> {
+    t.into_data()
+        .convert::<f32>()
+        .try_to_vec::<f32>()
+        .unwrap_or_default()
 }

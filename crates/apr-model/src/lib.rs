@@ -7,6 +7,7 @@
 pub mod backend;
 pub mod checkpoint;
 pub mod config;
+pub mod device_sample;
 pub mod engine;
 pub mod invariant;
 pub mod learner;
@@ -14,12 +15,13 @@ pub mod model;
 pub mod native;
 pub mod optim;
 pub mod params;
+pub mod static_step;
 pub mod tokenizer;
 
 pub use apr_core::SlotTable;
 pub use burn;
 pub use config::{ModelConfig, Preset};
-pub use engine::Engine;
+pub use engine::{DecodePath, Engine};
 pub use learner::{Learner, LearnerKind};
 pub use model::{init_weights, HostTensor, Llama, Model, Weights};
 pub use tokenizer::AprTokenizer;

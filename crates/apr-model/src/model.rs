@@ -160,25 +160,51 @@ fn rotate(x: Tensor<4>, cos: Tensor<4>, sin: Tensor<4>) -> Tensor<4> {
 }
 
 /// Per-layer key/value caches of a slot pool, one row per (slot, position):
-/// `[slots × max_len, d_model]` each, row `slot × max_len + position`. New keys of a whole batch
-/// are written with one indexed assignment per layer, and a batch's keys read with one gather.
+/// `[slots × stride, d_model]` each, row `slot × stride + position`, with `stride = max_len + 1`.
+/// New keys of a whole batch are written with one indexed assignment per layer, and a batch's
+/// keys read with one gather (a dynamic step) or one view (a static step over slots `0..rows`).
+/// Position `max_len` of every slot is scratch: a static step's idle rows write there, and no
+/// query ever attends to it.
 #[derive(Clone, Debug)]
 pub struct KvCache {
     layers: Vec<(Tensor<2>, Tensor<2>)>,
-    max_len: usize,
+    stride: usize,
 }
 
 impl KvCache {
     /// Zeroed caches for `slots` slots of `max_len` positions.
     pub fn new(config: &ModelConfig, slots: usize, max_len: usize, device: &Device) -> Self {
-        let shape = [slots * max_len, config.d_model];
+        let stride = max_len + 1;
+        let shape = [slots * stride, config.d_model];
         KvCache {
             layers: (0..config.n_layers)
                 .map(|_| (Tensor::zeros(shape, device), Tensor::zeros(shape, device)))
                 .collect(),
-            max_len,
+            stride,
         }
     }
+
+    /// Rows per slot: its positions and the scratch row.
+    pub fn stride(&self) -> usize {
+        self.stride
+    }
+}
+
+/// One static decode step's inputs, every tensor on the device: row `r` is slot `r`'s one new
+/// token. The shapes depend only on `(rows, kv_len)`, and nothing in the step is indexed from
+/// the host, so the step can be captured once and replayed with fresh values in these buffers.
+pub struct StaticRows<'a> {
+    /// `[rows, 1]` token of each row.
+    pub tokens: Tensor<2, Int>,
+    /// `[rows, 1]` its position (the slot's length before it).
+    pub positions: Tensor<2, Int>,
+    /// `[rows]` cache row it writes: `r × stride + position`, or `r × stride + max_len` (the
+    /// scratch row) for a slot with nothing to decode.
+    pub dest: Tensor<1, Int>,
+    /// `0..kv_len` (at least), made once: the key positions attended over.
+    pub key_positions: &'a Tensor<1, Int>,
+    /// Keys attended over, a bucket at least every row's position + 1.
+    pub kv_len: usize,
 }
 
 /// Row indices of one cached forward, shared by every layer.
@@ -187,12 +213,12 @@ struct CacheRows {
     valid: Tensor<1, Int>,
     /// Where they go in the cache.
     dest: Tensor<1, Int>,
-    /// Cache rows to read: `slot × max_len + j` for `j < kv_len`, per batch row.
+    /// Cache rows to read: `slot × stride + j` for `j < kv_len`, per batch row.
     read: Tensor<1, Int>,
 }
 
 impl CacheRows {
-    fn new(batch: &CachedBatch, l: usize, max_len: usize, device: &Device) -> Self {
+    fn new(batch: &CachedBatch, l: usize, stride: usize, device: &Device) -> Self {
         let (mut valid, mut dest, mut read) = (Vec::new(), Vec::new(), Vec::new());
         for (row, ((&slot, &start), &len)) in batch
             .slots
@@ -203,9 +229,9 @@ impl CacheRows {
         {
             for i in 0..len {
                 valid.push((row * l + i) as i64);
-                dest.push((slot * max_len + start + i) as i64);
+                dest.push((slot * stride + start + i) as i64);
             }
-            read.extend((0..batch.kv_len).map(|j| (slot * max_len + j) as i64));
+            read.extend((0..batch.kv_len).map(|j| (slot * stride + j) as i64));
         }
         let t = |v: Vec<i64>| {
             let n = v.len();
@@ -458,7 +484,7 @@ impl Llama {
     ) -> Tensor<2> {
         let device = tokens.device();
         let [b, l] = tokens.dims();
-        let rows = CacheRows::new(batch, l, cache.max_len, &device);
+        let rows = CacheRows::new(batch, l, cache.stride, &device);
         // mask[r, i, j] = key j is after query i's position (so hidden).
         let key_pos =
             Tensor::<1, Int>::arange(0..batch.kv_len as i64, &device).reshape([1, 1, batch.kv_len]);
@@ -487,6 +513,73 @@ impl Llama {
         .expand([b, 1, d]);
         let h = x.gather(1, last).reshape([b, d]);
         self.lm_head.forward(self.norm.forward(h))
+    }
+
+    /// A static decode step: one token for each of slots `0..rows` (see [`StaticRows`]); writes
+    /// their keys and values in place and returns the logits `[rows, vocab]`.
+    pub fn decode_rows(
+        &self,
+        step: &StaticRows<'_>,
+        cache: &mut KvCache,
+        rope: &Rope,
+    ) -> Tensor<2> {
+        let [rows, _] = step.tokens.dims();
+        let kv = step.kv_len;
+        let key_pos = step
+            .key_positions
+            .clone()
+            .narrow(0, 0, kv)
+            .reshape([1, 1, kv]);
+        let mask: Tensor<4, Bool> = key_pos
+            .greater(step.positions.clone().reshape([rows, 1, 1]))
+            .reshape([rows, 1, 1, kv]);
+        let rope = rope.at(&step.positions);
+        let mut x = self.embed_tokens.forward(step.tokens.clone());
+        for (layer, block) in self.layers.iter().enumerate() {
+            let attn = &block.self_attn;
+            let (q, k, v) = attn.qkv(block.input_layernorm.forward(x.clone()), rope.head_dim);
+            let (q, k) = (rope.apply(q), rope.apply(k));
+            let (keys, values) = cache.write_rows(layer, &step.dest, k, v, rows, kv);
+            x = x + attn.merge(scaled_attention(q, keys, values, mask.clone()));
+            let h = block
+                .mlp
+                .forward(block.post_attention_layernorm.forward(x.clone()));
+            x = x + h;
+        }
+        let d = x.dims()[2];
+        self.lm_head
+            .forward(self.norm.forward(x.reshape([rows, d])))
+    }
+}
+
+impl KvCache {
+    /// Writes one new key and value per row (`[rows, h, 1, hd]`) at cache rows `dest`, in place,
+    /// and returns the keys and values of slots `0..rows` at positions `0..kv`: `[rows, h, kv, hd]`.
+    fn write_rows(
+        &mut self,
+        layer: usize,
+        dest: &Tensor<1, Int>,
+        k: Tensor<4>,
+        v: Tensor<4>,
+        rows: usize,
+        kv: usize,
+    ) -> (Tensor<4>, Tensor<4>) {
+        let [_, h, _, hd] = k.dims();
+        let stride = self.stride;
+        let flat = |t: Tensor<4>| t.reshape([rows, h * hd]);
+        let (k_cache, v_cache) = &mut self.layers[layer];
+        // `inplace` hands the assignment the only handle, so CubeCL writes the same buffer (a
+        // captured graph replays against it).
+        k_cache.inplace(|c| c.select_assign(0, dest.clone(), flat(k), IndexingUpdateOp::Assign));
+        v_cache.inplace(|c| c.select_assign(0, dest.clone(), flat(v), IndexingUpdateOp::Assign));
+        let view = |c: &Tensor<2>| {
+            c.clone()
+                .narrow(0, 0, rows * stride)
+                .reshape([rows, stride, h, hd])
+                .narrow(1, 0, kv)
+                .swap_dims(1, 2)
+        };
+        (view(k_cache), view(v_cache))
     }
 }
 
