@@ -5,14 +5,16 @@
 //!
 //! ```text
 //! gpu_bench train  BACKEND PRESET DTYPE MICRO_BATCH SEQ ACCUM STEPS
-//! gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN
+//! gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN PATH
 //! gpu_bench parts  BACKEND PRESET DTYPE MICRO_BATCH SEQ REPEATS
 //! ```
 //! `DTYPE` is `f32` or `bf16` (every tensor in that type: weights, activations, optimizer
 //! state). A training step is `ACCUM` micro-batches of `MICRO_BATCH × SEQ` tokens through the
 //! burn learner (autodiff, AdamW), timed after two warm-up steps; decode prefills `PROMPT`
 //! tokens into every slot, then times `NEW_TOKENS` greedy steps of all slots through the
-//! engine (a second pass, after one that compiles every kernel shape it meets).
+//! engine (a second pass, after one that compiles every kernel shape it meets and captures every
+//! graph), its decode steps on `PATH` (`dynamic`, `static` or `captured`). A captured run whose
+//! captures fell back to op-by-op replays prints its row with an `error` and exits with 3.
 
 use std::time::Instant;
 
@@ -22,7 +24,7 @@ use apr_model::backend::Backend;
 use apr_model::burn::tensor::{Device, Distribution, FloatDType, Int, Tensor};
 use apr_model::learner::{BurnLearner, Learner};
 use apr_model::optim::AdamWConfig;
-use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_model::{init_weights, AprTokenizer, DecodePath, Engine, Model, ModelConfig, Preset};
 
 fn fail(message: impl std::fmt::Display) -> ! {
     eprintln!("error: {message}");
@@ -184,10 +186,11 @@ fn decode(args: &[String]) {
     if prompt == 0 || prompt + new_tokens > max_len {
         fail("need 0 < PROMPT and PROMPT + NEW_TOKENS <= MAX_LEN");
     }
+    let path: DecodePath = args[8].parse().unwrap_or_else(|e| fail(e));
     let device = device(&args[1], &args[3]);
     let (_, model) = model(&args[2], max_len, &device);
     let dtype = computed_dtype(&model, &device);
-    let mut engine = Engine::new(model, slots, max_len, 0);
+    let mut engine = Engine::new(model, slots, max_len, 0).with_decode_path(path);
     let prompts: Vec<Vec<u32>> = (0..slots)
         .map(|s| (0..prompt).map(|t| 4 + ((t + 5 * s) % 50) as u32).collect())
         .collect();
@@ -217,25 +220,38 @@ fn decode(args: &[String]) {
     let (first_prefill_s, first_decode_s) = pass(&mut engine);
     let (prefill_s, decode_s) = pass(&mut engine);
     let step_ms = decode_s * 1e3 / new_tokens as f64;
+    let graphs = engine.graph_report();
+    let fell_back = path == DecodePath::Captured && (graphs.fallback > 0 || graphs.hardware == 0);
+    let error = if fell_back {
+        ",\"error\":\"capture fell back to op-by-op replays\""
+    } else {
+        ""
+    };
     println!(
-        "{{\"what\":\"decode\",\"impl\":\"apr-rs engine\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}}}",
+        "{{\"what\":\"decode\",\"impl\":\"apr-rs engine ({})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"graphs_hardware\":{},\"graphs_fallback\":{},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}{error}}}",
+        path.name(),
         args[1],
         args[2],
         dtype,
+        graphs.hardware,
+        graphs.fallback,
         first_prefill_s + first_decode_s,
         (slots * new_tokens) as f64 / decode_s
     );
+    if fell_back {
+        std::process::exit(3);
+    }
 }
 
 fn main() {
     let args: Vec<String> = std::env::args().skip(1).collect();
     match (args.first().map(String::as_str), args.len()) {
         (Some("train"), 8) => train(&args),
-        (Some("decode"), 8) => decode(&args),
+        (Some("decode"), 9) => decode(&args),
         (Some("parts"), 7) => parts(&args),
         _ => fail(
             "usage: gpu_bench train BACKEND PRESET DTYPE MICRO_BATCH SEQ ACCUM STEPS | \
-             gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN | \
+             gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN PATH | \
              gpu_bench parts BACKEND PRESET DTYPE MICRO_BATCH SEQ REPEATS",
         ),
     }
