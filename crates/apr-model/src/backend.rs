@@ -124,3 +124,17 @@ pub fn is_cpu(device: &Device) -> bool {
         false
     }
 }
+
+/// Whether a device is a CUDA GPU (the engine captures its decode steps there).
+pub fn is_cuda(device: &Device) -> bool {
+    #[cfg(feature = "cuda")]
+    {
+        // burn's device facade names no backend kind, but devices compare equal by index.
+        (0..16).any(|i| *device == Device::cuda(i))
+    }
+    #[cfg(not(feature = "cuda"))]
+    {
+        let _ = device;
+        false
+    }
+}

@@ -9,9 +9,8 @@
 //!   [`crate::device_sample`]); one token id and one log-probability per slot come back, not the
 //!   logits. The uniform behind slot `s`'s draw at position `p` is `uniform_at(seed_s, p)`: a
 //!   thread's tokens do not depend on its batch.
-//! * Decode steps take the [`DecodePath`] of the device: on the GPU backends a static step
-//!   captured into a graph per shape ([`crate::static_step`]), on burn-flex the dynamic path
-//!   prefill takes.
+//! * Decode steps take the [`DecodePath`] of the device: on CUDA a static step captured into a
+//!   graph per shape ([`crate::static_step`]), elsewhere the dynamic path prefill takes.
 //!
 //! Memory: every slot owns a preallocated `[heads, max_len, head_dim]` key and value buffer per
 //! layer (static shapes: the CubeCL backends compile one kernel set). That is

@@ -59,10 +59,11 @@ impl DecodePath {
         ("captured", DecodePath::Captured),
     ];
 
-    /// The default for a device: captured on the CubeCL backends (CUDA graphs; wgpu replays
-    /// recorded dispatches, 1.4–1.6× the dynamic path's decode on lavapipe), dynamic on
-    /// burn-flex, which has no graphs. `APR_DECODE_PATH=dynamic|static|captured` overrides it,
-    /// e.g. to time a run with capture off.
+    /// The default for a device: captured on CUDA, dynamic elsewhere. wgpu replays captures too,
+    /// but on lavapipe (compute-bound, not launch-bound) a whole evaluation ran slower captured
+    /// (6 problems: 524 s against 438 s), the padded rows and keys costing more than the
+    /// launches saved; burn-flex has no graphs. `APR_DECODE_PATH=dynamic|static|captured`
+    /// overrides it, e.g. to time a CUDA run with capture off.
     pub fn default_for(device: &Device) -> DecodePath {
         if let Ok(name) = std::env::var("APR_DECODE_PATH") {
             match name.parse() {
@@ -70,10 +71,10 @@ impl DecodePath {
                 Err(e) => eprintln!("warning: APR_DECODE_PATH: {e}; using the default"),
             }
         }
-        if crate::backend::is_cpu(device) {
-            DecodePath::Dynamic
-        } else {
+        if crate::backend::is_cuda(device) {
             DecodePath::Captured
+        } else {
+            DecodePath::Dynamic
         }
     }
 
