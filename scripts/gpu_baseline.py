@@ -63,17 +63,28 @@ def train(preset, batch, seq, steps):
             "tokens_per_s": round(batch * seq / step_s)}
 
 
-@torch.no_grad()
-def decode(preset, batch, prompt, new):
+def rope(t, cos, sin):
+    """HF's half rotation."""
+    hd = t.shape[-1]
+    rot = torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
+    return t * cos + rot * sin
+
+
+def decode_model(preset, batch, max_len):
+    """The model in bf16 and a zeroed static KV cache `[layers, batch, heads, max_len, hd]`."""
     torch.manual_seed(0)
     cfg = PRESETS[preset]
-    max_len = prompt + new
     model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], max_len)
     model = model.to(DEVICE, torch.bfloat16)
     heads, hd = cfg["heads"], cfg["d"] // cfg["heads"]
     shape = (len(model.blocks), batch, heads, max_len, hd)
     keys = torch.zeros(shape, dtype=torch.bfloat16, device=DEVICE)
-    values = torch.zeros_like(keys)
+    return model, heads, hd, keys, torch.zeros_like(keys)
+
+
+@torch.no_grad()
+def decode(preset, batch, prompt, new):
+    model, heads, hd, keys, values = decode_model(preset, batch, prompt + new)
 
     def forward(ids, pos):
         b, s = ids.shape
@@ -83,14 +94,9 @@ def decode(preset, batch, prompt, new):
             h = blk.n1(x)
             split = lambda t: t.view(b, s, heads, hd).transpose(1, 2)
             q, k, v = split(blk.q(h)), split(blk.k(h)), split(blk.v(h))
-
-            def rope(t):
-                rot = torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
-                return t * cos + rot * sin
-
-            keys[i, :, :, pos:pos + s] = rope(k)
+            keys[i, :, :, pos:pos + s] = rope(k, cos, sin)
             values[i, :, :, pos:pos + s] = v
-            a = F.scaled_dot_product_attention(rope(q), keys[i, :, :, :pos + s],
+            a = F.scaled_dot_product_attention(rope(q, cos, sin), keys[i, :, :, :pos + s],
                                                values[i, :, :, :pos + s], is_causal=s > 1)
             x = x + blk.o(a.transpose(1, 2).reshape(b, s, -1))
             h = blk.n2(x)
@@ -122,27 +128,16 @@ def decode(preset, batch, prompt, new):
 
 @torch.no_grad()
 def graph(preset, batch, prompt, new):
-    torch.manual_seed(0)
-    cfg = PRESETS[preset]
     max_len = prompt + new
-    model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], max_len)
-    model = model.to(DEVICE, torch.bfloat16)
-    heads, hd = cfg["heads"], cfg["d"] // cfg["heads"]
+    model, heads, hd, keys, values = decode_model(preset, batch, max_len)
     blocks = list(model.blocks)
     qkv = [torch.cat([b.q.weight, b.k.weight, b.v.weight]) for b in blocks]
     gate_up = [torch.cat([b.gate.weight, b.up.weight]) for b in blocks]
-    shape = (len(blocks), batch, heads, max_len, hd)
-    keys = torch.zeros(shape, dtype=torch.bfloat16, device=DEVICE)
-    values = torch.zeros_like(keys)
     rows = torch.arange(batch, device=DEVICE)
     key_pos = torch.arange(max_len, device=DEVICE)
     # The step's inputs and outputs live in these buffers across replays.
     token = torch.zeros(batch, dtype=torch.long, device=DEVICE)
     pos = torch.zeros(batch, dtype=torch.long, device=DEVICE)
-
-    def rope(t, cos, sin):
-        rot = torch.cat([-t[..., hd // 2:], t[..., :hd // 2]], -1)
-        return t * cos + rot * sin
 
     def step():
         cos, sin = model.cos[pos][:, None, None], model.sin[pos][:, None, None]
