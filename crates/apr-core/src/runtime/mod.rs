@@ -22,7 +22,8 @@ mod outcome;
 mod thread;
 mod tree;
 
-use std::collections::VecDeque;
+use std::cmp::Reverse;
+use std::collections::{BinaryHeap, VecDeque};
 use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
@@ -144,7 +145,7 @@ pub fn run<T: Task, D: BatchedDecoder + ?Sized, C: TextCodec + ?Sized>(
             })
             .collect(),
         threads: Vec::new(),
-        free_slots: (0..decoder.slots()).rev().collect(),
+        free_slots: (0..decoder.slots()).map(Reverse).collect(),
         owners: vec![None; decoder.slots()],
         in_flight: Vec::new(),
         next_problem: 0,
@@ -165,7 +166,9 @@ struct Runtime<'a, T: Task, C: TextCodec + ?Sized> {
     context: usize,
     problems: Vec<ProblemState<T::Problem>>,
     threads: Vec<Thread>,
-    free_slots: Vec<SlotId>,
+    /// Free slots, lowest first: the held ones stay packed at the bottom, so a decoder whose
+    /// step covers slots `0..rows` (the captured GPU step) pads few idle rows.
+    free_slots: BinaryHeap<Reverse<SlotId>>,
     /// The thread holding each slot: every step looks only at these, never at all threads.
     owners: Vec<Option<usize>>,
     /// Problems admitted and not yet done.
@@ -299,7 +302,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             if self.threads[t].state == ThreadState::Done {
                 continue;
             }
-            let slot = self.free_slots.pop().expect("a slot is free");
+            let Reverse(slot) = self.free_slots.pop().expect("a slot is free");
             self.start_in_slot(t, slot, decoder, progress);
         }
         while self.next_problem < self.problems.len() && !self.free_slots.is_empty() {
@@ -310,7 +313,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
             let prompt = self.problems[p].prompt.clone();
             let t = self.new_thread(p, Place::root(), prompt);
             self.problems[p].root = Some(t);
-            let slot = self.free_slots.pop().expect("a slot is free");
+            let Reverse(slot) = self.free_slots.pop().expect("a slot is free");
             self.start_in_slot(t, slot, decoder, progress);
         }
     }
@@ -329,7 +332,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
                 let slot = self.threads[v].slot.take().expect("victim holds a slot");
                 decoder.release(slot);
                 self.owners[slot] = None;
-                self.free_slots.push(slot);
+                self.free_slots.push(Reverse(slot));
                 true
             }
             None => false,
@@ -455,7 +458,7 @@ impl<T: Task, C: TextCodec + ?Sized> Runtime<'_, T, C> {
         if let Some(slot) = th.slot.take() {
             decoder.release(slot);
             self.owners[slot] = None;
-            self.free_slots.push(slot);
+            self.free_slots.push(Reverse(slot));
         }
         self.problems[th.problem].live_threads -= 1;
     }
