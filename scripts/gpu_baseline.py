@@ -63,6 +63,17 @@ def train(preset, batch, seq, steps):
             "tokens_per_s": round(batch * seq / step_s)}
 
 
+def second_pass(run, out):
+    """Seconds of a second `run()` (the first compiles and warms up); with CHECK_TOKENS, the
+    tokens it appended to `out`, printed to stderr."""
+    run()
+    out.clear()
+    seconds = run()
+    if os.environ.get("CHECK_TOKENS"):
+        print(json.dumps(torch.stack(out, 1).tolist()), file=sys.stderr)
+    return seconds
+
+
 def rope(t, cos, sin):
     """HF's half rotation."""
     hd = t.shape[-1]
@@ -116,11 +127,7 @@ def decode(preset, batch, prompt, new):
         return time.perf_counter() - start
 
     out = []
-    run()
-    out.clear()
-    seconds = run()
-    if os.environ.get("CHECK_TOKENS"):
-        print(json.dumps(torch.stack(out, 1).tolist()), file=sys.stderr)
+    seconds = second_pass(run, out)
     return {"what": "decode", "impl": "pytorch eager (static KV cache)", "preset": preset,
             "slots": batch, "prompt": prompt, "new_tokens": new,
             "step_ms": round(seconds * 1e3 / new, 3), "tokens_per_s": round(batch * new / seconds)}
@@ -192,11 +199,7 @@ def graph(preset, batch, prompt, new):
         return time.perf_counter() - start
 
     out = []
-    run()
-    out.clear()
-    seconds = run()
-    if os.environ.get("CHECK_TOKENS"):
-        print(json.dumps(torch.stack(out, 1).tolist()), file=sys.stderr)
+    seconds = second_pass(run, out)
     return {"what": "decode", "impl": "pytorch CUDA graph (static KV cache)" if DEVICE == "cuda"
             else "pytorch static step (uncaptured)", "preset": preset, "slots": batch,
             "prompt": prompt, "new_tokens": new, "step_ms": round(seconds * 1e3 / new, 3),

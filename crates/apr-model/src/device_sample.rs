@@ -76,21 +76,20 @@ impl SamplerTables {
 
 /// Samples one token per row of `logits: [rows, v]` by the columns of `draws: [4, rows]` (see
 /// [`draw_fields`]); returns the tokens `[rows, 1]` and their log-probabilities at τ = 1 `[rows, 1]`
-/// (f32). With `greedy_only` every row takes its argmax and the draw table is not read.
+/// (f32). Without a draw table every row takes its argmax.
 pub fn sample_rows(
     logits: Tensor<2>,
-    draws: &Tensor<2>,
+    draws: Option<&Tensor<2>>,
     tables: &SamplerTables,
-    greedy_only: bool,
 ) -> (Tensor<2, Int>, Tensor<2>) {
     let logits = logits.cast(FloatDType::F32);
     let [rows, v] = logits.dims();
     let logp = log_softmax(logits.clone(), 1);
     let greedy = logits.clone().argmax(1);
-    if greedy_only {
+    let Some(draws) = draws else {
         let lp = logp.gather(1, greedy.clone());
         return (greedy, lp);
-    }
+    };
     let column = |c: usize| draws.clone().narrow(0, c, 1).reshape([rows, 1]);
     let (temperature, top_k, top_p, uniform) = (column(0), column(1), column(2), column(3));
     let is_greedy = temperature.clone().lower_equal_elem(0.0);

@@ -53,11 +53,11 @@ impl Engine {
         let max_len = max_len.min(model.config.max_seq_len).max(1);
         let device = model.rope_device();
         let cache = KvCache::new(&model.config, slots, max_len, &device);
-        let vocab = model.config.vocab_size;
+        let tables = SamplerTables::new(model.config.vocab_size, &device);
         let path = DecodePath::default_for(&device);
         Engine {
-            tables: SamplerTables::new(vocab, &device),
-            decode: StaticSteps::new(path, vocab, cache.stride(), &device),
+            decode: StaticSteps::new(path, tables.clone(), cache.stride(), &device),
+            tables,
             cache: Rc::new(RefCell::new(cache)),
             model,
             slots: SlotTable::new(slots, max_len),
@@ -69,7 +69,7 @@ impl Engine {
     /// The same engine with decode steps on `path`.
     pub fn with_decode_path(mut self, path: DecodePath) -> Self {
         let stride = self.cache.borrow().stride();
-        self.decode = StaticSteps::new(path, self.model.config.vocab_size, stride, &self.device);
+        self.decode = StaticSteps::new(path, self.tables.clone(), stride, &self.device);
         self
     }
 
@@ -108,15 +108,12 @@ impl Engine {
         logits: Tensor<2>,
         params: &[(Sampling, f64)],
     ) -> Result<Vec<Sampled>, DecoderError> {
-        let rows = params.len();
-        let greedy_only = params.iter().all(|(s, _)| s.temperature <= 0.0);
-        let draws = if greedy_only {
-            Tensor::zeros([DRAW_FIELDS, rows], &self.device)
-        } else {
+        let sampled = params.iter().any(|(s, _)| s.temperature > 0.0);
+        let draws = sampled.then(|| {
             let table = draw_table(params, self.model.config.vocab_size);
-            f32_tensor(table, [DRAW_FIELDS, rows], &self.device)
-        };
-        let (tokens, logprobs) = sample_rows(logits, &draws, &self.tables, greedy_only);
+            f32_tensor(table, [DRAW_FIELDS, params.len()], &self.device)
+        });
+        let (tokens, logprobs) = sample_rows(logits, draws.as_ref(), &self.tables);
         let data = Transaction::default()
             .register(tokens)
             .register(logprobs)

@@ -163,12 +163,12 @@ impl std::fmt::Debug for StaticSteps {
 }
 
 impl StaticSteps {
-    /// Steps over a cache of `stride` rows per slot, for a vocabulary of `vocab` tokens.
-    pub fn new(path: DecodePath, vocab: usize, stride: usize, device: &Device) -> Self {
+    /// Steps over a cache of `stride` rows per slot, sampling with the engine's `tables`.
+    pub fn new(path: DecodePath, tables: SamplerTables, stride: usize, device: &Device) -> Self {
         StaticSteps {
             path,
             device: device.clone(),
-            tables: SamplerTables::new(vocab, device),
+            tables,
             key_positions: Tensor::arange(0..stride as i64, device),
             steps: BTreeMap::new(),
             report: GraphReport::default(),
@@ -373,5 +373,5 @@ fn run_step(
         kv_len: shape.kv_len,
     };
     let logits = model.llama.decode_rows(&step, cache, &model.rope);
-    sample_rows(logits, &buffers.draws, tables, !shape.sampled)
+    sample_rows(logits, shape.sampled.then_some(&buffers.draws), tables)
 }

@@ -243,7 +243,7 @@ fn device_sampler_draws_what_the_host_sampler_draws() {
             TensorData::new(logits.clone(), [rows, v]),
             &device,
         );
-        let (tokens, logprobs) = sample_rows(tensor, &draws, &tables, false);
+        let (tokens, logprobs) = sample_rows(tensor, Some(&draws), &tables);
         let tokens: Vec<i64> = tokens.into_data().iter::<i64>().collect();
         let logprobs: Vec<f32> = logprobs.into_data().iter::<f32>().collect();
         for r in 0..rows {
