@@ -2,6 +2,7 @@
 
 Usage:
   python scripts/gpu_baseline.py train  PRESET BATCH SEQ STEPS        bf16 autocast, fused AdamW
+  python scripts/gpu_baseline.py compile PRESET BATCH SEQ STEPS       the same, model torch.compile'd
   python scripts/gpu_baseline.py decode PRESET BATCH PROMPT NEW       bf16, static KV cache, eager
   python scripts/gpu_baseline.py graph  PRESET BATCH PROMPT NEW       bf16, one decode step captured
                                                                     with torch.cuda.graph
@@ -42,25 +43,38 @@ def card():
     return torch.cuda.get_device_name() if DEVICE == "cuda" else "cpu"
 
 
-def train(preset, batch, seq, steps):
+def train(preset, batch, seq, steps, compiled=False):
     torch.manual_seed(0)
     cfg = PRESETS[preset]
     model = Llama(cfg["d"], cfg["layers"], cfg["heads"], cfg["ff"], seq).to(DEVICE)
     fused = DEVICE == "cuda"
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, weight_decay=0.01, fused=fused)
-    step = train_step(model, opt, synthetic_ids(batch, seq).to(DEVICE), autocast=DEVICE)
+    forward = torch.compile(model) if compiled else model
+    step = train_step(forward, opt, synthetic_ids(batch, seq).to(DEVICE), autocast=DEVICE)
 
-    step()
+    start = time.perf_counter()
     step()
     sync()
+    first_s = time.perf_counter() - start
+    step()
+    sync()
+    if DEVICE == "cuda":
+        torch.cuda.reset_peak_memory_stats()
     start = time.perf_counter()
     for _ in range(steps):
         step()
     sync()
     step_s = (time.perf_counter() - start) / steps
-    return {"what": "train", "impl": "pytorch eager (bf16 autocast, SDPA)", "preset": preset,
-            "batch": batch, "seq": seq, "step_s": round(step_s, 4),
-            "tokens_per_s": round(batch * seq / step_s)}
+    peak = torch.cuda.max_memory_allocated() / 2**30 if DEVICE == "cuda" else None
+    how = "torch.compile" if compiled else "eager"
+    return {"what": "train", "impl": f"pytorch {how} (bf16 autocast, SDPA)", "preset": preset,
+            "batch": batch, "seq": seq, "first_step_s": round(first_s, 2),
+            "step_s": round(step_s, 4), "tokens_per_s": round(batch * seq / step_s),
+            "peak_gib": peak and round(peak, 2)}
+
+
+def train_compiled(preset, batch, seq, steps):
+    return train(preset, batch, seq, steps, compiled=True)
 
 
 def second_pass(run, out):
@@ -237,11 +251,12 @@ def hf(preset, batch, prompt, new):
 
 
 def main():
-    if len(sys.argv) != 6 or sys.argv[1] not in ("train", "decode", "graph", "hf"):
+    if len(sys.argv) != 6 or sys.argv[1] not in ("train", "compile", "decode", "graph", "hf"):
         sys.exit(__doc__)
     what, preset = sys.argv[1], sys.argv[2]
     a, b, c = (int(x) for x in sys.argv[3:6])
-    row = {"train": train, "decode": decode, "graph": graph, "hf": hf}[what](preset, a, b, c)
+    modes = {"train": train, "compile": train_compiled, "decode": decode, "graph": graph, "hf": hf}
+    row = modes[what](preset, a, b, c)
     row.update(device=card(), torch=torch.__version__)
     print(json.dumps(row))
 

@@ -15,9 +15,11 @@
 # Each measurement is its own process under `timeout`, so a failure or an out-of-memory costs one
 # row; the whole run is sized to stay under 6 minutes. Sizes: decode 128 greedy tokens after a
 # 16-token prompt at 1 / 64 / 256 slots, context 144 (= prompt + new, as PyTorch's static cache);
-# training 8 micro-batches of 1 × 4,096 tokens per step (32,768 tokens, the paper's batch
-# 8 × 4,096; burn's attention under autodiff materialises the [heads, 4,096, 4,096] scores, so
-# eight sequences at once would need > 140 GB). PYTHON picks the interpreter with torch.
+# training one micro-batch of 8 × 4,096 tokens per step (the paper's batch; attention keeps no
+# scores for its backward, so it fits), mixed precision (f32 weights and AdamW, bf16 products
+# and attention through the fast ops: cuBLASLt on CUDA), beside PyTorch eager and torch.compile
+# under bf16 autocast; where the step's time goes; peak GPU memory of each (nvidia-smi, sampled).
+# PYTHON picks the interpreter with torch.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bundle=target/gpu-bundle
@@ -27,7 +29,7 @@ if [[ ${1:-} == build ]]; then
     # One `cargo build` (not `cargo test`, which would build the example as a test harness), so
     # the example and the two test binaries share one build of the dependencies.
     built=$(cargo build --release -p apr-model -p apr-benches -p apr-cli --test engine --test native \
-        --test decode_paths --example gpu_bench --bin apr \
+        --test decode_paths --test fast_ops --test learner --example gpu_bench --bin apr \
         --features "apr-model/cuda,apr-benches/cuda,apr-cli/cuda${2:+,$2}" --message-format=json |
         python3 -c 'import json,sys
 for l in sys.stdin:
@@ -79,16 +81,30 @@ ours() { within "$@" && timeout "$1" "$bin"/gpu_bench "${@:2}" 2>>"$out/gpu_benc
 theirs() { within "$@" && timeout "$1" "$py" scripts/gpu_baseline.py "${@:2}" 2>>"$out/torch.err" | tee -a "$rows"; }
 
 # 2. Decode, paper preset: ours captured, PyTorch eager static-KV and CUDA graph, at 1 / 64 / 256
-#    slots; then ours with capture off.
+#    slots (ours with capture off after the training rows).
 for slots in 1 64 256; do
     ours 60 decode cuda paper bf16 "$slots" 16 128 144 captured
     theirs 45 decode paper "$slots" 16 128
     theirs 45 graph paper "$slots" 16 128
 done
+# 3. Training, paper preset, 8 × 4,096 tokens a step, beside PyTorch eager and torch.compile,
+#    each with its peak GPU memory (the whole card as nvidia-smi sees it, sampled every 100 ms).
+peak() {
+    local log="$out/memory.$$"
+    nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$log" 2>/dev/null &
+    local sampler=$!
+    "$@"
+    kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
+    echo "{\"what\":\"memory\",\"impl\":\"$1 ${*:3:4}\",\"peak_mib\":$(sort -n "$log" | tail -1 | tr -dc 0-9)}" | tee -a "$rows"
+}
+peak ours 150 train cuda paper mixed 8 4096 1 3
+peak theirs 90 train paper 8 4096 5
+peak theirs 150 compile paper 8 4096 5
+ours 90 parts cuda paper mixed 8 4096 2
+# The same with every tensor in bf16 and with the micro-batches of before, for the record.
+ours 90 train cuda paper bf16 1 4096 8 2
+# Decode with capture off (issue 19's comparison), after training's rows.
 for slots in 1 256; do ours 45 decode cuda paper bf16 "$slots" 16 128 144 dynamic; done
-# 3. Training, paper preset, 32,768 tokens a step, beside PyTorch eager.
-ours 120 train cuda paper bf16 1 4096 8 3
-theirs 60 train paper 8 4096 5
 # 4. End to end: greedy APR evaluation of 200 held-out problems (3 numbers, targets <= 30, as the
 #    shipped models were trained on; 89% on the CPU) by the shipped SFT model, decode steps
 #    captured and not (APR_DECODE_PATH); records compared, timing fields aside.
@@ -140,7 +156,10 @@ for r in rows:
         print(f"| CUDA tests {r['impl']} | exit {r['rc']} ({r['seconds']} s) | {r['summary']} | | |")
     elif r["what"] == "parts":
         print(f"| train parts | {r['impl']} {r['dtype']} | {r['micro_batch']} × {r['seq']} | forward {r['forward_s']} s, "
-              f"forward+backward {r['forward_backward_s']} s, optimizer {r['optimizer_s']} s | matmul {r['matmul_tflops']} TFLOP/s |")
+              f"forward+backward {r['forward_backward_s']} s, optimizer {r['optimizer_s']} s | matmul {r['matmul_tflops']} TFLOP/s, "
+              f"fast {r.get('fast_matmul_tflops')} TFLOP/s |")
+    elif r["what"] == "memory":
+        print(f"| peak GPU memory | {r['impl']} | | {r['peak_mib']} MiB | |")
     elif r["what"] == "skipped":
         print(f"| skipped (time budget) | {r['impl']} | | | |")
     elif r["what"] == "eval":

@@ -10,7 +10,7 @@ use apr_model::backend::Backend;
 use apr_model::learner::{new_learner, LearnerKind};
 use apr_model::native::{NativeEngine, NativeModel};
 use apr_model::optim::AdamWConfig;
-use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Preset};
+use apr_model::{init_weights, AprTokenizer, Engine, Model, ModelConfig, Precision, Preset};
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 
 fn model(preset: Preset) -> Model {
@@ -29,8 +29,15 @@ fn training(c: &mut Criterion) {
         let config = ModelConfig::preset(preset, AprTokenizer::domain().vocab_size());
         let weights = init_weights(&config, 0);
         for (kind, prefix) in [(LearnerKind::Burn, ""), (LearnerKind::Native, "native_")] {
-            let mut learner =
-                new_learner(kind, &config, &weights, AdamWConfig::default(), &device).unwrap();
+            let mut learner = new_learner(
+                kind,
+                &config,
+                &weights,
+                AdamWConfig::default(),
+                &device,
+                Precision::F32,
+            )
+            .unwrap();
             group.throughput(Throughput::Elements(batch.len() as u64));
             group.bench_function(format!("{prefix}{name}"), |b| {
                 b.iter(|| forward_backward(black_box(learner.as_mut()), &batch).unwrap())

@@ -8,8 +8,9 @@
 //! gpu_bench decode BACKEND PRESET DTYPE SLOTS PROMPT NEW_TOKENS MAX_LEN PATH
 //! gpu_bench parts  BACKEND PRESET DTYPE MICRO_BATCH SEQ REPEATS
 //! ```
-//! `DTYPE` is `f32` or `bf16` (every tensor in that type: weights, activations, optimizer
-//! state). A training step is `ACCUM` micro-batches of `MICRO_BATCH × SEQ` tokens through the
+//! `DTYPE` is `f32`, `bf16` (every tensor in that type: weights, activations, optimizer
+//! state) or `mixed` (f32 weights, optimizer state, norms and loss; bf16 products and attention,
+//! as PyTorch's autocast). A training step is `ACCUM` micro-batches of `MICRO_BATCH × SEQ` tokens through the
 //! burn learner (autodiff, AdamW), timed after two warm-up steps; decode prefills `PROMPT`
 //! tokens into every slot, then times `NEW_TOKENS` greedy steps of all slots through the
 //! engine (a second pass, after one that compiles every kernel shape it meets and captures every
@@ -22,9 +23,12 @@ use apr_benches::{forward_backward, synthetic_batch};
 use apr_core::decoder::{BatchedDecoder, Sampling, StepInput};
 use apr_model::backend::Backend;
 use apr_model::burn::tensor::{Device, Distribution, FloatDType, Int, Tensor};
+use apr_model::fast_ops;
 use apr_model::learner::{BurnLearner, Learner};
 use apr_model::optim::AdamWConfig;
-use apr_model::{init_weights, AprTokenizer, DecodePath, Engine, Model, ModelConfig, Preset};
+use apr_model::{
+    init_weights, AprTokenizer, DecodePath, Engine, Model, ModelConfig, Precision, Preset,
+};
 
 fn fail(message: impl std::fmt::Display) -> ! {
     eprintln!("error: {message}");
@@ -42,7 +46,7 @@ fn device(backend: &str, dtype: &str) -> Device {
     let backend: Backend = backend.parse().unwrap_or_else(|e| fail(e));
     let mut device = backend.device(0).unwrap_or_else(|e| fail(e));
     let float = match dtype {
-        "f32" => FloatDType::F32,
+        "f32" | "mixed" => FloatDType::F32,
         "bf16" => FloatDType::BF16,
         other => fail(format!("dtype {other:?}: expected f32 or bf16")),
     };
@@ -77,11 +81,23 @@ fn learner(preset: &str, max_len: usize, device: &Device) -> (ModelConfig, BurnL
     (config, learner)
 }
 
+/// What the products compute in: bf16 for `mixed`, else the device's own type.
+fn precision(dtype: &str) -> Precision {
+    if dtype == "mixed" {
+        Precision::Bf16
+    } else {
+        Precision::F32
+    }
+}
+
 /// The float type the model really computes in on its device (a one-token forward), not the one
 /// asked for.
 fn computed_dtype(model: &Model, device: &Device) -> String {
     let logits = model.forward(Tensor::<2, Int>::zeros([1, 1], device));
-    format!("{:?}", logits.dtype())
+    match model.precision {
+        Precision::F32 => format!("{:?}", logits.dtype()),
+        p => format!("{:?} weights, {} compute", logits.dtype(), p.name()),
+    }
 }
 
 fn train(args: &[String]) {
@@ -92,7 +108,10 @@ fn train(args: &[String]) {
         number(args, 7),
     );
     let base = device(&args[1], &args[3]);
-    let (config, mut learner) = learner(&args[2], seq, &base);
+    let (config, learner) = learner(&args[2], seq, &base);
+    let mut learner = learner
+        .with_precision(precision(&args[3]))
+        .unwrap_or_else(|e| fail(e));
     let batch = synthetic_batch(mb, seq);
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
     let mut step = || {
@@ -126,7 +145,10 @@ fn train(args: &[String]) {
 fn parts(args: &[String]) {
     let (mb, seq, repeats) = (number(args, 4), number(args, 5), number(args, 6));
     let base = device(&args[1], &args[3]);
-    let (config, mut learner) = learner(&args[2], seq, &base);
+    let (config, learner) = learner(&args[2], seq, &base);
+    let mut learner = learner
+        .with_precision(precision(&args[3]))
+        .unwrap_or_else(|e| fail(e));
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
     let batch = synthetic_batch(mb, seq);
     let time = |f: &mut dyn FnMut()| {
@@ -157,13 +179,20 @@ fn parts(args: &[String]) {
     // Products are kept until the time is taken, so none can be skipped.
     let mut products = Vec::new();
     let matmul_s = time(&mut || products.push(a.clone().matmul(b.clone())));
+    // The same product through the model's fast op (cuBLASLt on CUDA), in its precision.
+    let p = learner.model().precision;
+    let a3: Tensor<3> = a.clone().unsqueeze();
+    let fast_s = time(&mut || {
+        products.push(fast_ops::linear(a3.clone(), b.clone(), p).reshape([m, n]));
+    });
     drop(products);
     println!(
-        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1}}}",
+        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1},\"fast_matmul_tflops\":{:.1}}}",
         args[1],
         args[2],
         dtype,
-        2.0 * (m * k * n) as f64 / matmul_s / 1e12
+        2.0 * (m * k * n) as f64 / matmul_s / 1e12,
+        2.0 * (m * k * n) as f64 / fast_s / 1e12
     );
 }
 

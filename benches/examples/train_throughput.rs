@@ -9,7 +9,7 @@ use apr_benches::{forward_backward, synthetic_batch};
 use apr_model::backend::Backend;
 use apr_model::learner::{new_learner, LearnerKind};
 use apr_model::optim::AdamWConfig;
-use apr_model::{init_weights, AprTokenizer, ModelConfig};
+use apr_model::{init_weights, AprTokenizer, ModelConfig, Precision};
 
 fn main() {
     apr_benches::keep_freed_memory();
@@ -51,8 +51,15 @@ fn main() {
         &[LearnerKind::Native, LearnerKind::Burn]
     };
     for &kind in kinds {
-        let mut learner = new_learner(kind, &config, &weights, AdamWConfig::default(), &device)
-            .expect("weights fit");
+        let mut learner = new_learner(
+            kind,
+            &config,
+            &weights,
+            AdamWConfig::default(),
+            &device,
+            Precision::F32,
+        )
+        .expect("weights fit");
         let step_s = time(&mut || {
             forward_backward(learner.as_mut(), &packed).expect("valid batch");
             learner.step(1e-3, 1).expect("finite");

@@ -144,6 +144,10 @@ pub struct SftArgs {
     /// elsewhere).
     #[arg(long)]
     learner: Option<apr_rl::sft::LearnerKind>,
+    /// What the burn learner computes products and attention in: `f32` or `bf16` (mixed
+    /// precision: weights, AdamW state, norms and the loss stay f32).
+    #[arg(long, default_value_t = apr_model::Precision::F32)]
+    precision: apr_model::Precision,
     /// Prefix APR parent calls with `Sub Call Budget: N `.
     #[arg(long)]
     sub_call_budget: bool,
@@ -382,6 +386,7 @@ fn sft(args: SftArgs) -> Result<ExitCode> {
         learner: args
             .learner
             .unwrap_or_else(|| apr_rl::sft::LearnerKind::for_device(&device)),
+        precision: args.precision,
     };
     let n_examples = examples.len();
     let mut trainer = SftTrainer::new(

@@ -13,6 +13,7 @@ use burn::tensor::activation::{log_softmax, silu, softmax};
 use burn::tensor::{Bool, Device, IndexingUpdateOp, Int, Tensor, TensorData};
 
 use crate::config::ModelConfig;
+use crate::fast_ops::{self, Precision};
 pub use crate::params::parameter_shapes;
 use crate::params::{BlockNames, EMBED, FINAL_NORM, HEAD};
 
@@ -448,13 +449,15 @@ impl Llama {
         out
     }
 
-    /// Full causal forward: `tokens: [b, s]` → logits `[b, s, vocab]`.
-    pub fn forward(&self, tokens: Tensor<2, Int>, rope: &Rope) -> Tensor<3> {
+    /// Full causal forward: `tokens: [b, s]` → logits `[b, s, vocab]`, f32. Its products and
+    /// attention are [`fast_ops`](crate::fast_ops) computed in `precision`, so training keeps no
+    /// attention scores for its backward.
+    pub fn forward(&self, tokens: Tensor<2, Int>, rope: &Rope, precision: Precision) -> Tensor<3> {
         let mut x = self.embed_tokens.forward(tokens);
         for block in &self.layers {
-            x = block.forward_full(x, rope);
+            x = block.forward_full(x, rope, precision);
         }
-        self.lm_head.forward(self.norm.forward(x))
+        fast_ops::linear(self.norm.forward(x), self.lm_head.weight.val(), precision)
     }
 
     /// Per-token log-probabilities of `targets` (`[b, s]`) under the logits of `tokens`
@@ -465,7 +468,7 @@ impl Llama {
         targets: Tensor<2, Int>,
         rope: &Rope,
     ) -> Tensor<2> {
-        let logits = self.forward(tokens, rope);
+        let logits = self.forward(tokens, rope, Precision::F32);
         let [b, s, _] = logits.dims();
         let logp = log_softmax(logits, 2);
         logp.gather(2, targets.reshape([b, s, 1])).reshape([b, s])
@@ -584,14 +587,14 @@ impl KvCache {
 }
 
 impl Block {
-    fn forward_full(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        let h = self
-            .self_attn
-            .forward_full(self.input_layernorm.forward(x.clone()), rope);
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope, precision: Precision) -> Tensor<3> {
+        let h =
+            self.self_attn
+                .forward_full(self.input_layernorm.forward(x.clone()), rope, precision);
         let x = x + h;
         let h = self
             .mlp
-            .forward(self.post_attention_layernorm.forward(x.clone()));
+            .forward_full(self.post_attention_layernorm.forward(x.clone()), precision);
         x + h
     }
 
@@ -619,6 +622,12 @@ impl Block {
 }
 
 impl Mlp {
+    fn forward_full(&self, x: Tensor<3>, precision: Precision) -> Tensor<3> {
+        let lin = |l: &Linear, x: Tensor<3>| fast_ops::linear(x, l.weight.val(), precision);
+        let gate = silu(lin(&self.gate_proj, x.clone()));
+        lin(&self.down_proj, gate * lin(&self.up_proj, x))
+    }
+
     fn forward(&self, x: Tensor<3>) -> Tensor<3> {
         self.down_proj
             .forward(silu(self.gate_proj.forward(x.clone())) * self.up_proj.forward(x))
@@ -644,19 +653,16 @@ impl Attention {
             .forward(out.swap_dims(1, 2).reshape([b, s, h * hd]))
     }
 
-    fn forward_full(&self, x: Tensor<3>, rope: &Rope) -> Tensor<3> {
-        let (q, k, v) = self.qkv(x, rope.head_dim);
-        let (q, k) = (rope.apply_prefix(q), rope.apply_prefix(k));
-        let s = q.dims()[2];
-        let device = q.device();
-        // mask[i, j] = key j comes after query i.
-        let pos = Tensor::<1, Int>::arange(0..s as i64, &device);
-        let mask = pos
-            .clone()
-            .reshape([1, s])
-            .greater(pos.reshape([s, 1]))
-            .reshape([1, 1, s, s]);
-        self.merge(scaled_attention(q, k, v, mask))
+    fn forward_full(&self, x: Tensor<3>, rope: &Rope, precision: Precision) -> Tensor<3> {
+        let [b, s, d] = x.dims();
+        let hd = rope.head_dim;
+        let lin = |l: &Linear, x: Tensor<3>| fast_ops::linear(x, l.weight.val(), precision);
+        let split = |t: Tensor<3>| t.reshape([b, s, d / hd, hd]).swap_dims(1, 2);
+        let q = rope.apply_prefix(split(lin(&self.q_proj, x.clone())));
+        let k = rope.apply_prefix(split(lin(&self.k_proj, x.clone())));
+        let v = split(lin(&self.v_proj, x));
+        let out = fast_ops::causal_attention(q, k, v, precision);
+        lin(&self.o_proj, out.swap_dims(1, 2).reshape([b, s, d]))
     }
 
     fn forward_cached(
@@ -720,6 +726,8 @@ pub struct Model {
     pub llama: Llama,
     /// RoPE tables.
     pub rope: Rope,
+    /// What the full forward computes its products and attention in.
+    pub precision: Precision,
 }
 
 impl Model {
@@ -735,6 +743,7 @@ impl Model {
             config,
             llama,
             rope,
+            precision: Precision::F32,
         })
     }
 
@@ -745,6 +754,7 @@ impl Model {
             config: self.config.clone(),
             llama: self.llama.valid(),
             rope: Rope::new(&self.config, &device),
+            precision: self.precision,
         }
     }
 
@@ -755,6 +765,12 @@ impl Model {
 
     /// Logits of a full batch `[b, s]` → `[b, s, vocab]`.
     pub fn forward(&self, tokens: Tensor<2, Int>) -> Tensor<3> {
-        self.llama.forward(tokens, &self.rope)
+        self.llama.forward(tokens, &self.rope, self.precision)
+    }
+
+    /// The same model computing its full forward in `precision`.
+    pub fn with_precision(mut self, precision: Precision) -> Self {
+        self.precision = precision;
+        self
     }
 }

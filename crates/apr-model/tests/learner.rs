@@ -5,7 +5,7 @@ use apr_model::backend::Backend;
 use apr_model::learner::{new_learner, LearnError, Learner, LearnerKind};
 use apr_model::native::PackedBatch;
 use apr_model::optim::AdamWConfig;
-use apr_model::{init_weights, ModelConfig, Preset, Weights};
+use apr_model::{init_weights, ModelConfig, Precision, Preset, Weights};
 
 fn setup() -> (ModelConfig, Weights, PackedBatch) {
     let config = ModelConfig {
@@ -27,7 +27,15 @@ fn setup() -> (ModelConfig, Weights, PackedBatch) {
 
 fn learner(kind: LearnerKind, config: &ModelConfig, weights: &Weights) -> Box<dyn Learner> {
     let device = Backend::Cpu.device(0).unwrap();
-    new_learner(kind, config, weights, AdamWConfig::default(), &device).unwrap()
+    new_learner(
+        kind,
+        config,
+        weights,
+        AdamWConfig::default(),
+        &device,
+        Precision::F32,
+    )
+    .unwrap()
 }
 
 /// `steps` SFT steps on `batch` at lr 1e-2; the gradient norms.
@@ -141,4 +149,75 @@ fn learners_refuse_what_does_not_fit() {
         );
         assert_eq!(max_difference(&l.weights(), &weights), 0.0);
     }
+}
+
+#[test]
+fn a_mixed_precision_step_follows_the_f32_one_and_native_bf16_is_refused() {
+    let (config, weights, batch) = setup();
+    let device = Backend::Cpu.device(0).unwrap();
+    let make = |p| {
+        new_learner(
+            LearnerKind::Burn,
+            &config,
+            &weights,
+            AdamWConfig::default(),
+            &device,
+            p,
+        )
+    };
+    let (mut f32, mut bf16) = (
+        make(Precision::F32).unwrap(),
+        make(Precision::Bf16).unwrap(),
+    );
+    let (a, b) = (f32.score(&batch).unwrap(), bf16.score(&batch).unwrap());
+    let worst = a
+        .iter()
+        .zip(&b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max);
+    // bf16 products round to 8 mantissa bits; a wrong cast or mask is off by whole nats.
+    assert!(
+        worst < 5e-2 && worst > 0.0,
+        "bf16 log-probabilities differ by {worst}"
+    );
+    let (na, nb) = (
+        train(f32.as_mut(), &batch, 2),
+        train(bf16.as_mut(), &batch, 2),
+    );
+    for (x, y) in na.iter().zip(&nb) {
+        assert!((x - y).abs() < 5e-2 * x, "gradient norms {na:?} vs {nb:?}");
+    }
+    // Adam moves every weight by about lr a step, and where a gradient is near zero bf16's
+    // rounding can flip its sign, so compare on average: the two updates mostly agree.
+    let mean_abs = |a: &Weights, b: &Weights| {
+        let (sum, n) = a.iter().fold((0.0f64, 0usize), |(s, n), (name, t)| {
+            let d: f64 = t
+                .data
+                .iter()
+                .zip(&b[name].data)
+                .map(|(x, y)| (x - y).abs() as f64)
+                .sum();
+            (s + d, n + t.data.len())
+        });
+        sum / n as f64
+    };
+    let update = mean_abs(&f32.weights(), &weights);
+    let apart = mean_abs(&f32.weights(), &bf16.weights());
+    assert!(
+        apart < 0.2 * update,
+        "updates differ by {apart} on average (update {update})"
+    );
+    let refused = new_learner(
+        LearnerKind::Native,
+        &config,
+        &weights,
+        AdamWConfig::default(),
+        &device,
+        Precision::Bf16,
+    );
+    let why = refused
+        .err()
+        .expect("the native learner has no bf16")
+        .to_string();
+    assert!(why.contains("burn learner"), "{why}");
 }

@@ -18,7 +18,7 @@ use apr_model::checkpoint::{self, CheckpointMeta};
 use apr_model::learner::{new_learner, Learner, LearnerKind};
 use apr_model::native::PackedBatch;
 use apr_model::optim::AdamWConfig;
-use apr_model::{AprTokenizer, Weights};
+use apr_model::{AprTokenizer, Precision, Weights};
 use serde::{Deserialize, Serialize};
 
 use crate::error::TrainError;
@@ -385,7 +385,16 @@ impl GrpoTrainer {
         out: &Path,
         device: &Device,
     ) -> Result<Self, TrainError> {
-        let learner = |kind| new_learner(kind, &meta.model, weights, grpo_adamw(), device);
+        let learner = |kind| {
+            new_learner(
+                kind,
+                &meta.model,
+                weights,
+                grpo_adamw(),
+                device,
+                Precision::F32,
+            )
+        };
         let policy = learner(config.learner)?;
         let reference = learner(config.learner)?;
         std::fs::create_dir_all(out).map_err(|e| TrainError::file(out, e))?;
@@ -593,6 +602,7 @@ impl GrpoTrainer {
             &ck.weights,
             grpo_adamw(),
             &self.device,
+            Precision::F32,
         )?;
         policy.restore_optimizer(optimizer_steps, &saved)?;
         self.policy = policy;

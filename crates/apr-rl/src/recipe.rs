@@ -5,7 +5,7 @@ use apr_core::runtime::{Mode, RuntimeConfig};
 use apr_countdown::sft::LossPlacement;
 use apr_model::learner::LearnerKind;
 use apr_model::optim::AdamWConfig;
-use apr_model::Preset;
+use apr_model::{Precision, Preset};
 
 use crate::grpo::GrpoConfig;
 use crate::sft::SftConfig;
@@ -299,6 +299,7 @@ impl Recipe {
             checkpoint_every: 200,
             eval_every: self.curve_every,
             learner,
+            precision: Precision::F32,
         }
     }
 

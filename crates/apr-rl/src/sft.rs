@@ -17,7 +17,7 @@ use apr_model::checkpoint::{self, CheckpointMeta};
 use apr_model::learner::{new_learner, Learner};
 use apr_model::native::PackedBatch;
 use apr_model::optim::AdamWConfig;
-use apr_model::{AprTokenizer, ModelConfig, Weights};
+use apr_model::{AprTokenizer, ModelConfig, Precision, Weights};
 use serde::{Deserialize, Serialize};
 
 pub use crate::error::TrainError;
@@ -164,6 +164,9 @@ pub struct SftConfig {
     /// What computes the gradients.
     #[serde(default)]
     pub learner: LearnerKind,
+    /// What the burn learner computes its products and attention in.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 /// One line of `metrics.jsonl`.
@@ -251,6 +254,7 @@ impl SftTrainer {
             &weights,
             config.adamw,
             device,
+            config.precision,
         )?;
         if state.step > 0 {
             let saved = checkpoint::read_safetensors(&ckpt_dir.join("optimizer.safetensors"))?;

@@ -37,6 +37,7 @@ fn data(tok: &AprTokenizer) -> Vec<Example> {
 
 fn config(steps: usize, learner: LearnerKind) -> SftConfig {
     SftConfig {
+        precision: apr_model::Precision::F32,
         steps,
         batch_tokens: 2048,
         accum: 2,

@@ -42,6 +42,16 @@ impl BurnLearner {
         })
     }
 
+    /// The same learner computing its products and attention in `precision` (weights, AdamW
+    /// state, norms and the log-softmax stay f32); refused where the device cannot compute in it.
+    pub fn with_precision(mut self, precision: crate::Precision) -> Result<Self, LearnError> {
+        precision
+            .check(&self.device)
+            .map_err(LearnError::Precision)?;
+        self.model.precision = precision;
+        Ok(self)
+    }
+
     /// The model being trained (on the autodiff device).
     pub fn model(&self) -> &Model {
         &self.model

@@ -77,6 +77,9 @@ pub enum LearnError {
     /// Saved optimizer moments that do not fit this model.
     #[error("optimizer state: {0}")]
     State(String),
+    /// A compute precision the device cannot run.
+    #[error("{0}")]
+    Precision(String),
 }
 
 /// What a trainer needs of a model under training.
@@ -117,17 +120,27 @@ pub trait Learner {
 }
 
 /// A learner of `kind` over `weights` on `device` (the native learner always computes on the
-/// host), with a fresh AdamW.
+/// host, in f32), with a fresh AdamW, computing its products and attention in `precision`.
 pub fn new_learner(
     kind: LearnerKind,
     config: &ModelConfig,
     weights: &Weights,
     adamw: AdamWConfig,
     device: &burn::tensor::Device,
+    precision: crate::Precision,
 ) -> Result<Box<dyn Learner>, LearnError> {
-    let learner: Box<dyn Learner> = match kind {
-        LearnerKind::Native => Box::new(NativeLearner::new(config, weights, adamw)?),
-        LearnerKind::Burn => Box::new(BurnLearner::new(config, weights, adamw, device)?),
+    let learner: Box<dyn Learner> = match (kind, precision) {
+        (LearnerKind::Native, crate::Precision::F32) => {
+            Box::new(NativeLearner::new(config, weights, adamw)?)
+        }
+        (LearnerKind::Native, p) => {
+            return Err(LearnError::Precision(format!(
+                "{p} compute needs the burn learner (--learner burn); the native one is f32"
+            )))
+        }
+        (LearnerKind::Burn, p) => {
+            Box::new(BurnLearner::new(config, weights, adamw, device)?.with_precision(p)?)
+        }
     };
     Ok(learner)
 }

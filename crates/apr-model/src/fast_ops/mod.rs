@@ -1,0 +1,302 @@
+//! The model's hot training ops behind one backend extension: matrix products and causal
+//! attention, each with a hand-written backward.
+//!
+//! [`FastOps`] is a burn `backend_extension`. Its default bodies (`generic`) are made of burn's
+//! own primitive ops, run on every backend, and are the reference every fast implementation is
+//! tested against. CUDA overrides the matrix product with cuBLASLt (`cuda`, found at run time;
+//! without it the generic op runs, after a one-line warning). Attention never keeps its
+//! `[b, h, s, s]` scores: the forward saves only its output and the rows' log-sum-exp, and the
+//! backward recomputes the scores a block of queries at a time, so its memory is
+//! [`SCORE_BUDGET`] elements whatever the sequence length, and every product in it is a
+//! [`FastOps::fast_matmul`].
+//!
+//! The `Tensor` functions at the bottom ([`matmul`], [`linear`], [`causal_attention`]) are what
+//! the model calls; they also apply the [`Precision`] (bf16 compute under f32 weights).
+
+mod autodiff;
+#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+pub mod cuda;
+mod generic;
+
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, ExtensionType};
+use burn::tensor::{Device, FloatDType, Tensor};
+
+/// A causal attention forward's results: the output and each query row's log-sum-exp of its
+/// scaled scores (f32 whatever the compute type: a bf16 log-sum-exp would be off by percents).
+#[derive(ExtensionType)]
+pub struct AttentionForward<B: Backend> {
+    /// `[b, h, s, hd]`.
+    pub out: FloatTensor<B>,
+    /// `[b, h, s, 1]`, f32.
+    pub lse: FloatTensor<B>,
+}
+
+/// What a causal attention backward needs of its forward.
+#[derive(ExtensionType)]
+pub struct AttentionSaved<B: Backend> {
+    /// Queries `[b, h, s, hd]`.
+    pub q: FloatTensor<B>,
+    /// Keys `[b, h, s, hd]`.
+    pub k: FloatTensor<B>,
+    /// Values `[b, h, s, hd]`.
+    pub v: FloatTensor<B>,
+    /// The forward's output.
+    pub out: FloatTensor<B>,
+    /// The forward's log-sum-exp, f32.
+    pub lse: FloatTensor<B>,
+}
+
+// An autodiff state must be `Clone + Debug`; the derive would also ask it of `B`.
+impl<B: Backend> Clone for AttentionSaved<B> {
+    fn clone(&self) -> Self {
+        AttentionSaved {
+            q: self.q.clone(),
+            k: self.k.clone(),
+            v: self.v.clone(),
+            out: self.out.clone(),
+            lse: self.lse.clone(),
+        }
+    }
+}
+
+impl<B: Backend> std::fmt::Debug for AttentionSaved<B> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AttentionSaved").finish_non_exhaustive()
+    }
+}
+
+/// Gradients of a causal attention with respect to its three inputs.
+#[derive(ExtensionType)]
+pub struct AttentionGrads<B: Backend> {
+    /// `d loss / d q`.
+    pub dq: FloatTensor<B>,
+    /// `d loss / d k`.
+    pub dk: FloatTensor<B>,
+    /// `d loss / d v`.
+    pub dv: FloatTensor<B>,
+}
+
+/// The model's hot ops. Every method has a generic body; a backend overrides what it does
+/// faster, and `Autodiff` overrides the differentiable ones with their hand-written backward.
+#[backend_extension(
+    Flex: cfg(feature = "flex"),
+    Cube: cfg(any(feature = "wgpu", feature = "cuda")),
+    Autodiff
+)]
+pub trait FastOps: Backend {
+    /// `op(lhs) · op(rhs)` over the last two dimensions, where `op` transposes when its flag is
+    /// set; both operands have the same rank and batch dimensions (no broadcasting).
+    fn fast_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        transpose_lhs: bool,
+        transpose_rhs: bool,
+    ) -> FloatTensor<Self> {
+        generic::matmul::<Self>(lhs, rhs, transpose_lhs, transpose_rhs)
+    }
+
+    /// `softmax(q kᵀ · scale + causal mask) v` for `[b, h, s, hd]` inputs, a block of `block`
+    /// queries at a time.
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> FloatTensor<Self> {
+        generic::attention_forward::<Self>(q, k, v, scale, block).out
+    }
+
+    /// [`FastOps::causal_attention`] and the log-sum-exp its backward needs.
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> AttentionForward<Self> {
+        generic::attention_forward::<Self>(q, k, v, scale, block)
+    }
+
+    /// The gradients of [`FastOps::causal_attention`] given `dout`, recomputing its scores from
+    /// the saved log-sum-exp a block of queries at a time.
+    fn attention_backward(
+        #[extension_type] saved: AttentionSaved<Self>,
+        dout: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> AttentionGrads<Self> {
+        generic::attention_backward::<Self>(saved, dout, scale, block)
+    }
+}
+
+#[cfg(feature = "flex")]
+impl FastOps for burn::backend::Flex {}
+
+#[cfg(all(
+    any(feature = "wgpu", feature = "cuda"),
+    any(not(feature = "cuda"), feature = "fusion")
+))]
+impl FastOps for burn::backend::Cube {}
+
+#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+impl FastOps for burn::backend::Cube {
+    fn fast_matmul(
+        lhs: FloatTensor<Self>,
+        rhs: FloatTensor<Self>,
+        transpose_lhs: bool,
+        transpose_rhs: bool,
+    ) -> FloatTensor<Self> {
+        match cuda::matmul(&lhs, &rhs, transpose_lhs, transpose_rhs) {
+            Some(out) => out,
+            None => generic::matmul::<Self>(lhs, rhs, transpose_lhs, transpose_rhs),
+        }
+    }
+}
+
+/// Scores held at once by attention (forward or backward), in elements: queries are taken in
+/// blocks of as many rows as fit (256 MiB of f32 scores, whatever the sequence length).
+pub const SCORE_BUDGET: usize = 1 << 26;
+
+/// Query rows per block for `[b, h, s, ·]` attention within [`SCORE_BUDGET`]: all of them when
+/// they fit, else a multiple of 16 (at least one row).
+pub fn attention_block(batch: usize, heads: usize, seq: usize) -> usize {
+    let per_row = (batch * heads * seq).max(1);
+    let rows = (SCORE_BUDGET / per_row).clamp(1, seq.max(1));
+    if rows >= seq || rows < 16 {
+        rows
+    } else {
+        rows / 16 * 16
+    }
+}
+
+/// The dtype matrix products and attention compute in. Weights, optimizer state, norms, the
+/// residual stream, the loss and the log-softmax stay f32 either way.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Precision {
+    /// Everything in f32 (TF32 tensor cores on a GPU, where the backend uses them).
+    #[default]
+    F32,
+    /// Products and attention in bf16 with f32 accumulation, as PyTorch's autocast does.
+    Bf16,
+}
+
+impl Precision {
+    /// Every precision, for command lines.
+    pub const ALL: [Precision; 2] = [Precision::F32, Precision::Bf16];
+
+    /// The name a command line uses.
+    pub fn name(self) -> &'static str {
+        match self {
+            Precision::F32 => "f32",
+            Precision::Bf16 => "bf16",
+        }
+    }
+
+    /// Whether `device` can compute in this precision (lavapipe, for one, has no bf16 matmul).
+    pub fn check(self, device: &Device) -> Result<(), String> {
+        match self {
+            Precision::Bf16 if !device.supports_dtype(FloatDType::BF16) => {
+                Err("bf16 compute is not supported on this device (use f32)".into())
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn compute<const D: usize>(self, x: Tensor<D>) -> Tensor<D> {
+        match self {
+            Precision::F32 => x,
+            Precision::Bf16 => x.cast(FloatDType::BF16),
+        }
+    }
+}
+
+impl std::fmt::Display for Precision {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+impl std::str::FromStr for Precision {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Precision::ALL
+            .into_iter()
+            .find(|p| p.name() == s)
+            .ok_or_else(|| format!("unknown precision {s:?} (expected f32 or bf16)"))
+    }
+}
+
+fn f32_out<const D: usize>(x: Tensor<D>) -> Tensor<D> {
+    x.cast(FloatDType::F32)
+}
+
+/// `op(lhs) · op(rhs)` through [`FastOps::fast_matmul`] (same rank, same batch dimensions).
+pub fn matmul<const D: usize>(
+    lhs: Tensor<D>,
+    rhs: Tensor<D>,
+    transpose_lhs: bool,
+    transpose_rhs: bool,
+) -> Tensor<D> {
+    use burn::backend::Dispatch;
+    Tensor::from_dispatch(<Dispatch as FastOps>::fast_matmul(
+        lhs.into_dispatch(),
+        rhs.into_dispatch(),
+        transpose_lhs,
+        transpose_rhs,
+    ))
+}
+
+/// `x · weight` for `x: [b, s, in]` and a burn-layout weight `[in, out]`, computed in
+/// `precision` and returned in f32.
+pub fn linear(x: Tensor<3>, weight: Tensor<2>, precision: Precision) -> Tensor<3> {
+    let [b, s, d] = x.dims();
+    let out = weight.dims()[1];
+    let x = precision.compute(x.reshape([b * s, d]));
+    let y = matmul(x, precision.compute(weight), false, false);
+    f32_out(y).reshape([b, s, out])
+}
+
+/// Causal self-attention of `[b, h, s, hd]` queries, keys and values (scaled by `1/√hd`),
+/// computed in `precision` and returned in f32; under autodiff it keeps no scores for its
+/// backward.
+pub fn causal_attention(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    precision: Precision,
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    let [b, h, s, hd] = q.dims();
+    let block = attention_block(b, h, s);
+    let scale = 1.0 / (hd as f64).sqrt();
+    let [q, k, v] = [q, k, v].map(|t| precision.compute(t));
+    f32_out(Tensor::from_dispatch(
+        <Dispatch as FastOps>::causal_attention(
+            q.into_dispatch(),
+            k.into_dispatch(),
+            v.into_dispatch(),
+            scale,
+            block,
+        ),
+    ))
+}
+
+/// [`causal_attention`] with an explicit query block (tests use small ones to cross blocks).
+pub fn causal_attention_blocked(
+    q: Tensor<4>,
+    k: Tensor<4>,
+    v: Tensor<4>,
+    block: usize,
+) -> Tensor<4> {
+    use burn::backend::Dispatch;
+    let scale = 1.0 / (q.dims()[3] as f64).sqrt();
+    Tensor::from_dispatch(<Dispatch as FastOps>::causal_attention(
+        q.into_dispatch(),
+        k.into_dispatch(),
+        v.into_dispatch(),
+        scale,
+        block.max(1),
+    ))
+}
