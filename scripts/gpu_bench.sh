@@ -101,6 +101,8 @@ peak ours 150 train cuda paper mixed 8 4096 1 3
 peak theirs 90 train paper 8 4096 5
 peak theirs 150 compile paper 8 4096 5
 ours 90 parts cuda paper mixed 8 4096 2
+# The same step with burn's own matmul in place of cuBLASLt: what the library buys.
+APR_CUBLASLT=off ours 90 train cuda paper mixed 8 4096 1 2
 # The same with every tensor in bf16 and with the micro-batches of before, for the record.
 ours 90 train cuda paper bf16 1 4096 8 2
 # Decode with capture off (issue 19's comparison), after training's rows.
@@ -168,7 +170,13 @@ for r in rows:
         print(f"| eval records captured = dynamic | {r['identical']} ({r['records_differing']} differ) | | | |")
     elif r["what"] == "train":
         shape = f"{r.get('micro_batch', r.get('batch'))} × {r['seq']}" + (f" × {r['accum']}" if "accum" in r else "")
-        print(f"| train | {r['impl']} {r.get('dtype', '')} | {shape} | {r['step_s']} s | {r['tokens_per_s']:,} |")
+        # 6N per token plus causal attention's 6·layers·seq·d (forward and backward), against
+        # the H200's 989 dense bf16 TFLOP/s: the model FLOPs utilisation.
+        n, layers, d = r.get("params", 227.8e6), 18, 1024
+        flops = r["tokens_per_s"] * (6 * n + 6 * layers * r["seq"] * d) if r.get("preset") == "paper" else 0
+        mfu = f", {flops / 1e12:.0f} TFLOP/s, MFU {flops / 989e12:.1%}" if flops else ""
+        norm = f", first grad norm {r['first_grad_norm']}" if "first_grad_norm" in r else ""
+        print(f"| train | {r['impl']} {r.get('dtype', '')} | {shape} | {r['step_s']} s{norm} | {r['tokens_per_s']:,}{mfu} |")
     else:
         err = f" ({r['error']})" if "error" in r else ""
         print(f"| decode | {r['impl']}{err} | {r['slots']} slots | {r['step_ms']} ms | {r['tokens_per_s']:,} |")

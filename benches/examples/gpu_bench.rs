@@ -114,15 +114,18 @@ fn train(args: &[String]) {
         .unwrap_or_else(|e| fail(e));
     let batch = synthetic_batch(mb, seq);
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
+    let implementation = fast_ops::matmul_implementation(&base);
     let mut step = || {
         for _ in 0..accum {
             forward_backward(&mut learner, &batch).unwrap_or_else(|e| fail(e));
         }
         // The step reads the gradient norm back: the device has finished when it returns.
-        learner.step(1e-4, accum).unwrap_or_else(|e| fail(e));
+        learner.step(1e-4, accum).unwrap_or_else(|e| fail(e))
     };
     let start = Instant::now();
-    step();
+    // The first step's gradient norm, from the same weights and batch every run: rows with and
+    // without cuBLASLt (or in another precision) must agree on it within rounding.
+    let first_norm = step();
     let first_s = start.elapsed().as_secs_f64();
     step();
     let start = Instant::now();
@@ -132,7 +135,7 @@ fn train(args: &[String]) {
     let step_s = start.elapsed().as_secs_f64() / steps as f64;
     let tokens = (mb * seq * accum) as f64;
     println!(
-        "{{\"what\":\"train\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{dtype}\",\"params\":{},\"micro_batch\":{mb},\"seq\":{seq},\"accum\":{accum},\"first_step_s\":{first_s:.2},\"step_s\":{step_s:.4},\"tokens_per_s\":{:.0}}}",
+        "{{\"what\":\"train\",\"impl\":\"apr-rs burn ({implementation})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{dtype}\",\"params\":{},\"micro_batch\":{mb},\"seq\":{seq},\"accum\":{accum},\"first_step_s\":{first_s:.2},\"first_grad_norm\":{first_norm:.6},\"step_s\":{step_s:.4},\"tokens_per_s\":{:.0}}}",
         args[1],
         args[2],
         config.total_params(),
@@ -151,6 +154,7 @@ fn parts(args: &[String]) {
         .unwrap_or_else(|e| fail(e));
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
     let batch = synthetic_batch(mb, seq);
+    let implementation = fast_ops::matmul_implementation(&base);
     let time = |f: &mut dyn FnMut()| {
         f();
         f();
@@ -187,7 +191,7 @@ fn parts(args: &[String]) {
     });
     drop(products);
     println!(
-        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1},\"fast_matmul_tflops\":{:.1}}}",
+        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn ({implementation})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1},\"fast_matmul_tflops\":{:.1}}}",
         args[1],
         args[2],
         dtype,

@@ -58,6 +58,23 @@ fn init_generate_export_train_eval() {
     assert_eq!(metrics.lines().count(), 2);
     let last: serde_json::Value = serde_json::from_str(metrics.lines().last().unwrap()).unwrap();
     assert!(last["loss"].is_number() && last["val_accuracy"].is_number());
+    // Mixed precision trains through the burn learner and is refused, in one line, by the
+    // native one (f32 only).
+    let base = format!(
+        "train sft --data {} --config {} --steps 1 --batch-tokens 2048 --context 512",
+        s(&traces),
+        s(&cfg)
+    );
+    let mixed = ok(&apr_line(&format!(
+        "{base} --learner burn --precision bf16 --out {}",
+        s(&dir.path().join("bf16"))
+    )));
+    assert_eq!(mixed["steps"], 1);
+    let refused = apr_line(&format!(
+        "{base} --learner native --precision bf16 --out {}",
+        s(&dir.path().join("native-bf16"))
+    ));
+    one_line_error(&refused, "burn learner");
     let eval_dir = dir.path().join("eval");
     let summary = ok(&apr_line(&format!("eval --model {} --problems {} --mode sample --n 2 --context 256 --limit 3 --slots 4 --out {}", s(&run.join("checkpoint")), s(&problems), s(&eval_dir))));
     assert_eq!(summary["problems"], 3);

@@ -4,7 +4,8 @@
 //! The library is found at run time ([`cublaslt_status`]): `APR_CUDA_LIBS` (directories,
 //! `:`-separated), the CUDA toolkit's usual places, or the NVIDIA wheels beside a PyTorch
 //! install; otherwise whatever the loader finds on `LD_LIBRARY_PATH`. Without it every product
-//! runs burn's own kernel, after one line on stderr, and nothing fails.
+//! runs burn's own kernel, after one line on stderr, and nothing fails. `APR_CUBLASLT=off` turns
+//! it off on purpose (the GPU script times a training step both ways).
 //!
 //! cubecl does not expose its CUDA stream, so a product waits for the device (burn's `sync`)
 //! before it reads cubecl's buffers and synchronises its own stream before cubecl may read the
@@ -132,6 +133,9 @@ fn preload() -> Option<String> {
 }
 
 fn load() -> Result<Library, String> {
+    if std::env::var("APR_CUBLASLT").is_ok_and(|v| v == "off") {
+        return Err("turned off by APR_CUBLASLT=off".into());
+    }
     let from = preload();
     // SAFETY: only probes whether the library can be opened.
     if !unsafe { sys::is_culib_present() } {

@@ -7,7 +7,7 @@
 //! without it the generic op runs, after a one-line warning). Attention never keeps its
 //! `[b, h, s, s]` scores: the forward saves only its output and the rows' log-sum-exp, and the
 //! backward recomputes the scores a block of queries at a time, so its memory is
-//! [`SCORE_BUDGET`] elements whatever the sequence length, and every product in it is a
+//! bounded by [`SCORE_BUDGET`] whatever the sequence length, and every product in it is a
 //! [`FastOps::fast_matmul`].
 //!
 //! The `Tensor` functions at the bottom ([`matmul`], [`linear`], [`causal_attention`]) are what
@@ -154,9 +154,25 @@ impl FastOps for burn::backend::Cube {
     }
 }
 
+/// Which implementation [`FastOps::fast_matmul`] runs on `device`: `cuBLASLt`, or `burn` (with
+/// the reason where cuBLASLt was wanted). For benchmark rows and logs.
+pub fn matmul_implementation(device: &Device) -> String {
+    #[cfg(all(feature = "cuda", not(feature = "fusion")))]
+    if crate::backend::is_cuda(&device.clone().inner()) {
+        return match cuda::cublaslt_status() {
+            Ok(()) => "cuBLASLt".into(),
+            Err(why) => format!("burn ({why})"),
+        };
+    }
+    let _ = device;
+    "burn".into()
+}
+
 /// Scores held at once by attention (forward or backward), in elements: queries are taken in
-/// blocks of as many rows as fit (256 MiB of f32 scores, whatever the sequence length).
-pub const SCORE_BUDGET: usize = 1 << 26;
+/// blocks of as many rows as fit (1 GiB of f32 scores, whatever the sequence length; the
+/// backward holds about four such tensors at once). The `paper` preset at 8 × 4,096 takes 512
+/// query rows a block; the CPU presets fit whole.
+pub const SCORE_BUDGET: usize = 1 << 28;
 
 /// Query rows per block for `[b, h, s, ·]` attention within [`SCORE_BUDGET`]: all of them when
 /// they fit, else a multiple of 16 (at least one row).
