@@ -83,6 +83,10 @@ pub struct GrpoArgs {
     /// default elsewhere).
     #[arg(long)]
     learner: Option<apr_rl::sft::LearnerKind>,
+    /// What the burn learner computes products and attention in: `f32` or `bf16` (mixed
+    /// precision: weights, AdamW state, norms and the loss stay f32).
+    #[arg(long, default_value_t = apr_model::Precision::F32)]
+    precision: apr_model::Precision,
     #[command(flatten)]
     run: RunDirArgs,
     #[command(flatten)]
@@ -253,6 +257,7 @@ fn grpo(args: GrpoArgs) -> Result<ExitCode> {
     let mode = if args.serial { Mode::Serial } else { Mode::Apr };
     let reference = apr_rl::grpo::GrpoConfig::reference(mode);
     let config = apr_rl::grpo::GrpoConfig {
+        precision: args.precision,
         steps: args.steps,
         prompts: args.batch,
         group: args.group,

@@ -58,6 +58,9 @@ pub struct GrpoConfig {
     /// for the native learner).
     #[serde(default)]
     pub learner: LearnerKind,
+    /// What the burn learner computes its products and attention in.
+    #[serde(default)]
+    pub precision: Precision,
 }
 
 impl GrpoConfig {
@@ -88,6 +91,7 @@ impl GrpoConfig {
             seed: 0,
             checkpoint_every: 1,
             learner: LearnerKind::default(),
+            precision: Precision::F32,
         }
     }
 }
@@ -392,7 +396,7 @@ impl GrpoTrainer {
                 weights,
                 grpo_adamw(),
                 device,
-                Precision::F32,
+                config.precision,
             )
         };
         let policy = learner(config.learner)?;
@@ -602,7 +606,7 @@ impl GrpoTrainer {
             &ck.weights,
             grpo_adamw(),
             &self.device,
-            Precision::F32,
+            self.config.precision,
         )?;
         policy.restore_optimizer(optimizer_steps, &saved)?;
         self.policy = policy;

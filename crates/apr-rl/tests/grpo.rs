@@ -163,6 +163,7 @@ fn tiny_trainer(
 
 fn trainer(learner: LearnerKind, beta: f64, dir: &std::path::Path) -> GrpoTrainer {
     let config = GrpoConfig {
+        precision: apr_model::Precision::F32,
         steps: 1,
         prompts: 1,
         group: 2,
@@ -241,6 +242,7 @@ fn a_resumed_run_continues_bit_identically() {
     // steps a gradient and the optimizer moments matter.
     let make = |dir: &std::path::Path, steps: usize| {
         let config = GrpoConfig {
+            precision: apr_model::Precision::F32,
             steps,
             prompts: 2,
             group: 2,

@@ -94,6 +94,7 @@ fn a_grpo_step_does_not_depend_on_slots() {
     let step = |slots: usize| {
         let out = tempfile::tempdir().unwrap();
         let config = GrpoConfig {
+            precision: apr_model::Precision::F32,
             steps: 1,
             prompts: 2,
             group: 3,
