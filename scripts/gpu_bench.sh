@@ -13,8 +13,9 @@
 #                                     # last
 #
 # Each measurement is its own process under `timeout`, so a failure or an out-of-memory costs one
-# row; the whole run is sized to stay under 6 minutes. Sizes: decode 128 greedy tokens after a
-# 16-token prompt at 1 / 64 / 256 slots, context 144 (= prompt + new, as PyTorch's static cache);
+# row; a row starts only while GPU_BENCH_BUDGET (400 s) lasts, so the run ends by then plus one
+# row's timeout (at most 150 s). Sizes: decode 128 greedy tokens after a 16-token prompt at
+# 1 / 64 / 256 slots, context 144 (= prompt + new, as PyTorch's static cache);
 # training one micro-batch of 8 × 4,096 tokens per step (the paper's batch; attention keeps no
 # scores for its backward, so it fits), mixed precision (f32 weights and AdamW, bf16 products
 # and attention through the fast ops: cuBLASLt on CUDA), beside PyTorch eager and torch.compile
