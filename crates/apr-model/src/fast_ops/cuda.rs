@@ -251,27 +251,22 @@ pub(super) fn matmul(
     }
     let (dtype, compute) = data_type(lhs.dtype)?;
     let lib = library().ok()?;
-    let layout = |t: &CubeTensor, tr: bool| {
-        let strides: Vec<usize> = t.meta.strides.iter().copied().collect();
-        operand(&t.meta.shape, &strides, tr)
-    };
-    let contiguous = |t: &CubeTensor| burn_cubecl::kernel::into_contiguous(t.clone());
-    let (lhs, (m, k, b_op)) = match layout(lhs, transpose_lhs) {
-        Some(op) => (lhs.clone(), op),
-        None => {
-            let l = contiguous(lhs);
-            let op = layout(&l, transpose_lhs)?;
-            (l, op)
+    // Each operand as cuBLASLt can read it: in place, or made contiguous first.
+    let readable = |t: &CubeTensor, tr: bool| {
+        let layout = |t: &CubeTensor| {
+            let strides: Vec<usize> = t.meta.strides.iter().copied().collect();
+            operand(&t.meta.shape, &strides, tr)
+        };
+        match layout(t) {
+            Some(op) => Some((t.clone(), op)),
+            None => {
+                let t = burn_cubecl::kernel::into_contiguous(t.clone());
+                layout(&t).map(|op| (t, op))
+            }
         }
     };
-    let (rhs, (k2, n, a_op)) = match layout(rhs, transpose_rhs) {
-        Some(op) => (rhs.clone(), op),
-        None => {
-            let r = contiguous(rhs);
-            let op = layout(&r, transpose_rhs)?;
-            (r, op)
-        }
-    };
+    let (lhs, (m, k, b_op)) = readable(lhs, transpose_lhs)?;
+    let (rhs, (k2, n, a_op)) = readable(rhs, transpose_rhs)?;
     let rank = lhs.meta.shape.num_dims();
     let batch_dims = &lhs.meta.shape.as_slice()[..rank - 2];
     if k != k2 || batch_dims != &rhs.meta.shape.as_slice()[..rank - 2] {
@@ -290,7 +285,7 @@ pub(super) fn matmul(
         &lhs,
         &rhs,
         &out,
-        [m, n, k, batch],
+        [m, n, batch],
         a_op,
         b_op,
         dtype,
@@ -325,13 +320,12 @@ fn run(
     lhs: &CubeTensor,
     rhs: &CubeTensor,
     out: &CubeTensor,
-    [m, n, k, batch]: [usize; 4],
+    [m, n, batch]: [usize; 3],
     a: Operand,
     b: Operand,
     dtype: sys::cudaDataType,
     compute: sys::cublasComputeType_t,
 ) -> Result<(), String> {
-    let _ = k;
     let lib = lib
         .lock()
         .map_err(|_| "cuBLASLt lock poisoned".to_string())?;

@@ -57,36 +57,55 @@ fn cast<B: FastOps>(x: FloatTensor<B>, dtype: FloatDType) -> FloatTensor<B> {
     }
 }
 
-/// `[1, 1, n, keys]` f32: 0 where key `j` is at or before query `start + i`, −∞ after it.
-fn causal_bias<B: FastOps>(
-    start: usize,
-    n: usize,
-    keys: usize,
-    device: &B::Device,
-) -> FloatTensor<B> {
-    let mut bias = vec![0.0f32; n * keys];
+/// `[1, 1, n, n]` f32: 0 where key `j` is at or before query `i`, −∞ after it. Made once per
+/// call: a block's keys before its first query are all visible, so only its last `n` keys (the
+/// diagonal square) need it.
+fn causal_square<B: FastOps>(n: usize, device: &B::Device) -> FloatTensor<B> {
+    let mut bias = vec![0.0f32; n * n];
     for i in 0..n {
-        for j in (start + i + 1)..keys {
-            bias[i * keys + j] = f32::NEG_INFINITY;
+        for j in (i + 1)..n {
+            bias[i * n + j] = f32::NEG_INFINITY;
         }
     }
-    B::float_from_data(TensorData::new(bias, [1, 1, n, keys]), device)
+    B::float_from_data(TensorData::new(bias, [1, 1, n, n]), device)
 }
 
-/// One query block's f32 scaled, masked scores `[b, h, n, i1]` against keys `0..i1`.
+/// One query block's f32 scaled, masked scores `[b, h, n, end]` against keys `0..end`, given
+/// the [`causal_square`] of the largest block.
 fn block_scores<B: FastOps>(
     q: &FloatTensor<B>,
     k: &FloatTensor<B>,
     range: std::ops::Range<usize>,
     scale: f64,
+    square: &FloatTensor<B>,
 ) -> FloatTensor<B> {
     let (start, end) = (range.start, range.end);
+    let n = end - start;
     let qb = rows::<B>(q, range);
     let kb = rows::<B>(k, 0..end);
     let scores = f32::<B>(B::fast_matmul(qb, kb, false, true));
     let scores = B::float_mul_scalar(scores, scale.into());
-    let device = q.device();
-    B::float_add(scores, causal_bias::<B>(start, end - start, end, &device))
+    let mask = B::float_slice(
+        square.clone(),
+        &[
+            Slice::from(0..1),
+            Slice::from(0..1),
+            Slice::from(0..n),
+            Slice::from(0..n),
+        ],
+    );
+    if start == 0 {
+        return B::float_add(scores, mask);
+    }
+    let [b, h, _, _] = dims4::<B>(&scores);
+    let diagonal = [
+        Slice::from(0..b),
+        Slice::from(0..h),
+        Slice::from(0..n),
+        Slice::from(start..end),
+    ];
+    let masked = B::float_add(B::float_slice(scores.clone(), &diagonal), mask);
+    B::float_slice_assign(scores, &diagonal, masked)
 }
 
 fn blocks(s: usize, block: usize) -> impl Iterator<Item = std::ops::Range<usize>> {
@@ -105,10 +124,11 @@ pub(super) fn attention_forward<B: FastOps>(
 ) -> AttentionForward<B> {
     let [_, _, s, _] = dims4::<B>(&q);
     let dtype = FloatDType::from(q.dtype());
+    let square = causal_square::<B>(block.clamp(1, s.max(1)), &q.device());
     let (mut outs, mut lses) = (Vec::new(), Vec::new());
     for range in blocks(s, block) {
         let end = range.end;
-        let scores = block_scores::<B>(&q, &k, range, scale);
+        let scores = block_scores::<B>(&q, &k, range, scale, &square);
         let max = B::float_max_dim(scores.clone(), 3);
         let p = B::float_exp(B::float_sub(scores, max.clone()));
         let sum = B::float_sum_dim(p.clone(), 3);
@@ -157,10 +177,11 @@ pub(super) fn attention_backward<B: FastOps>(
     let delta = B::float_sum_dim(B::float_mul(f32::<B>(dout.clone()), f32::<B>(out)), 3);
     let zeros = || B::float_zeros(Shape::from([b, h, s, d]), &device, FloatDType::F32);
     let (mut dk, mut dv) = (zeros(), zeros());
+    let square = causal_square::<B>(block.clamp(1, s.max(1)), &device);
     let mut dqs = Vec::new();
     for range in blocks(s, block) {
         let end = range.end;
-        let scores = block_scores::<B>(&q, &k, range.clone(), scale);
+        let scores = block_scores::<B>(&q, &k, range.clone(), scale, &square);
         let p = B::float_exp(B::float_sub(scores, rows::<B>(&lse, range.clone())));
         let dob = rows::<B>(&dout, range.clone());
         let (kb, vb) = (rows::<B>(&k, 0..end), rows::<B>(&v, 0..end));

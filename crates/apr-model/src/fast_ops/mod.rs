@@ -283,23 +283,14 @@ pub fn causal_attention(
     v: Tensor<4>,
     precision: Precision,
 ) -> Tensor<4> {
-    use burn::backend::Dispatch;
-    let [b, h, s, hd] = q.dims();
+    let [b, h, s, _] = q.dims();
     let block = attention_block(b, h, s);
-    let scale = 1.0 / (hd as f64).sqrt();
     let [q, k, v] = [q, k, v].map(|t| precision.compute(t));
-    f32_out(Tensor::from_dispatch(
-        <Dispatch as FastOps>::causal_attention(
-            q.into_dispatch(),
-            k.into_dispatch(),
-            v.into_dispatch(),
-            scale,
-            block,
-        ),
-    ))
+    f32_out(causal_attention_blocked(q, k, v, block))
 }
 
-/// [`causal_attention`] with an explicit query block (tests use small ones to cross blocks).
+/// [`causal_attention`] in the inputs' own dtype with an explicit query block (tests use small
+/// ones to cross blocks).
 pub fn causal_attention_blocked(
     q: Tensor<4>,
     k: Tensor<4>,
