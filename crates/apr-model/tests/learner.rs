@@ -6,6 +6,7 @@ use apr_model::learner::{new_learner, LearnError, Learner, LearnerKind};
 use apr_model::native::PackedBatch;
 use apr_model::optim::AdamWConfig;
 use apr_model::{init_weights, ModelConfig, Precision, Preset, Weights};
+use burn::tensor::Device;
 
 fn setup() -> (ModelConfig, Weights, PackedBatch) {
     let config = ModelConfig {
@@ -55,6 +56,20 @@ fn max_difference(a: &Weights, b: &Weights) -> f32 {
     a.iter()
         .flat_map(|(name, t)| t.data.iter().zip(&b[name].data).map(|(x, y)| (x - y).abs()))
         .fold(0.0, f32::max)
+}
+
+/// Mean |a − b| over every weight.
+fn mean_abs(a: &Weights, b: &Weights) -> f64 {
+    let (sum, n) = a.iter().fold((0.0f64, 0usize), |(s, n), (name, t)| {
+        let d: f64 = t
+            .data
+            .iter()
+            .zip(&b[name].data)
+            .map(|(x, y)| (x - y).abs() as f64)
+            .sum();
+        (s + d, n + t.data.len())
+    });
+    sum / n as f64
 }
 
 #[test]
@@ -189,18 +204,6 @@ fn a_mixed_precision_step_follows_the_f32_one_and_native_bf16_is_refused() {
     }
     // Adam moves every weight by about lr a step, and where a gradient is near zero bf16's
     // rounding can flip its sign, so compare on average: the two updates mostly agree.
-    let mean_abs = |a: &Weights, b: &Weights| {
-        let (sum, n) = a.iter().fold((0.0f64, 0usize), |(s, n), (name, t)| {
-            let d: f64 = t
-                .data
-                .iter()
-                .zip(&b[name].data)
-                .map(|(x, y)| (x - y).abs() as f64)
-                .sum();
-            (s + d, n + t.data.len())
-        });
-        sum / n as f64
-    };
     let update = mean_abs(&f32.weights(), &weights);
     let apart = mean_abs(&f32.weights(), &bf16.weights());
     assert!(
@@ -220,4 +223,119 @@ fn a_mixed_precision_step_follows_the_f32_one_and_native_bf16_is_refused() {
         .expect("the native learner has no bf16")
         .to_string();
     assert!(why.contains("burn learner"), "{why}");
+}
+
+/// How closely a step on the test device follows the CPU's f32 step, by backend and precision.
+struct Agreement {
+    /// Largest |Δ log-probability|.
+    logprob: f32,
+    /// |Δ gradient norm| relative to the CPU's.
+    grad_norm: f64,
+    /// Mean |Δ weight| after the step, relative to the mean update.
+    update: f64,
+}
+
+fn agreement(backend: Backend, precision: Precision) -> Agreement {
+    match (backend, precision) {
+        // The same ops on the same device: the same numbers.
+        (Backend::Cpu, Precision::F32) => Agreement {
+            logprob: 0.0,
+            grad_norm: 0.0,
+            update: 0.0,
+        },
+        // Another order of summation in f32.
+        (Backend::Wgpu, Precision::F32) => Agreement {
+            logprob: 1e-4,
+            grad_norm: 1e-3,
+            update: 0.05,
+        },
+        // TF32 products (cuBLASLt and cubek alike): a 10-bit mantissa.
+        (Backend::Cuda, Precision::F32) => Agreement {
+            logprob: 1e-2,
+            grad_norm: 2e-2,
+            update: 0.1,
+        },
+        // bf16 products against f32 ones, as the CPU's own mixed-precision test allows.
+        (_, Precision::Bf16) => Agreement {
+            logprob: 5e-2,
+            grad_norm: 5e-2,
+            update: 0.2,
+        },
+    }
+}
+
+/// The burn learner on the test device (`APR_BACKEND`; on CUDA its products and attention go
+/// through cuBLASLt) takes the step burn's generic ops take on the CPU in f32: the same
+/// log-probabilities, gradient norm and update, to the precision's tolerance. The `small`
+/// preset everywhere, and the `paper` one (227M parameters, short sequences) on a GPU; f32
+/// and, where the device has bf16 products, mixed precision. On the CPU the two must agree
+/// exactly.
+#[test]
+fn a_step_on_the_test_device_follows_the_cpus_f32_step() {
+    let backend = Backend::from_env().unwrap();
+    let device = backend.device(0).unwrap();
+    let cpu = Backend::Cpu.device(0).unwrap();
+    let presets: &[Preset] = match backend {
+        Backend::Cuda => &[Preset::Small, Preset::Paper],
+        _ => &[Preset::Small],
+    };
+    let make = |config: &ModelConfig, weights: &Weights, device: &Device, precision| {
+        new_learner(
+            LearnerKind::Burn,
+            config,
+            weights,
+            AdamWConfig::default(),
+            device,
+            precision,
+        )
+        .unwrap()
+    };
+    let (_, _, batch) = setup();
+    let mut compared = 0;
+    for &preset in presets {
+        let config = ModelConfig {
+            max_seq_len: 64,
+            ..ModelConfig::preset(preset, 40)
+        };
+        let weights = init_weights(&config, 7);
+        let mut reference = make(&config, &weights, &cpu, Precision::F32);
+        let expected = reference.score(&batch).unwrap();
+        let expected_norm = train(reference.as_mut(), &batch, 1)[0];
+        let expected_weights = reference.weights();
+        drop(reference);
+        let update = mean_abs(&expected_weights, &weights);
+        assert!(update > 1e-3, "{preset:?}: the step moved nothing");
+        for precision in Precision::ALL {
+            if precision.check(&device).is_err() {
+                continue;
+            }
+            let what = format!("{preset:?} {precision} on {backend:?}");
+            let tol = agreement(backend, precision);
+            let mut ours = make(&config, &weights, &device, precision);
+            let got = ours.score(&batch).unwrap();
+            let worst = got
+                .iter()
+                .zip(&expected)
+                .map(|(x, y)| (x - y).abs())
+                .fold(0.0, f32::max);
+            assert!(
+                worst <= tol.logprob,
+                "{what}: log-probabilities differ by {worst}"
+            );
+            let norm = train(ours.as_mut(), &batch, 1)[0];
+            assert!(
+                (norm - expected_norm).abs() <= tol.grad_norm * expected_norm,
+                "{what}: gradient norm {norm} vs the CPU's {expected_norm}"
+            );
+            let apart = mean_abs(&ours.weights(), &expected_weights);
+            assert!(
+                apart <= tol.update * update,
+                "{what}: updates differ by {apart} on average (update {update})"
+            );
+            eprintln!("{what}: log-prob {worst:.2e}, grad norm {norm:.4} vs {expected_norm:.4}, update apart {:.1}%", 100.0 * apart / update);
+            compared += 1;
+        }
+    }
+    // f32 runs on every device, bf16 where the device has it.
+    assert!(compared >= presets.len());
 }
