@@ -46,8 +46,11 @@ fi
 
 [[ ${1:-} == run ]] || { echo "usage: $0 build | run [OUTDIR]" >&2; exit 2; }
 out=${2:-gpu-out}
+# Binaries, generated data and the SFT run's checkpoint (GBs at `paper`) stay outside OUTDIR,
+# which keeps what comes back small: logs, rows, metrics, evaluation records.
 bin=$(mktemp -d)
-trap 'rm -rf "$bin"' EXIT
+work=$(mktemp -d)
+trap 'rm -rf "$bin" "$work"' EXIT
 mkdir -p "$out"
 rows="$out/rows.jsonl"
 : >"$rows"
@@ -61,7 +64,9 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 # 1. Equivalence on CUDA: KV-cache engine = full forward (also after truncate + prefill),
 #    batched decode = single-slot decodes, burn autodiff gradients = the native CPU learner's,
 #    captured decode steps = uncaptured ones = the dynamic path (greedy and sampled, through
-#    prefill, decode, truncate and re-prefill), every shape a hardware graph.
+#    prefill, decode, truncate and re-prefill), every shape a hardware graph; every fast op =
+#    burn's generic one; one training step of `small` and `paper` on CUDA (f32 in TF32, and
+#    mixed bf16) = the same step by burn's generic ops on the CPU in f32.
 for t in "$bin"/test_*; do
     name=${t#"$bin"/test_}
     start=$SECONDS
@@ -78,8 +83,24 @@ within() {
     echo "{\"what\":\"skipped\",\"impl\":\"$*\"}" | tee -a "$rows"
     return 1
 }
-ours() { within "$@" && timeout "$1" "$bin"/gpu_bench "${@:2}" 2>>"$out/gpu_bench.err" | tee -a "$rows"; }
-theirs() { within "$@" && timeout "$1" "$py" scripts/gpu_baseline.py "${@:2}" 2>>"$out/torch.err" | tee -a "$rows"; }
+# measure NAME ERRLOG TIMEOUT CMD...: CMD's JSON row; where it exits non-zero without one, a
+# `failed` row with its exit code and last line on stderr (or that it timed out), so the table
+# says what went wrong. Returns CMD's exit code.
+measure() {
+    local name=$1 err=$2 limit=$3 before
+    shift 3
+    before=$(wc -l <"$rows")
+    timeout "$limit" "$@" 2>>"$err" | tee -a "$rows"
+    local rc=${PIPESTATUS[0]}
+    if (( rc != 0 && $(wc -l <"$rows") == before )); then
+        local why="timed out after $limit s"
+        (( rc == 124 )) || why=$(tail -n 1 "$err" | tr -d '"\\' | tr -c '[:print:]' ' ' | cut -c1-160)
+        echo "{\"what\":\"failed\",\"impl\":\"$name\",\"rc\":$rc,\"error\":\"$why\"}" | tee -a "$rows"
+    fi
+    return "$rc"
+}
+ours() { within "$@" && measure "apr-rs ${*:2}" "$out/gpu_bench.err" "$1" "$bin"/gpu_bench "${@:2}"; }
+theirs() { within "$@" && measure "pytorch ${*:2}" "$out/torch.err" "$1" "$py" scripts/gpu_baseline.py "${@:2}"; }
 
 # 2. Decode, paper preset: ours captured, PyTorch eager static-KV and CUDA graph, at 1 / 64 / 256
 #    slots (ours with capture off after the training rows).
@@ -91,12 +112,16 @@ done
 # 3. Training, paper preset, 8 × 4,096 tokens a step, beside PyTorch eager and torch.compile,
 #    each with its peak GPU memory (the whole card as nvidia-smi sees it, sampled every 100 ms).
 peak() {
-    local log="$out/memory.$$"
+    local log="$work/memory"
     nvidia-smi --query-gpu=memory.used --format=csv,noheader,nounits -lms 100 >"$log" 2>/dev/null &
     local sampler=$!
     "$@"
+    local rc=$?
     kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-    echo "{\"what\":\"memory\",\"impl\":\"$1 ${*:3:4}\",\"peak_mib\":$(sort -n "$log" | tail -1 | tr -dc 0-9)}" | tee -a "$rows"
+    (( rc == 0 )) || return 0  # skipped or failed: its row says so, and the peak means nothing
+    local mib
+    mib=$(sort -n "$log" | tail -1 | tr -dc 0-9)
+    echo "{\"what\":\"memory\",\"impl\":\"$1 ${*:3:4}\",\"peak_mib\":${mib:-null}}" | tee -a "$rows"
 }
 peak ours 150 train cuda paper mixed 8 4096 1 3
 peak theirs 90 train paper 8 4096 5
@@ -112,22 +137,28 @@ for slots in 1 256; do ours 45 decode cuda paper bf16 "$slots" 16 128 144 dynami
 #    shipped models were trained on; 89% on the CPU) by the shipped SFT model, decode steps
 #    captured and not (APR_DECODE_PATH); records compared, timing fields aside.
 p=("$bin"/apr data problems --numbers 3 --max-target 30 --seed 0)
-"${p[@]}" --count 20000 --out "$out/train.jsonl" >/dev/null 2>&1
-"${p[@]}" --count 200 --exclude "$out/train.jsonl" --out "$out/val.jsonl" >/dev/null 2>&1
+"${p[@]}" --count 20000 --out "$work/train.jsonl" >/dev/null 2>&1
+"${p[@]}" --count 200 --exclude "$work/train.jsonl" --out "$work/val.jsonl" >/dev/null 2>&1
 for path in captured dynamic; do
     within "apr eval ($path)" || continue
     start=$(date +%s.%N)
     APR_DECODE_PATH=$path APR_MODELS=models timeout 90 "$bin"/apr eval --model apr-sft \
-        --problems "$out/val.jsonl" --mode apr --slots 256 --backend cuda --out "$out/eval-$path" \
+        --problems "$work/val.jsonl" --mode apr --slots 256 --backend cuda --out "$out/eval-$path" \
         >"$out/eval-$path.log" 2>&1
     rc=$?
     "$py" - "$out/eval-$path" "$path" "$rc" "$start" "$(date +%s.%N)" <<'PY' | tee -a "$rows"
 import json, os, sys
 d, path, rc, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
+def last_line(log):
+    try:
+        return ([l.strip() for l in open(log, errors="replace") if l.strip()] or [None])[-1][:160]
+    except OSError:
+        return None
 s = json.load(open(os.path.join(d, "summary.json"))) if os.path.exists(os.path.join(d, "summary.json")) else {}
 print(json.dumps({"what": "eval", "impl": f"apr eval ({path})", "rc": rc, "wall_s": round(t1 - t0, 2),
                   "run_s": s.get("seconds"), "accuracy": s.get("accuracy"),
-                  "tokens_per_s": round(s["decode_tokens_per_s"]) if s else None}))
+                  "tokens_per_s": round(s["decode_tokens_per_s"]) if s else None,
+                  "error": last_line(d + ".log") if rc else None}))
 PY
 done
 "$py" - "$out" <<'PY' | tee -a "$rows"
@@ -155,45 +186,59 @@ PY
 #    at the first and last steps and its tokens/s. On the CPU the same traces (seed 1) took the
 #    `small` preset's loss from 4.03 to 1.14 in 200 steps of 8,192 tokens (native learner).
 if within "apr train sft (paper, cuda)"; then
-    "$bin"/apr data problems --numbers 4 --count 4000 --seed 1 --out "$out/sft-problems.jsonl" >/dev/null 2>&1
-    "$bin"/apr data traces --solver apr --problems "$out/sft-problems.jsonl" --out "$out/sft-traces.jsonl" >/dev/null 2>&1
+    "$bin"/apr data problems --numbers 4 --count 4000 --seed 1 --out "$work/sft-problems.jsonl" >/dev/null 2>&1
+    "$bin"/apr data traces --solver apr --problems "$work/sft-problems.jsonl" --out "$work/sft-traces.jsonl" >/dev/null 2>&1
     start=$SECONDS
-    timeout 150 "$bin"/apr train sft --data "$out/sft-traces.jsonl" --view apr --preset paper --backend cuda \
+    timeout 150 "$bin"/apr train sft --data "$work/sft-traces.jsonl" --view apr --preset paper --backend cuda \
         --learner burn --precision bf16 --steps 200 --batch-tokens 32768 --context 4096 \
-        --checkpoint-every 1000 --out "$out/sft-paper" >"$out/sft-paper.log" 2>&1
+        --checkpoint-every 1000 --out "$work/sft-paper" >"$out/sft-paper.log" 2>&1
     rc=$?
-    "$py" - "$out/sft-paper/metrics.jsonl" "$rc" "$((SECONDS - start))" <<'PY' | tee -a "$rows"
+    cp "$work/sft-paper/metrics.jsonl" "$out/sft-paper-metrics.jsonl" 2>/dev/null
+    "$py" - "$work/sft-paper/metrics.jsonl" "$rc" "$((SECONDS - start))" "$out/sft-paper.log" <<'PY' | tee -a "$rows"
 import json, sys
 try:
     m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 except OSError:
     m = []
 tps = sorted(x["tokens_per_s"] for x in m[2:]) or [0]
-print(json.dumps({"what": "sft", "impl": "apr train sft paper (cuda, bf16 mixed)", "rc": int(sys.argv[2]),
+rc = int(sys.argv[2])
+lines = [l.strip() for l in open(sys.argv[4], errors="replace") if l.strip()] if rc else []
+error = "timed out after 150 s" if rc == 124 else (lines[-1][:160] if lines else None)
+print(json.dumps({"what": "sft", "impl": "apr train sft paper (cuda, bf16 mixed)", "rc": rc,
                   "wall_s": int(sys.argv[3]), "steps": len(m), "first_loss": m[0]["loss"] if m else None,
-                  "last_loss": m[-1]["loss"] if m else None, "tokens_per_s": round(tps[len(tps) // 2])}))
+                  "last_loss": m[-1]["loss"] if m else None, "tokens_per_s": round(tps[len(tps) // 2]),
+                  "error": error}))
 PY
 fi
 
 "$py" - "$rows" <<'PY'
 import json, sys
-rows = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+def row(line):
+    try:
+        return json.loads(line)
+    except ValueError:
+        return {"what": "unreadable", "line": line.strip()}
+rows = [row(l) for l in open(sys.argv[1]) if l.strip()]
 print("\n| measurement | implementation | shape | step | tokens/s |\n|---|---|---|---|---|")
-for r in rows:
-    if r["what"] == "tests":
+def show(r):
+    if r["what"] == "unreadable":
+        print(f"| unreadable row | {r['line'][:120]} | | | |")
+    elif r["what"] == "tests":
         print(f"| CUDA tests {r['impl']} | exit {r['rc']} ({r['seconds']} s) | {r['summary']} | | |")
     elif r["what"] == "parts":
         print(f"| train parts | {r['impl']} {r['dtype']} | {r['micro_batch']} × {r['seq']} | forward {r['forward_s']} s, "
               f"forward+backward {r['forward_backward_s']} s, optimizer {r['optimizer_s']} s | matmul {r['matmul_tflops']} TFLOP/s, "
               f"fast {r.get('fast_matmul_tflops')} TFLOP/s |")
     elif r["what"] == "sft":
-        print(f"| SFT end to end | {r['impl']} exit {r['rc']} | {r['steps']} steps, loss {r['first_loss']} → {r['last_loss']} | {r['wall_s']} s | {r['tokens_per_s']:,} (median) |")
+        print(f"| SFT end to end | {r['impl']} exit {r['rc']}{' (' + r['error'] + ')' if r.get('error') else ''} | {r['steps']} steps, loss {r['first_loss']} → {r['last_loss']} | {r['wall_s']} s | {r['tokens_per_s']:,} (median) |")
     elif r["what"] == "memory":
         print(f"| peak GPU memory | {r['impl']} | | {r['peak_mib']} MiB | |")
+    elif r["what"] == "failed":
+        print(f"| failed | {r['impl']} | exit {r['rc']} | {r['error']} | |")
     elif r["what"] == "skipped":
         print(f"| skipped (time budget) | {r['impl']} | | | |")
     elif r["what"] == "eval":
-        print(f"| eval 200 problems | {r['impl']} exit {r['rc']} | accuracy {r['accuracy']} | {r['wall_s']} s (run {r['run_s']} s) | {r['tokens_per_s']} decode |")
+        print(f"| eval 200 problems | {r['impl']} exit {r['rc']}{' (' + r['error'] + ')' if r.get('error') else ''} | accuracy {r['accuracy']} | {r['wall_s']} s (run {r['run_s']} s) | {r['tokens_per_s']} decode |")
     elif r["what"] == "eval-same":
         print(f"| eval records captured = dynamic | {r['identical']} ({r['records_differing']} differ) | | | |")
     elif r["what"] == "train":
@@ -208,4 +253,10 @@ for r in rows:
     else:
         err = f" ({r['error']})" if "error" in r else ""
         print(f"| decode | {r['impl']}{err} | {r['slots']} slots | {r['step_ms']} ms | {r['tokens_per_s']:,} |")
+for r in rows:
+    # One odd row (a field missing after a failure) costs its line, never the table.
+    try:
+        show(r)
+    except (KeyError, TypeError, ValueError) as e:
+        print(f"| row not shown ({type(e).__name__}: {e}) | {json.dumps(r)[:120]} | | | |")
 PY
