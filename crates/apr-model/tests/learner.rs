@@ -58,6 +58,15 @@ fn max_difference(a: &Weights, b: &Weights) -> f32 {
         .fold(0.0, f32::max)
 }
 
+/// Largest |a − b| between two log-probability lists.
+fn largest_gap(a: &[f32], b: &[f32]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f32::max)
+}
+
 /// Mean |a − b| over every weight.
 fn mean_abs(a: &Weights, b: &Weights) -> f64 {
     let (sum, n) = a.iter().fold((0.0f64, 0usize), |(s, n), (name, t)| {
@@ -80,11 +89,7 @@ fn both_learners_score_and_step_alike() {
     let a = native.score(&batch).unwrap();
     let b = burn.score(&batch).unwrap();
     assert_eq!((a.len(), b.len()), (batch.len(), batch.len()));
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let worst = largest_gap(&a, &b);
     assert!(worst < 1e-4, "log-probabilities differ by {worst}");
     let tracked = burn.forward(&batch).unwrap();
     assert!(tracked.iter().zip(&b).all(|(x, y)| (x - y).abs() < 1e-5));
@@ -185,11 +190,7 @@ fn a_mixed_precision_step_follows_the_f32_one_and_native_bf16_is_refused() {
         make(Precision::Bf16).unwrap(),
     );
     let (a, b) = (f32.score(&batch).unwrap(), bf16.score(&batch).unwrap());
-    let worst = a
-        .iter()
-        .zip(&b)
-        .map(|(x, y)| (x - y).abs())
-        .fold(0.0, f32::max);
+    let worst = largest_gap(&a, &b);
     // bf16 products round to 8 mantissa bits; a wrong cast or mask is off by whole nats.
     assert!(
         worst < 5e-2 && worst > 0.0,
@@ -313,11 +314,7 @@ fn a_step_on_the_test_device_follows_the_cpus_f32_step() {
             let tol = agreement(backend, precision);
             let mut ours = make(&config, &weights, &device, precision);
             let got = ours.score(&batch).unwrap();
-            let worst = got
-                .iter()
-                .zip(&expected)
-                .map(|(x, y)| (x - y).abs())
-                .fold(0.0, f32::max);
+            let worst = largest_gap(&got, &expected);
             assert!(
                 worst <= tol.logprob,
                 "{what}: log-probabilities differ by {worst}"
