@@ -70,8 +70,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 for t in "$bin"/test_*; do
     name=${t#"$bin"/test_}
     start=$SECONDS
-    # The learner test also takes one `paper` step on the CPU as its reference (54 s on a 2-core
-    # VM, a few seconds on a GPU host) and compiles training kernels for two presets.
+    # The learner test also takes a `paper` step on the CPU as its reference (that case took 54 s
+    # for three CPU steps on a 2-core VM) and compiles training kernels for two presets.
     limit=90
     [[ $name == learner ]] && limit=150
     APR_BACKEND=cuda timeout "$limit" "$t" --test-threads 1 --nocapture >"$out/test_$name.log" 2>&1
@@ -87,19 +87,28 @@ within() {
     echo "{\"what\":\"skipped\",\"impl\":\"$*\"}" | tee -a "$rows"
     return 1
 }
+# lines FILE: how many lines FILE has (0 when it does not exist yet).
+lines() { if [[ -f $1 ]]; then wc -l <"$1"; else echo 0; fi; }
+# why RC LIMIT LOG [FROM]: the reason a command failed, for its row: that it timed out, else the
+# last non-blank line LOG gained after line FROM, without quotes or control characters.
+why() {
+    if (( $1 == 124 )); then echo "timed out after $2 s"; return; fi
+    tail -n +"$((${4:-0} + 1))" "$3" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -n 1 |
+        tr -d '"\\' | tr -c '[:print:]\n' ' ' | cut -c1-160
+}
 # measure NAME ERRLOG TIMEOUT CMD...: CMD's JSON row; where it exits non-zero without one, a
-# `failed` row with its exit code and last line on stderr (or that it timed out), so the table
-# says what went wrong. Returns CMD's exit code.
+# `failed` row with its exit code and why, so the table says what went wrong. Returns CMD's
+# exit code.
 measure() {
-    local name=$1 err=$2 limit=$3 before
+    local name=$1 err=$2 limit=$3 before err_before
     shift 3
-    before=$(wc -l <"$rows")
+    before=$(lines "$rows")
+    err_before=$(lines "$err")
     timeout "$limit" "$@" 2>>"$err" | tee -a "$rows"
     local rc=${PIPESTATUS[0]}
-    if (( rc != 0 && $(wc -l <"$rows") == before )); then
-        local why="timed out after $limit s"
-        (( rc == 124 )) || why=$(tail -n 1 "$err" | tr -d '"\\' | tr -c '[:print:]' ' ' | cut -c1-160)
-        echo "{\"what\":\"failed\",\"impl\":\"$name\",\"rc\":$rc,\"error\":\"$why\"}" | tee -a "$rows"
+    if (( rc != 0 && $(lines "$rows") == before )); then
+        echo "{\"what\":\"failed\",\"impl\":\"$name\",\"rc\":$rc,\"error\":\"$(why "$rc" "$limit" "$err" "$err_before")\"}" |
+            tee -a "$rows"
     fi
     return "$rc"
 }
@@ -150,19 +159,14 @@ for path in captured dynamic; do
         --problems "$work/val.jsonl" --mode apr --slots 256 --backend cuda --out "$out/eval-$path" \
         >"$out/eval-$path.log" 2>&1
     rc=$?
-    "$py" - "$out/eval-$path" "$path" "$rc" "$start" "$(date +%s.%N)" <<'PY' | tee -a "$rows"
+    "$py" - "$out/eval-$path" "$path" "$rc" "$start" "$(date +%s.%N)" "$( ((rc)) && why "$rc" 90 "$out/eval-$path.log")" <<'PY' | tee -a "$rows"
 import json, os, sys
 d, path, rc, t0, t1 = sys.argv[1], sys.argv[2], int(sys.argv[3]), float(sys.argv[4]), float(sys.argv[5])
-def last_line(log):
-    try:
-        return ([l.strip() for l in open(log, errors="replace") if l.strip()] or [None])[-1][:160]
-    except OSError:
-        return None
 s = json.load(open(os.path.join(d, "summary.json"))) if os.path.exists(os.path.join(d, "summary.json")) else {}
 print(json.dumps({"what": "eval", "impl": f"apr eval ({path})", "rc": rc, "wall_s": round(t1 - t0, 2),
                   "run_s": s.get("seconds"), "accuracy": s.get("accuracy"),
                   "tokens_per_s": round(s["decode_tokens_per_s"]) if s else None,
-                  "error": last_line(d + ".log") if rc else None}))
+                  "error": sys.argv[6] or None}))
 PY
 done
 "$py" - "$out" <<'PY' | tee -a "$rows"
@@ -198,16 +202,14 @@ if within "apr train sft (paper, cuda)"; then
         --checkpoint-every 1000 --out "$work/sft-paper" >"$out/sft-paper.log" 2>&1
     rc=$?
     cp "$work/sft-paper/metrics.jsonl" "$out/sft-paper-metrics.jsonl" 2>/dev/null
-    "$py" - "$work/sft-paper/metrics.jsonl" "$rc" "$((SECONDS - start))" "$out/sft-paper.log" <<'PY' | tee -a "$rows"
+    "$py" - "$work/sft-paper/metrics.jsonl" "$rc" "$((SECONDS - start))" "$( ((rc)) && why "$rc" 150 "$out/sft-paper.log")" <<'PY' | tee -a "$rows"
 import json, sys
 try:
     m = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
 except OSError:
     m = []
 tps = sorted(x["tokens_per_s"] for x in m[2:]) or [0]
-rc = int(sys.argv[2])
-lines = [l.strip() for l in open(sys.argv[4], errors="replace") if l.strip()] if rc else []
-error = "timed out after 150 s" if rc == 124 else (lines[-1][:160] if lines else None)
+rc, error = int(sys.argv[2]), sys.argv[4] or None
 print(json.dumps({"what": "sft", "impl": "apr train sft paper (cuda, bf16 mixed)", "rc": rc,
                   "wall_s": int(sys.argv[3]), "steps": len(m), "first_loss": m[0]["loss"] if m else None,
                   "last_loss": m[-1]["loss"] if m else None, "tokens_per_s": round(tps[len(tps) // 2]),

@@ -329,7 +329,11 @@ fn a_step_on_the_test_device_follows_the_cpus_f32_step() {
                 apart <= tol.update * update,
                 "{what}: updates differ by {apart} on average (update {update})"
             );
-            eprintln!("{what}: log-prob {worst:.2e}, grad norm {norm:.4} vs {expected_norm:.4}, update apart {:.1}%", 100.0 * apart / update);
+            let apart_pct = 100.0 * apart / update;
+            eprintln!(
+                "{what}: log-prob {worst:.2e}, grad norm {norm:.4} vs {expected_norm:.4}, \
+                 update apart {apart_pct:.1}%"
+            );
             compared += 1;
         }
     }
