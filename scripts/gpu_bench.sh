@@ -142,6 +142,8 @@ peak theirs 150 compile paper 8 4096 5
 ours 90 parts cuda paper mixed 8 4096 2
 # The same step with burn's own matmul in place of cuBLASLt: what the library buys.
 APR_CUBLASLT=off ours 90 train cuda paper mixed 8 4096 1 2
+# The same step with burn's ops for attention in place of the flash kernels.
+APR_FLASH=off ours 90 train cuda paper mixed 8 4096 1 2
 # The same with every tensor in bf16 and with the micro-batches of before, for the record.
 ours 90 train cuda paper bf16 1 4096 8 2
 # Decode with capture off (issue 19's comparison), after training's rows.
@@ -233,7 +235,7 @@ def show(r):
         print(f"| CUDA tests {r['impl']} | exit {r['rc']} ({r['seconds']} s) | {r['summary']} | | |")
     elif r["what"] == "parts":
         print(f"| train parts | {r['impl']} {r['dtype']} | {r['micro_batch']} × {r['seq']} | forward {r['forward_s']} s, "
-              f"forward+backward {r['forward_backward_s']} s, optimizer {r['optimizer_s']} s | matmul {r['matmul_tflops']} TFLOP/s, "
+              f"forward+backward {r['forward_backward_s']} s, optimizer {r['optimizer_s']} s, attention (all layers, fwd+bwd) {r.get('attention_s')} s | matmul {r['matmul_tflops']} TFLOP/s, "
               f"fast {r.get('fast_matmul_tflops')} TFLOP/s |")
     elif r["what"] == "sft":
         print(f"| SFT end to end | {r['impl']} exit {r['rc']}{' (' + r['error'] + ')' if r.get('error') else ''} | {r['steps']} steps, loss {r['first_loss']} → {r['last_loss']} | {r['wall_s']} s | {r['tokens_per_s']:,} (median) |")

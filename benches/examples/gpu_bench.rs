@@ -114,7 +114,7 @@ fn train(args: &[String]) {
         .unwrap_or_else(|e| fail(e));
     let batch = synthetic_batch(mb, seq);
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
-    let implementation = fast_ops::matmul_implementation(&base);
+    let implementation = implementation(&base, &config);
     let mut step = || {
         for _ in 0..accum {
             forward_backward(&mut learner, &batch).unwrap_or_else(|e| fail(e));
@@ -143,6 +143,15 @@ fn train(args: &[String]) {
     );
 }
 
+/// The fast ops a training row ran: the products' implementation and bf16 attention's.
+fn implementation(device: &Device, config: &ModelConfig) -> String {
+    format!(
+        "{}, attention {}",
+        fast_ops::matmul_implementation(device),
+        fast_ops::attention_implementation(device, config.d_model / config.n_heads)
+    )
+}
+
 /// Where a training step's time goes: one micro-batch's forward alone (no autodiff), forward and
 /// backward, the optimizer update alone, and one `[SEQ, d_model] × [d_model, d_ff]` matmul.
 fn parts(args: &[String]) {
@@ -154,7 +163,7 @@ fn parts(args: &[String]) {
         .unwrap_or_else(|e| fail(e));
     let dtype = computed_dtype(learner.model(), &base.clone().autodiff());
     let batch = synthetic_batch(mb, seq);
-    let implementation = fast_ops::matmul_implementation(&base);
+    let implementation = implementation(&base, &config);
     let time = |f: &mut dyn FnMut()| {
         f();
         f();
@@ -190,8 +199,28 @@ fn parts(args: &[String]) {
         products.push(fast_ops::linear(a3.clone(), b.clone(), p).reshape([m, n]));
     });
     drop(products);
+    // One layer's causal attention, forward and backward, at the step's shape and precision
+    // (flash kernels on CUDA in bf16): times the layer count, what attention costs a step.
+    let ad = base.clone().autodiff();
+    let hd = config.d_model / config.n_heads;
+    let qkv: Vec<Tensor<4>> = (0..4)
+        .map(|_| {
+            Tensor::random(
+                [mb, config.n_heads, seq, hd],
+                Distribution::Normal(0.0, 1.0),
+                &ad,
+            )
+        })
+        .collect();
+    let attention_s = time(&mut || {
+        let [q, k, v] = [0, 1, 2].map(|i| qkv[i].clone().require_grad());
+        let out = fast_ops::causal_attention(q.clone(), k, v, p);
+        let grads = (out * qkv[3].clone()).sum().backward();
+        let _ = q.grad(&grads);
+        ad.sync().unwrap_or_else(|e| fail(format!("{e:?}")));
+    }) * config.n_layers as f64;
     println!(
-        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn ({implementation})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"matmul_tflops\":{:.1},\"fast_matmul_tflops\":{:.1}}}",
+        "{{\"what\":\"parts\",\"impl\":\"apr-rs burn ({implementation})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"micro_batch\":{mb},\"seq\":{seq},\"forward_s\":{forward_s:.4},\"forward_backward_s\":{backward_s:.4},\"optimizer_s\":{optimizer_s:.4},\"attention_s\":{attention_s:.4},\"matmul_tflops\":{:.1},\"fast_matmul_tflops\":{:.1}}}",
         args[1],
         args[2],
         dtype,

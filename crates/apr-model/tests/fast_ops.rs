@@ -225,3 +225,44 @@ fn cublaslt_is_used_on_cuda_and_its_absence_is_one_line() {
         (_, Ok(())) => {}
     }
 }
+
+/// bf16 attention at the model's head dimensions and odd lengths that cross 64-row tiles, against
+/// the materialised f32 formulation: on CUDA this is the flash kernels (asserted in use), elsewhere
+/// burn's blocked ops in bf16.
+#[test]
+fn bf16_attention_at_model_shapes_follows_f32_and_runs_flash_on_cuda() {
+    let device = device();
+    if Precision::Bf16.check(&device).is_err() {
+        // Lavapipe: covered by the refusal test above.
+        assert_eq!(Backend::from_env().unwrap(), Backend::Wgpu);
+        return;
+    }
+    for [b, h, s, hd] in [
+        [1, 4, 200, 64],
+        [2, 2, 77, 32],
+        [1, 2, 70, 128],
+        [1, 3, 1, 16],
+    ] {
+        let implementation = fast_ops::attention_implementation(&device, hd);
+        match Backend::from_env().unwrap() {
+            Backend::Cuda => assert_eq!(implementation, "flash", "hd {hd}"),
+            _ => assert_eq!(implementation, "burn"),
+        }
+        let q = random([b, h, s, hd], &device) * 2.0;
+        let (k, v) = (
+            random([b, h, s, hd], &device),
+            random([b, h, s, hd], &device),
+        );
+        let dout = random([b, h, s, hd], &device).detach();
+        let bf16 = run_attention([&q, &k, &v], &dout, |q, k, v| {
+            fast_ops::causal_attention(q, k, v, Precision::Bf16)
+        });
+        let f32 = run_attention([&q, &k, &v], &dout, plain_attention);
+        assert_close(
+            bf16,
+            f32,
+            3e-2,
+            &format!("bf16 attention [{b}, {h}, {s}, {hd}]"),
+        );
+    }
+}

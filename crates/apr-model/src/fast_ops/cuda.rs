@@ -102,9 +102,9 @@ fn search_dirs() -> Vec<std::path::PathBuf> {
     dirs
 }
 
-/// Loads the first `libcublasLt.so*` of [`search_dirs`] globally, so that cudarc's loader, asking
-/// for it by its soname, gets that copy.
-fn preload() -> Option<String> {
+/// Loads the first `{prefix}*` (`libcublasLt.so`, `libnvrtc.so`) of [`search_dirs`] globally, so
+/// that cudarc's loader, asking for it by its soname, gets that copy.
+pub(super) fn preload(prefix: &str) -> Option<String> {
     for dir in search_dirs() {
         let Ok(entries) = std::fs::read_dir(&dir) else {
             continue;
@@ -114,7 +114,7 @@ fn preload() -> Option<String> {
             .map(|e| e.path())
             .filter(|p| {
                 p.file_name()
-                    .is_some_and(|n| n.to_string_lossy().starts_with("libcublasLt.so"))
+                    .is_some_and(|n| n.to_string_lossy().starts_with(prefix))
             })
             .collect();
         found.sort();
@@ -136,19 +136,13 @@ fn load() -> Result<Library, String> {
     if std::env::var("APR_CUBLASLT").is_ok_and(|v| v == "off") {
         return Err("turned off by APR_CUBLASLT=off".into());
     }
-    let from = preload();
+    let from = preload("libcublasLt.so");
     // SAFETY: only probes whether the library can be opened.
     if !unsafe { sys::is_culib_present() } {
         return Err("libcublasLt not found (set APR_CUDA_LIBS or LD_LIBRARY_PATH)".into());
     }
     use cudarc::driver::result as drv;
-    drv::init().map_err(|e| format!("CUDA driver: {e:?}"))?;
-    // cubecl runs on device 0's primary context; take the same one on this thread.
-    let context = unsafe {
-        let device = drv::device::get(0).map_err(|e| format!("CUDA device: {e:?}"))?;
-        drv::primary_ctx::retain(device).map_err(|e| format!("CUDA context: {e:?}"))?
-    };
-    unsafe { drv::ctx::set_current(context) }.map_err(|e| format!("CUDA context: {e:?}"))?;
+    let context = primary_context()?;
     let handle = lt::create_handle().map_err(|e| format!("cublasLtCreate: {e}"))?;
     let workspace =
         unsafe { drv::malloc_sync(WORKSPACE_BYTES) }.map_err(|e| format!("workspace: {e:?}"))?;
@@ -160,6 +154,30 @@ fn load() -> Result<Library, String> {
         workspace,
         context,
     })
+}
+
+/// Device 0's primary context, the one cubecl runs on, made current on the calling thread (the
+/// first call retains it for the process).
+pub(super) fn primary_context() -> Result<cudarc::driver::sys::CUcontext, String> {
+    use cudarc::driver::result as drv;
+    struct Context(cudarc::driver::sys::CUcontext);
+    // A context handle is valid on every thread.
+    unsafe impl Send for Context {}
+    unsafe impl Sync for Context {}
+    static CONTEXT: OnceLock<Result<Context, String>> = OnceLock::new();
+    let context = CONTEXT
+        .get_or_init(|| {
+            drv::init().map_err(|e| format!("CUDA driver: {e:?}"))?;
+            let device = drv::device::get(0).map_err(|e| format!("CUDA device: {e:?}"))?;
+            unsafe { drv::primary_ctx::retain(device) }
+                .map(Context)
+                .map_err(|e| format!("CUDA context: {e:?}"))
+        })
+        .as_ref()
+        .map_err(Clone::clone)?
+        .0;
+    unsafe { drv::ctx::set_current(context) }.map_err(|e| format!("CUDA context: {e:?}"))?;
+    Ok(context)
 }
 
 /// One operand as cuBLASLt sees it (column-major).
@@ -234,7 +252,7 @@ fn data_type(dtype: DType) -> Option<(sys::cudaDataType, sys::cublasComputeType_
     }
 }
 
-fn is_cuda(t: &CubeTensor) -> bool {
+pub(super) fn is_cuda(t: &CubeTensor) -> bool {
     matches!(t.device, burn_cubecl::CubeDevice::Cuda(_))
 }
 
@@ -302,7 +320,7 @@ pub(super) fn matmul(
 }
 
 /// The tensor's device address, and the guard that keeps its allocation in place until dropped.
-fn pointer(t: &CubeTensor) -> Result<(u64, impl Sized), String> {
+pub(super) fn pointer(t: &CubeTensor) -> Result<(u64, impl Sized), String> {
     type Server = <cubecl_cuda::CudaRuntime as cubecl_runtime::runtime::Runtime>::Server;
     let managed = t
         .client

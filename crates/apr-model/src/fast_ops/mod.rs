@@ -16,6 +16,9 @@
 mod autodiff;
 #[cfg(all(feature = "cuda", not(feature = "fusion")))]
 pub mod cuda;
+pub mod flash;
+#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+pub mod flash_cuda;
 mod generic;
 
 use burn::backend::{backend_extension, tensor::FloatTensor, Backend, ExtensionType};
@@ -152,6 +155,41 @@ impl FastOps for burn::backend::Cube {
             None => generic::matmul::<Self>(lhs, rhs, transpose_lhs, transpose_rhs),
         }
     }
+
+    fn causal_attention(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> FloatTensor<Self> {
+        Self::attention_forward(q, k, v, scale, block).out
+    }
+
+    fn attention_forward(
+        q: FloatTensor<Self>,
+        k: FloatTensor<Self>,
+        v: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> AttentionForward<Self> {
+        match flash_cuda::attention_forward(&q, &k, &v, scale) {
+            Some(forward) => forward,
+            None => generic::attention_forward::<Self>(q, k, v, scale, block),
+        }
+    }
+
+    fn attention_backward(
+        saved: AttentionSaved<Self>,
+        dout: FloatTensor<Self>,
+        scale: f64,
+        block: usize,
+    ) -> AttentionGrads<Self> {
+        match flash_cuda::attention_backward(&saved, &dout, scale) {
+            Some(grads) => grads,
+            None => generic::attention_backward::<Self>(saved, dout, scale, block),
+        }
+    }
 }
 
 /// Which implementation [`FastOps::fast_matmul`] runs on `device`: `cuBLASLt`, or `burn` (with
@@ -165,6 +203,21 @@ pub fn matmul_implementation(device: &Device) -> String {
         };
     }
     let _ = device;
+    "burn".into()
+}
+
+/// Which implementation bf16 causal attention of head dimension `head_dim` runs on `device`:
+/// `flash` (the CUDA kernels, for head dimensions 16, 32, 64 and 128), or `burn` (with the reason
+/// where flash was wanted); f32 attention always runs burn's ops. For benchmark rows and logs.
+pub fn attention_implementation(device: &Device, head_dim: usize) -> String {
+    #[cfg(all(feature = "cuda", not(feature = "fusion")))]
+    if crate::backend::is_cuda(&device.clone().inner()) {
+        return match flash_cuda::flash_status(head_dim) {
+            Ok(()) => "flash".into(),
+            Err(why) => format!("burn ({why})"),
+        };
+    }
+    let _ = (device, head_dim);
     "burn".into()
 }
 
