@@ -9,7 +9,7 @@
 // A block is four warps; a warp owns 16 rows of its block's 64-row tile. Products go through
 // shared memory (fragments are stored and reloaded rather than read element by element), so the
 // code depends on no fragment layout. Row-wise work (masking, softmax statistics, rescaling) is
-// done by lanes 0..15 of a warp, one row each.
+// done by two lanes a row, each over half of its columns (lanes 2r and 2r + 1 hold row r).
 //
 // Compiled at run time by NVRTC (`fast_ops/flash.rs`) for the device's architecture (sm_80 or
 // newer: bf16 wmma); the same source also compiles for the host against the test suite's CUDA
@@ -35,6 +35,8 @@ typedef __nv_bfloat16 bf16;
 // shifting rows across shared-memory banks.
 #define APR_PAD_H 8
 #define APR_PAD_F 4
+// Columns of a tile each of a row's two lanes takes.
+#define APR_HALF (APR_TILE / 2)
 
 namespace apr_flash {
 
@@ -110,9 +112,10 @@ __device__ __forceinline__ void store_rows(bf16* dst, Acc* acc, float* stage, in
     for (int dt = 0; dt < HD / 16; ++dt) {
         wmma::store_matrix_sync(stage, acc[dt], Ld<HD>::s, wmma::mem_row_major);
         __syncwarp();
-        if (lane < 16 && row0 + lane < seq) {
-            bf16* row = dst + (size_t)(row0 + lane) * HD + 16 * dt;
-            for (int c = 0; c < 16; ++c) row[c] = __float2bfloat16(stage[lane * Ld<HD>::s + c] * scale);
+        const int r = lane / 2, c0 = 8 * (lane % 2);
+        if (row0 + r < seq) {
+            bf16* row = dst + (size_t)(row0 + r) * HD + 16 * dt;
+            for (int c = c0; c < c0 + 8; ++c) row[c] = __float2bfloat16(stage[r * Ld<HD>::s + c] * scale);
         }
         __syncwarp();
     }
@@ -150,7 +153,9 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
     float* s_w = ss + w * 16 * Ld<HD>::s;
     bf16* p_w = ps + w * 16 * Ld<HD>::p;
     float* o_w = os + w * 16 * ldo;
-    const int row = q0 + 16 * w + lane; // the row lane < 16 looks after
+    // The row this lane works on, with the other lane of the pair, and its half of the columns.
+    const int r = lane / 2, half = lane % 2;
+    const int row = q0 + 16 * w + r;
 
     load_tile<HD>(qs, q, q0, seq);
     for (int i = lane; i < 16 * ldo; i += 32) o_w[i] = 0.0f;
@@ -165,29 +170,31 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
         __syncthreads();
         rows_times_rows_t<HD>(s_w, qs + 16 * w * Ld<HD>::h, ks);
         __syncwarp();
-        if (lane < 16) {
-            float* srow = s_w + lane * Ld<HD>::s;
+        {
+            float* srow = s_w + r * Ld<HD>::s;
             // The last key this row sees, relative to the tile (rows past `seq` see every key).
             const int last = min(row, seq - 1) - k0;
             float mx = m;
-            for (int j = 0; j < APR_TILE; ++j) {
+            for (int j = half * APR_HALF; j < (half + 1) * APR_HALF; ++j) {
                 const float x = j <= last ? srow[j] * scale : -INFINITY;
                 srow[j] = x;
                 mx = fmaxf(mx, x);
             }
+            mx = fmaxf(mx, __shfl_xor_sync(0xffffffffu, mx, 1));
             // A row's first tile always holds key 0, so `mx` is finite from then on.
             const float alpha = mx == -INFINITY ? 1.0f : expf(m - mx);
-            bf16* prow = p_w + lane * Ld<HD>::p;
+            bf16* prow = p_w + r * Ld<HD>::p;
             float sum = 0.0f;
-            for (int j = 0; j < APR_TILE; ++j) {
+            for (int j = half * APR_HALF; j < (half + 1) * APR_HALF; ++j) {
                 const float p = srow[j] == -INFINITY ? 0.0f : expf(srow[j] - mx);
                 sum += p;
                 prow[j] = __float2bfloat16(p);
             }
+            sum += __shfl_xor_sync(0xffffffffu, sum, 1);
             l = l * alpha + sum;
             m = mx;
-            float* orow = o_w + lane * ldo;
-            for (int d = 0; d < HD; ++d) orow[d] *= alpha;
+            float* orow = o_w + r * ldo;
+            for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); ++d) orow[d] *= alpha;
         }
         __syncwarp();
         // O_w += P_w · V, the accumulators reloaded from and stored back to shared memory.
@@ -201,12 +208,13 @@ __device__ void forward(const bf16* __restrict__ q, const bf16* __restrict__ k,
             wmma::store_matrix_sync(o_w + 16 * dt, acc[dt], ldo, wmma::mem_row_major);
         __syncwarp();
     }
-    if (lane < 16 && row < seq) {
+    if (row < seq) {
         const float inv = 1.0f / l;
-        const float* orow = o_w + lane * ldo;
+        const float* orow = o_w + r * ldo;
         bf16* dst = out + (size_t)row * HD;
-        for (int d = 0; d < HD; ++d) dst[d] = __float2bfloat16(orow[d] * inv);
-        lse[row] = m + logf(l);
+        for (int d = half * (HD / 2); d < (half + 1) * (HD / 2); ++d)
+            dst[d] = __float2bfloat16(orow[d] * inv);
+        if (half == 0) lse[row] = m + logf(l);
     }
 }
 
@@ -259,7 +267,9 @@ __device__ void backward_kv(const bf16* __restrict__ q, const bf16* __restrict__
     float* dpt_w = dpt + w * 16 * Ld<HD>::s;
     bf16* pt_w = pt + w * 16 * Ld<HD>::p;
     bf16* dst_w = dst + w * 16 * Ld<HD>::p;
-    const int key = j0 + 16 * w + lane; // the key lane < 16 looks after
+    // The key this lane works on, with the other lane of the pair, and its half of the queries.
+    const int r = lane / 2, half = lane % 2;
+    const int key = j0 + 16 * w + r;
 
     load_tile<HD>(ks, k, j0, seq);
     load_tile<HD>(vs, v, j0, seq);
@@ -283,13 +293,11 @@ __device__ void backward_kv(const bf16* __restrict__ q, const bf16* __restrict__
         rows_times_rows_t<HD>(st_w, ks + 16 * w * Ld<HD>::h, qs);
         rows_times_rows_t<HD>(dpt_w, vs + 16 * w * Ld<HD>::h, dos);
         __syncwarp();
-        if (lane < 16) {
-            for (int j = 0; j < APR_TILE; ++j) {
-                const int query = i0 + j;
-                score_grad(st_w[lane * Ld<HD>::s + j], dpt_w[lane * Ld<HD>::s + j], lse_s[j],
-                           delta_s[j], key <= query && query < seq && key < seq, scale,
-                           pt_w + lane * Ld<HD>::p + j, dst_w + lane * Ld<HD>::p + j);
-            }
+        for (int j = half * APR_HALF; j < (half + 1) * APR_HALF; ++j) {
+            const int query = i0 + j;
+            score_grad(st_w[r * Ld<HD>::s + j], dpt_w[r * Ld<HD>::s + j], lse_s[j], delta_s[j],
+                       key <= query && query < seq && key < seq, scale, pt_w + r * Ld<HD>::p + j,
+                       dst_w + r * Ld<HD>::p + j);
         }
         __syncwarp();
         // dV_w += Pᵀ_w dO and dK_w += dSᵀ_w Q (scaled at the end).
@@ -333,9 +341,11 @@ __device__ void backward_q(const bf16* __restrict__ q, const bf16* __restrict__ 
     float* dp_w = dps + w * 16 * Ld<HD>::s;
     bf16* p_w = ps + w * 16 * Ld<HD>::p;
     bf16* ds_w = dss + w * 16 * Ld<HD>::p;
-    const int row = i0 + 16 * w + lane; // the query lane < 16 looks after
-    const float row_lse = lane < 16 && row < seq ? lse[row] : 0.0f;
-    const float row_delta = lane < 16 && row < seq ? delta[row] : 0.0f;
+    // The query this lane works on, with the other lane of the pair, and its half of the keys.
+    const int r = lane / 2, half = lane % 2;
+    const int row = i0 + 16 * w + r;
+    const float row_lse = row < seq ? lse[row] : 0.0f;
+    const float row_delta = row < seq ? delta[row] : 0.0f;
 
     load_tile<HD>(qs, q, i0, seq);
     load_tile<HD>(dos, dout, i0, seq);
@@ -352,13 +362,11 @@ __device__ void backward_q(const bf16* __restrict__ q, const bf16* __restrict__ 
         rows_times_rows_t<HD>(s_w, qs + 16 * w * Ld<HD>::h, ks);
         rows_times_rows_t<HD>(dp_w, dos + 16 * w * Ld<HD>::h, vs);
         __syncwarp();
-        if (lane < 16) {
-            for (int j = 0; j < APR_TILE; ++j) {
-                const int key = k0 + j;
-                score_grad(s_w[lane * Ld<HD>::s + j], dp_w[lane * Ld<HD>::s + j], row_lse,
-                           row_delta, key <= row && row < seq && key < seq, scale,
-                           p_w + lane * Ld<HD>::p + j, ds_w + lane * Ld<HD>::p + j);
-            }
+        for (int j = half * APR_HALF; j < (half + 1) * APR_HALF; ++j) {
+            const int key = k0 + j;
+            score_grad(s_w[r * Ld<HD>::s + j], dp_w[r * Ld<HD>::s + j], row_lse, row_delta,
+                       key <= row && row < seq && key < seq, scale, p_w + r * Ld<HD>::p + j,
+                       ds_w + r * Ld<HD>::p + j);
         }
         __syncwarp();
         // dQ_w += dS_w K (scaled at the end).

@@ -254,6 +254,11 @@ fn run(
         let mut addresses = Vec::new();
         for t in tensors {
             let (address, guard) = pointer(t)?;
+            // The kernels read rows 16 bytes at a time; a misaligned view would fault, and a
+            // fault on the device poisons the whole context.
+            if address % 16 != 0 {
+                return Err(format!("a tensor at {address:#x} is not 16-byte aligned"));
+            }
             addresses.push(address);
             guards.push(guard);
         }

@@ -60,6 +60,8 @@ struct dim3 {
 namespace apr_emu {
 struct Block {
     std::vector<std::unique_ptr<std::barrier<>>> warps;
+    // Per warp, one slot a lane for `__shfl_xor_sync`.
+    std::vector<std::vector<float>> exchange;
     std::unique_ptr<std::barrier<>> all;
     unsigned char* shared = nullptr;
 };
@@ -78,7 +80,10 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::
     for (unsigned by = 0; by < grid.y; ++by) {
         for (unsigned bx = 0; bx < grid.x; ++bx) {
             Block b;
-            for (unsigned w = 0; w < threads / 32; ++w) b.warps.emplace_back(new std::barrier<>(32));
+            for (unsigned w = 0; w < threads / 32; ++w) {
+                b.warps.emplace_back(new std::barrier<>(32));
+                b.exchange.emplace_back(32);
+            }
             b.all.reset(new std::barrier<>(threads));
             // Exactly the bytes asked for, so that ASan sees an overrun; filled with garbage so
             // that reading what was never written shows.
@@ -107,6 +112,17 @@ inline void launch(dim3 grid, unsigned threads, size_t shared_bytes, const std::
 #define APR_SHARED(name) unsigned char* name = apr_emu::block->shared
 inline void __syncthreads() { apr_emu::block->all->arrive_and_wait(); }
 inline void __syncwarp() { apr_emu::block->warps[threadIdx.x / 32]->arrive_and_wait(); }
+// Every lane of the warp must take part (the kernels pass the full mask).
+inline float __shfl_xor_sync(unsigned mask, float value, int lane_mask) {
+    if (mask != 0xffffffffu) apr_emu::fail("__shfl_xor_sync with a partial mask");
+    auto& slots = apr_emu::block->exchange[threadIdx.x / 32];
+    const unsigned lane = threadIdx.x % 32;
+    slots[lane] = value;
+    __syncwarp();
+    const float other = slots[lane ^ unsigned(lane_mask)];
+    __syncwarp();
+    return other;
+}
 
 namespace nvcuda {
 namespace wmma {
