@@ -18,7 +18,7 @@
 # 1 / 64 / 256 slots, context 144 (= prompt + new, as PyTorch's static cache);
 # training one micro-batch of 8 × 4,096 tokens per step (the paper's batch; attention keeps no
 # scores for its backward, so it fits), mixed precision (f32 weights and AdamW, bf16 products
-# and attention through the fast ops: cuBLASLt on CUDA), beside PyTorch eager and torch.compile
+# and attention through the fast ops: cuBLASLt and the flash kernels on CUDA), beside PyTorch eager and torch.compile
 # under bf16 autocast; where the step's time goes; peak GPU memory of each (nvidia-smi, sampled).
 # PYTHON picks the interpreter with torch.
 set -uo pipefail
