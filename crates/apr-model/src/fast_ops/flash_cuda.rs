@@ -210,11 +210,15 @@ impl Kernels {
     }
 }
 
-/// `[b, h, s, hd]` of a CUDA bf16 tensor the kernels take, else `None`.
+/// `[b, h, s, hd]` of a non-empty CUDA bf16 tensor the kernels take, else `None`.
 fn bf16_dims(t: &CubeTensor) -> Option<[usize; 4]> {
     let dims: [usize; 4] = t.meta.shape.as_slice().try_into().ok()?;
-    (is_cuda(t) && t.dtype == DType::BF16 && !t.meta.is_tiled() && HEAD_DIMS.contains(&dims[3]))
-        .then_some(dims)
+    let takes = is_cuda(t)
+        && t.dtype == DType::BF16
+        && !t.meta.is_tiled()
+        && HEAD_DIMS.contains(&dims[3])
+        && dims[..3].iter().all(|&d| d > 0);
+    takes.then_some(dims)
 }
 
 fn contiguous(t: &CubeTensor) -> CubeTensor {
