@@ -367,6 +367,8 @@ pub(super) fn attention_backward(
             [0, 1, 2, 3, 4, 5, 6, 7, 8, 9].map(|i| &a[i]);
         let grid = (s.div_ceil(TILE) as u32, (b * h) as u32);
         let shared_bytes = flash::shared_bytes(hd).1;
+        // Both backward kernels take (q, k, v, dout, lse, delta, their outputs…, seq, scale).
+        let inputs = [q, k, v, dout, lse, delta].map(arg);
         vec![
             Launch {
                 function: head.delta,
@@ -380,35 +382,14 @@ pub(super) fn attention_backward(
                 grid,
                 block: THREADS,
                 shared_bytes,
-                args: vec![
-                    arg(q),
-                    arg(k),
-                    arg(v),
-                    arg(dout),
-                    arg(lse),
-                    arg(delta),
-                    arg(dk),
-                    arg(dv),
-                    arg(&seq),
-                    arg(&scale),
-                ],
+                args: [&inputs[..], &[arg(dk), arg(dv), arg(&seq), arg(&scale)]].concat(),
             },
             Launch {
                 function: head.backward_q,
                 grid,
                 block: THREADS,
                 shared_bytes,
-                args: vec![
-                    arg(q),
-                    arg(k),
-                    arg(v),
-                    arg(dout),
-                    arg(lse),
-                    arg(delta),
-                    arg(dq),
-                    arg(&seq),
-                    arg(&scale),
-                ],
+                args: [&inputs[..], &[arg(dq), arg(&seq), arg(&scale)]].concat(),
             },
         ]
     })?;
