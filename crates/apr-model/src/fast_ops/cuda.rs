@@ -167,6 +167,11 @@ pub(super) fn primary_context() -> Result<cudarc::driver::sys::CUcontext, String
     static CONTEXT: OnceLock<Result<Context, String>> = OnceLock::new();
     let context = CONTEXT
         .get_or_init(|| {
+            // cudarc panics where it cannot load libcuda; ask first.
+            // SAFETY: only probes whether the library can be opened.
+            if !unsafe { cudarc::driver::sys::is_culib_present() } {
+                return Err("no NVIDIA driver found (libcuda)".into());
+            }
             drv::init().map_err(|e| format!("CUDA driver: {e:?}"))?;
             let device = drv::device::get(0).map_err(|e| format!("CUDA device: {e:?}"))?;
             unsafe { drv::primary_ctx::retain(device) }
