@@ -49,7 +49,7 @@ static FAILED_LAUNCH: OnceLock<()> = OnceLock::new();
 
 /// Whether the flash kernels run bf16 attention of head dimension `head_dim`: `Ok`, or why not.
 /// The first call for a head dimension compiles and loads its kernels (not yet timed on a GPU;
-/// NVRTC plus ptxas for all four took about 9 s on this VM), and says
+/// assembling all four head dimensions with ptxas took 9 s on this VM), and says
 /// once on stderr when they could not be had.
 pub fn flash_status(head_dim: usize) -> Result<(), String> {
     let kernels = kernels()?;
