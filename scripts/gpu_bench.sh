@@ -5,7 +5,8 @@
 #   scripts/gpu_bench.sh build [FEATURES] # here (offline is fine): cuda test binaries, gpu_bench
 #                                     # and the apr binary, stripped, xz-compressed into
 #                                     # target/gpu-bundle; FEATURES adds cargo features, e.g.
-#                                     # apr-model/fusion
+#                                     # apr-model/fusion (without it, gpu_bench is also
+#                                     # built fused, for the fused rows)
 #   scripts/gpu_bench.sh run [OUTDIR] # there: CUDA equivalence tests, then the `paper` preset's
 #                                     # decode (captured, dynamic) and training beside PyTorch on
 #                                     # the same card, then `apr eval` end to end with capture on
@@ -40,7 +41,15 @@ for l in sys.stdin:
         print(kind + m["target"]["name"], m["executable"])')
     rm -rf "$bundle" && mkdir -p "$bundle"
     while read -r name exe; do xz -T2 -6 -c "$exe" >"$bundle/$name.xz"; done <<<"$built"
+    # gpu_bench again with kernel fusion and autotune (cached on disk) for the fused rows,
+    # unless FEATURES already fused everything.
+    if [[ ${2:-} != *fusion* ]]; then
+        cargo build --release -p apr-benches --example gpu_bench \
+            --features "apr-model/cuda,apr-benches/cuda,apr-model/fusion"
+        xz -T2 -6 -c target/release/examples/gpu_bench >"$bundle/gpu_bench_fusion.xz"
+    fi
     ls -l "$bundle"
+    du -sh "$bundle"
     exit 0
 fi
 
@@ -113,6 +122,10 @@ measure() {
     return "$rc"
 }
 ours() { within "$@" && measure "apr-rs ${*:2}" "$out/gpu_bench.err" "$1" "$bin"/gpu_bench "${@:2}"; }
+fused() {
+    [[ -x "$bin"/gpu_bench_fusion ]] || return 0
+    within "$@" && measure "apr-rs fused ${*:2}" "$out/gpu_bench.err" "$1" "$bin"/gpu_bench_fusion "${@:2}"
+}
 theirs() { within "$@" && measure "pytorch ${*:2}" "$out/torch.err" "$1" "$py" scripts/gpu_baseline.py "${@:2}"; }
 
 # 2. Decode, paper preset: ours captured, PyTorch eager static-KV and CUDA graph, at 1 / 64 / 256
@@ -139,6 +152,10 @@ peak() {
 peak ours 150 train cuda paper mixed 8 4096 1 3
 peak theirs 90 train paper 8 4096 5
 peak theirs 150 compile paper 8 4096 5
+# The same step and decode with kernel fusion and autotune on (cached in target/environment);
+# the first step's gradient norm must match the unfused row's.
+fused 150 train cuda paper mixed 8 4096 1 3
+fused 60 decode cuda paper bf16 64 16 128 144 captured
 ours 90 parts cuda paper mixed 8 4096 2
 # The same step with burn's own matmul in place of cuBLASLt: what the library buys.
 APR_CUBLASLT=off ours 90 train cuda paper mixed 8 4096 1 2

@@ -146,10 +146,20 @@ fn train(args: &[String]) {
 /// The fast ops a training row ran: the products' implementation and bf16 attention's.
 fn implementation(device: &Device, config: &ModelConfig) -> String {
     format!(
-        "{}, attention {}",
+        "{}, attention {}{}",
         fast_ops::matmul_implementation(device),
-        fast_ops::attention_implementation(device, config.d_model / config.n_heads)
+        fast_ops::attention_implementation(device, config.d_model / config.n_heads),
+        fused()
     )
+}
+
+/// `, fused` in a row of a build with kernel fusion and autotune on.
+fn fused() -> &'static str {
+    if apr_model::backend::FUSION {
+        ", fused"
+    } else {
+        ""
+    }
 }
 
 /// Where a training step's time goes: one micro-batch's forward alone (no autodiff), forward and
@@ -290,8 +300,9 @@ fn decode(args: &[String]) {
         ""
     };
     println!(
-        "{{\"what\":\"decode\",\"impl\":\"apr-rs engine ({})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"graphs_hardware\":{},\"graphs_fallback\":{},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}{error}}}",
+        "{{\"what\":\"decode\",\"impl\":\"apr-rs engine ({}{})\",\"backend\":\"{}\",\"preset\":\"{}\",\"dtype\":\"{}\",\"slots\":{slots},\"prompt\":{prompt},\"new_tokens\":{new_tokens},\"max_len\":{max_len},\"graphs_hardware\":{},\"graphs_fallback\":{},\"first_pass_s\":{:.2},\"prefill_s\":{prefill_s:.4},\"step_ms\":{step_ms:.3},\"tokens_per_s\":{:.0}{error}}}",
         path.name(),
+        fused(),
         args[1],
         args[2],
         dtype,

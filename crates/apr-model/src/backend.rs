@@ -27,6 +27,10 @@ impl std::str::FromStr for Backend {
     }
 }
 
+/// Whether this build fuses the GPU backends' kernels and autotunes them per shape (feature
+/// `fusion`; the CPU backend is never fused). Benchmark rows say so beside their figures.
+pub const FUSION: bool = cfg!(feature = "fusion");
+
 impl Backend {
     /// The backends this binary was built with.
     pub fn compiled() -> Vec<Backend> {

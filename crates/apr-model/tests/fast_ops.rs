@@ -200,6 +200,26 @@ fn attention_block_fits_the_budget_and_covers_short_sequences_whole() {
     assert!(fast_ops::attention_block(1 << 20, 1 << 10, 1 << 10) >= 1);
 }
 
+/// The shape fusion records for a product before it runs must be the shape the product has.
+#[test]
+fn matmul_shape_is_the_products_shape_in_every_transposition() {
+    use burn::tensor::Shape;
+    let device = device();
+    for (tl, tr) in [(false, false), (false, true), (true, false), (true, true)] {
+        let lhs_shape = if tl { [2, 3, 5, 4] } else { [2, 3, 4, 5] };
+        let rhs_shape = if tr { [2, 3, 6, 5] } else { [2, 3, 5, 6] };
+        let (lhs, rhs) = (random(lhs_shape, &device), random(rhs_shape, &device));
+        let expected =
+            fast_ops::matmul_shape(&Shape::from(lhs_shape), &Shape::from(rhs_shape), &tl, &tr);
+        assert_eq!(
+            expected,
+            Shape::from([2, 3, 4, 6]),
+            "transpose ({tl}, {tr})"
+        );
+        assert_eq!(fast_ops::matmul(lhs, rhs, tl, tr).shape(), expected);
+    }
+}
+
 #[test]
 fn precision_names_round_trip() {
     for p in Precision::ALL {
@@ -213,7 +233,7 @@ fn precision_names_round_trip() {
 
 /// On a CUDA device the products must really go through cuBLASLt (else these tests compared burn
 /// with itself); elsewhere its absence is one line, not a panic.
-#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+#[cfg(feature = "cuda")]
 #[test]
 fn cublaslt_is_used_on_cuda_and_its_absence_is_one_line() {
     match (

@@ -243,7 +243,7 @@ fn emulated_flash_kernels_match_burns_attention_in_value_and_gradient() {
 /// NVRTC and CUDA's headers, not a GPU: `APR_CUDA_HOME` names a CUDA root with `include/`, and
 /// NVRTC is found as the program finds it (`APR_CUDA_LIBS`, …). `.ci/run` points both at the
 /// CUDA wheel beside its torch. Without `APR_CUDA_HOME` the test says so and does nothing else.
-#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+#[cfg(feature = "cuda")]
 #[test]
 fn flash_kernels_compile_with_nvrtc_for_ampere_and_hopper() {
     let Some(home) = std::env::var_os("APR_CUDA_HOME") else {

@@ -18,9 +18,11 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Cube, DType, Shape};
+use burn::backend::{Backend, DType, Shape};
 use burn::tensor::FloatDType;
 use burn_cubecl::tensor::CubeTensor;
+
+use super::Unfused;
 use cudarc::cublaslt::{result as lt, sys};
 
 /// Workspace handed to cuBLASLt (what its heuristics ask for on Hopper).
@@ -264,11 +266,11 @@ pub(super) fn is_cuda(t: &CubeTensor) -> bool {
 /// `op(lhs) · op(rhs)` through cuBLASLt, or `None` (then burn's matmul runs) when the tensors
 /// are not on CUDA, the library is missing, or the call failed (said once on stderr).
 pub(super) fn matmul(
-    lhs: &FloatTensor<Cube>,
-    rhs: &FloatTensor<Cube>,
+    lhs: &FloatTensor<Unfused>,
+    rhs: &FloatTensor<Unfused>,
     transpose_lhs: bool,
     transpose_rhs: bool,
-) -> Option<FloatTensor<Cube>> {
+) -> Option<FloatTensor<Unfused>> {
     if !is_cuda(lhs) || lhs.dtype != rhs.dtype || lhs.meta.is_tiled() || rhs.meta.is_tiled() {
         return None;
     }
@@ -298,7 +300,7 @@ pub(super) fn matmul(
     let batch: usize = batch_dims.iter().product();
     let mut out_dims = batch_dims.to_vec();
     out_dims.extend([m, n]);
-    let out = <Cube as FloatTensorOps<Cube>>::float_zeros(
+    let out = <Unfused as FloatTensorOps<Unfused>>::float_zeros(
         Shape::from(out_dims),
         &lhs.device,
         FloatDType::from(lhs.dtype),
@@ -353,7 +355,7 @@ fn run(
         .lock()
         .map_err(|_| "cuBLASLt lock poisoned".to_string())?;
     // cubecl's kernels that write the inputs (and zero the output) must be done.
-    <Cube as Backend>::sync(&lhs.device).map_err(|e| format!("sync: {e:?}"))?;
+    <Unfused as Backend>::sync(&lhs.device).map_err(|e| format!("sync: {e:?}"))?;
     let (a_ptr, _a) = pointer(rhs)?;
     let (b_ptr, _b) = pointer(lhs)?;
     let (d_ptr, _d) = pointer(out)?;

@@ -14,14 +14,14 @@ use std::sync::{Mutex, OnceLock};
 
 use burn::backend::ops::FloatTensorOps;
 use burn::backend::tensor::FloatTensor;
-use burn::backend::{Backend, Cube, DType, Shape};
+use burn::backend::{Backend, DType, Shape};
 use burn::tensor::FloatDType;
 use burn_cubecl::tensor::CubeTensor;
 use cudarc::driver::{result as drv, sys as dsys};
 
 use super::cuda::{is_cuda, pointer, preload, primary_context};
 use super::flash::{self, DELTA_THREADS, HEAD_DIMS, THREADS, TILE};
-use super::{AttentionForward, AttentionGrads, AttentionSaved};
+use super::{AttentionForward, AttentionGrads, AttentionSaved, Unfused};
 
 /// One head dimension's entry points (each compiled into its own module).
 #[derive(Clone, Copy)]
@@ -227,7 +227,11 @@ fn contiguous(t: &CubeTensor) -> CubeTensor {
 }
 
 fn empty(dims: [usize; 4], like: &CubeTensor, dtype: FloatDType) -> CubeTensor {
-    <Cube as FloatTensorOps<Cube>>::float_empty(Shape::from(dims.to_vec()), &like.device, dtype)
+    <Unfused as FloatTensorOps<Unfused>>::float_empty(
+        Shape::from(dims.to_vec()),
+        &like.device,
+        dtype,
+    )
 }
 
 /// One kernel argument: a pointer to its value, as `cuLaunchKernel` takes it.
@@ -254,7 +258,7 @@ fn run(
     launches: impl FnOnce(&[u64]) -> Vec<Launch>,
 ) -> Option<()> {
     let result = (|| {
-        <Cube as Backend>::sync(&tensors[0].device).map_err(|e| format!("sync: {e:?}"))?;
+        <Unfused as Backend>::sync(&tensors[0].device).map_err(|e| format!("sync: {e:?}"))?;
         let mut guards = Vec::new();
         let mut addresses = Vec::new();
         for t in tensors {
@@ -303,11 +307,11 @@ fn run(
 
 /// The flash forward of `softmax(q kᵀ · scale + causal mask) v`, or `None` (the generic op runs).
 pub(super) fn attention_forward(
-    q: &FloatTensor<Cube>,
-    k: &FloatTensor<Cube>,
-    v: &FloatTensor<Cube>,
+    q: &FloatTensor<Unfused>,
+    k: &FloatTensor<Unfused>,
+    v: &FloatTensor<Unfused>,
     scale: f64,
-) -> Option<AttentionForward<Cube>> {
+) -> Option<AttentionForward<Unfused>> {
     let dims = bf16_dims(q)?;
     if bf16_dims(k)? != dims || bf16_dims(v)? != dims {
         return None;
@@ -341,10 +345,10 @@ pub(super) fn attention_forward(
 
 /// The flash backward (dQ, dK, dV of the forward above), or `None` (the generic op runs).
 pub(super) fn attention_backward(
-    saved: &AttentionSaved<Cube>,
-    dout: &FloatTensor<Cube>,
+    saved: &AttentionSaved<Unfused>,
+    dout: &FloatTensor<Unfused>,
     scale: f64,
-) -> Option<AttentionGrads<Cube>> {
+) -> Option<AttentionGrads<Unfused>> {
     let dims = bf16_dims(&saved.q)?;
     for t in [&saved.k, &saved.v, &saved.out, dout] {
         if bf16_dims(t)? != dims {

@@ -12,21 +12,36 @@
 //!
 //! The `Tensor` functions at the bottom ([`matmul`], [`linear`], [`causal_attention`]) are what
 //! the model calls; they also apply the [`Precision`] (bf16 compute under f32 weights).
+//!
+//! Under burn's `fusion` feature every method is also declared to `Fusion`: it records one
+//! opaque operation (its output's shape and dtype, or its structured outputs' metadata, given
+//! here) and runs the unfused backend's implementation when the fused stream executes it, so
+//! cuBLASLt and flash attention run under fusion as they do without it, and burn fuses the
+//! element-wise work between them.
 
 mod autodiff;
-#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+#[cfg(feature = "cuda")]
 pub mod cuda;
 pub mod flash;
-#[cfg(all(feature = "cuda", not(feature = "fusion")))]
+#[cfg(feature = "cuda")]
 pub mod flash_cuda;
 mod generic;
 
-use burn::backend::{backend_extension, tensor::FloatTensor, Backend, ExtensionType};
+use burn::backend::{backend_extension, tensor::FloatTensor, Backend, ExtensionType, Shape};
 use burn::tensor::{Device, FloatDType, Tensor};
+
+#[cfg(feature = "fusion")]
+use burn::backend::fusion::custom::TensorSpec;
+
+/// The cubecl backend without fusion's lazy wrapper: where the fast ops' kernels run (under
+/// `fusion`, `burn::backend::Cube` is `Fusion<Unfused>` and forwards to it).
+#[cfg(any(feature = "wgpu", feature = "cuda"))]
+pub(crate) type Unfused = burn_cubecl::CubeBackend;
 
 /// A causal attention forward's results: the output and each query row's log-sum-exp of its
 /// scaled scores (f32 whatever the compute type: a bf16 log-sum-exp would be off by percents).
 #[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "fusion"))]
 pub struct AttentionForward<B: Backend> {
     /// `[b, h, s, hd]`.
     pub out: FloatTensor<B>,
@@ -36,6 +51,7 @@ pub struct AttentionForward<B: Backend> {
 
 /// What a causal attention backward needs of its forward.
 #[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "fusion"))]
 pub struct AttentionSaved<B: Backend> {
     /// Queries `[b, h, s, hd]`.
     pub q: FloatTensor<B>,
@@ -70,6 +86,7 @@ impl<B: Backend> std::fmt::Debug for AttentionSaved<B> {
 
 /// Gradients of a causal attention with respect to its three inputs.
 #[derive(ExtensionType)]
+#[extension_type(fusion: cfg(feature = "fusion"))]
 pub struct AttentionGrads<B: Backend> {
     /// `d loss / d q`.
     pub dq: FloatTensor<B>,
@@ -84,11 +101,13 @@ pub struct AttentionGrads<B: Backend> {
 #[backend_extension(
     Flex: cfg(feature = "flex"),
     Cube: cfg(any(feature = "wgpu", feature = "cuda")),
+    Fusion: cfg(feature = "fusion"),
     Autodiff
 )]
 pub trait FastOps: Backend {
     /// `op(lhs) · op(rhs)` over the last two dimensions, where `op` transposes when its flag is
     /// set; both operands have the same rank and batch dimensions (no broadcasting).
+    #[fusion(dtype = lhs, shape = matmul_shape(lhs, rhs, transpose_lhs, transpose_rhs))]
     fn fast_matmul(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
@@ -100,6 +119,7 @@ pub trait FastOps: Backend {
 
     /// `softmax(q kᵀ · scale + causal mask) v` for `[b, h, s, hd]` inputs, a block of `block`
     /// queries at a time.
+    #[fusion(dtype = q, shape = q)]
     fn causal_attention(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -111,6 +131,7 @@ pub trait FastOps: Backend {
     }
 
     /// [`FastOps::causal_attention`] and the log-sum-exp its backward needs.
+    #[fusion(meta = attention_forward_spec)]
     fn attention_forward(
         q: FloatTensor<Self>,
         k: FloatTensor<Self>,
@@ -123,6 +144,7 @@ pub trait FastOps: Backend {
 
     /// The gradients of [`FastOps::causal_attention`] given `dout`, recomputing its scores from
     /// the saved log-sum-exp a block of queries at a time.
+    #[fusion(meta = attention_grads_spec)]
     fn attention_backward(
         #[extension_type] saved: AttentionSaved<Self>,
         dout: FloatTensor<Self>,
@@ -133,17 +155,58 @@ pub trait FastOps: Backend {
     }
 }
 
+/// The output shape of [`FastOps::fast_matmul`]: the batch dimensions, then the rows of
+/// `op(lhs)` and the columns of `op(rhs)`.
+pub fn matmul_shape(lhs: &Shape, rhs: &Shape, transpose_lhs: &bool, transpose_rhs: &bool) -> Shape {
+    let rank = lhs.num_dims();
+    let rows = lhs[rank - if *transpose_lhs { 1 } else { 2 }];
+    let cols = rhs[rank - if *transpose_rhs { 2 } else { 1 }];
+    let mut dims: Vec<usize> = (0..rank - 2).map(|i| lhs[i]).collect();
+    dims.extend([rows, cols]);
+    Shape::from(dims)
+}
+
+/// What [`FastOps::attention_forward`] returns, for fusion to record before it runs: the output
+/// is shaped and typed as the queries, the log-sum-exp is `[b, h, s, 1]` in f32.
+#[cfg(feature = "fusion")]
+fn attention_forward_spec(
+    q: &TensorSpec,
+    _k: &TensorSpec,
+    _v: &TensorSpec,
+    _scale: &f64,
+    _block: &usize,
+) -> AttentionForwardMetadata {
+    let mut lse = q.shape.clone();
+    lse[3] = 1;
+    AttentionForwardMetadata {
+        out: q.clone(),
+        lse: TensorSpec::new(lse, burn::backend::DType::F32),
+    }
+}
+
+/// What [`FastOps::attention_backward`] returns: each gradient is shaped and typed as its input.
+#[cfg(feature = "fusion")]
+fn attention_grads_spec(
+    saved: &AttentionSavedMetadata,
+    _dout: &TensorSpec,
+    _scale: &f64,
+    _block: &usize,
+) -> AttentionGradsMetadata {
+    AttentionGradsMetadata {
+        dq: saved.q.clone(),
+        dk: saved.k.clone(),
+        dv: saved.v.clone(),
+    }
+}
+
 #[cfg(feature = "flex")]
 impl FastOps for burn::backend::Flex {}
 
-#[cfg(all(
-    any(feature = "wgpu", feature = "cuda"),
-    any(not(feature = "cuda"), feature = "fusion")
-))]
-impl FastOps for burn::backend::Cube {}
+#[cfg(all(feature = "wgpu", not(feature = "cuda")))]
+impl FastOps for Unfused {}
 
-#[cfg(all(feature = "cuda", not(feature = "fusion")))]
-impl FastOps for burn::backend::Cube {
+#[cfg(feature = "cuda")]
+impl FastOps for Unfused {
     fn fast_matmul(
         lhs: FloatTensor<Self>,
         rhs: FloatTensor<Self>,
@@ -195,7 +258,7 @@ impl FastOps for burn::backend::Cube {
 /// Which implementation [`FastOps::fast_matmul`] runs on `device`: `cuBLASLt`, or `burn` (with
 /// the reason where cuBLASLt was wanted). For benchmark rows and logs.
 pub fn matmul_implementation(device: &Device) -> String {
-    #[cfg(all(feature = "cuda", not(feature = "fusion")))]
+    #[cfg(feature = "cuda")]
     if crate::backend::is_cuda(&device.clone().inner()) {
         return match cuda::cublaslt_status() {
             Ok(()) => "cuBLASLt".into(),
@@ -210,7 +273,7 @@ pub fn matmul_implementation(device: &Device) -> String {
 /// `flash` (the CUDA kernels, for head dimensions 16, 32, 64 and 128), or `burn` (with the reason
 /// where flash was wanted); f32 attention always runs burn's ops. For benchmark rows and logs.
 pub fn attention_implementation(device: &Device, head_dim: usize) -> String {
-    #[cfg(all(feature = "cuda", not(feature = "fusion")))]
+    #[cfg(feature = "cuda")]
     if crate::backend::is_cuda(&device.clone().inner()) {
         return match flash_cuda::flash_status(head_dim) {
             Ok(()) => "flash".into(),
