@@ -78,6 +78,11 @@ mkdir -p "$dest"
 rows="$dest/rows.jsonl"
 : >"$rows"
 py=${PYTHON:-python3}
+# cuBLASLt and NVRTC are also looked for in that Python's NVIDIA wheels (site-packages/nvidia/*/lib),
+# wherever it lives: the programs search /usr/local/cuda and a few usual places themselves.
+wheels=$("$py" -c 'import glob, os, nvidia
+print(":".join(sorted(d for p in nvidia.__path__ for d in glob.glob(os.path.join(p, "*", "lib")))))' 2>/dev/null)
+export APR_CUDA_LIBS="${APR_CUDA_LIBS:-}${APR_CUDA_LIBS:+${wheels:+:}}$wheels"
 # Python (which the baseline needs anyway) unpacks, so the GPU host needs no xz.
 "$py" -c 'import sys, tarfile; tarfile.open(sys.argv[1]).extractall(sys.argv[2], filter="tar")' \
     "$bundle/bins.tar.xz" "$bin" || { echo "cannot unpack $bundle/bins.tar.xz (run '$0 build' first)" >&2; exit 1; }
