@@ -110,16 +110,22 @@ pub fn read_safetensors(path: &Path) -> Result<BTreeMap<String, HostTensor>, Che
         let raw = view.data();
         let data: Vec<f32> = match view.dtype() {
             Dtype::F32 => raw
-                .chunks_exact(4)
-                .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                .as_chunks::<4>()
+                .0
+                .iter()
+                .map(|&c| f32::from_le_bytes(c))
                 .collect(),
             Dtype::BF16 => raw
-                .chunks_exact(2)
-                .map(|c| half::bf16::from_le_bytes([c[0], c[1]]).to_f32())
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|&c| half::bf16::from_le_bytes(c).to_f32())
                 .collect(),
             Dtype::F16 => raw
-                .chunks_exact(2)
-                .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                .as_chunks::<2>()
+                .0
+                .iter()
+                .map(|&c| half::f16::from_le_bytes(c).to_f32())
                 .collect(),
             other => {
                 return Err(format_err(
@@ -451,4 +457,59 @@ pub fn export_hf(checkpoint: &Checkpoint, out: &Path) -> Result<(), CheckpointEr
         .tokenizer
         .save(&out.join("tokenizer.json"))
         .map_err(|e| format_err(out, e))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A file with one tensor per dtype, as a Hugging Face export in half precision would hold.
+    fn write_mixed(path: &Path, values: &[f32]) {
+        let f32s: Vec<u8> = values.iter().flat_map(|x| x.to_le_bytes()).collect();
+        let bf16s: Vec<u8> = values
+            .iter()
+            .flat_map(|&x| half::bf16::from_f32(x).to_le_bytes())
+            .collect();
+        let f16s: Vec<u8> = values
+            .iter()
+            .flat_map(|&x| half::f16::from_f32(x).to_le_bytes())
+            .collect();
+        let shape = vec![2, values.len() / 2];
+        let views = [
+            ("a.f32", Dtype::F32, &f32s),
+            ("b.bf16", Dtype::BF16, &bf16s),
+            ("c.f16", Dtype::F16, &f16s),
+        ]
+        .map(|(name, dtype, raw)| (name, TensorView::new(dtype, shape.clone(), raw).unwrap()));
+        fs::write(path, safetensors::serialize(views, None).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn half_precision_tensors_are_read_as_their_f32_values() {
+        // Each value is exact in bf16 and f16, so all three tensors must read back equal.
+        let values = [1.0f32, -2.5, 0.0, 0.15625, 384.0, -0.0078125];
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        write_mixed(&path, &values);
+        let tensors = read_safetensors(&path).unwrap();
+        for name in ["a.f32", "b.bf16", "c.f16"] {
+            assert_eq!(tensors[name].shape, vec![2, 3], "{name}");
+            assert_eq!(tensors[name].data, values, "{name}");
+        }
+    }
+
+    #[test]
+    fn an_unsupported_dtype_is_an_error_naming_the_tensor() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("model.safetensors");
+        let raw: Vec<u8> = [1i32, 2].iter().flat_map(|x| x.to_le_bytes()).collect();
+        let view = TensorView::new(Dtype::I32, vec![2], &raw).unwrap();
+        fs::write(
+            &path,
+            safetensors::serialize([("ids", view)], None).unwrap(),
+        )
+        .unwrap();
+        let err = read_safetensors(&path).unwrap_err().to_string();
+        assert!(err.contains("tensor ids: unsupported dtype I32"), "{err}");
+    }
 }

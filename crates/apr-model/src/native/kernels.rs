@@ -70,8 +70,7 @@ pub(super) fn reduce_lanes(
     combine: impl Fn(f32, f32) -> f32,
 ) -> f32 {
     let mut acc = [init; LANES];
-    let chunks = xs.chunks_exact(LANES);
-    let tail = chunks.remainder();
+    let (chunks, tail) = xs.as_chunks::<LANES>();
     for chunk in chunks {
         for (a, &x) in acc.iter_mut().zip(chunk) {
             *a = combine(*a, f(x));
