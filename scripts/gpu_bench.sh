@@ -18,7 +18,7 @@
 # row's timeout (at most 150 s). Sizes: decode 128 greedy tokens after a 16-token prompt at
 # 1 / 64 / 256 slots, context 144 (= prompt + new, as PyTorch's static cache);
 # training one micro-batch of 8 × 4,096 tokens per step (the paper's batch; attention keeps no
-# scores for its backward, so it fits), mixed precision (f32 weights and AdamW, bf16 products
+# scores for its backward; two of 4 × 4,096 if that fails), mixed precision (f32 weights and AdamW, bf16 products
 # and attention through the fast ops: cuBLASLt and the flash kernels on CUDA), beside PyTorch eager and torch.compile
 # under bf16 autocast; where the step's time goes; peak GPU memory of each (nvidia-smi, sampled).
 # PYTHON picks the interpreter with torch.
@@ -118,10 +118,11 @@ within() {
 # lines FILE: how many lines FILE has (0 when it does not exist yet).
 lines() { if [[ -f $1 ]]; then wc -l <"$1"; else echo 0; fi; }
 # why RC LIMIT LOG [FROM]: the reason a command failed, for its row: that it timed out, else the
-# last non-blank line LOG gained after line FROM, without quotes or control characters.
+# last non-blank line LOG gained after line FROM (a panic's message, not Rust's note on
+# RUST_BACKTRACE after it), without quotes or control characters.
 why() {
     if (( $1 == 124 )); then echo "timed out after $2 s"; return; fi
-    tail -n +"$((${4:-0} + 1))" "$3" 2>/dev/null | grep -v '^[[:space:]]*$' | tail -n 1 |
+    tail -n +"$((${4:-0} + 1))" "$3" 2>/dev/null | grep -v -e '^[[:space:]]*$' -e 'RUST_BACKTRACE' | tail -n 1 |
         tr -d '"\\' | tr -c '[:print:]\n' ' ' | cut -c1-160
 }
 # measure NAME ERRLOG TIMEOUT CMD...: CMD's JSON row; where it exits non-zero without one, a
@@ -163,23 +164,35 @@ peak() {
     "$@"
     local rc=$?
     kill "$sampler" 2>/dev/null; wait "$sampler" 2>/dev/null
-    (( rc == 0 )) || return 0  # skipped or failed: its row says so, and the peak means nothing
+    (( rc == 0 )) || return "$rc"  # skipped or failed: its row says so, and the peak means nothing
     local mib
     mib=$(sort -n "$log" | tail -1 | tr -dc 0-9)
-    echo "{\"what\":\"memory\",\"impl\":\"$1 ${*:3:4}\",\"peak_mib\":${mib:-null}}" | tee -a "$rows"
+    echo "{\"what\":\"memory\",\"impl\":\"$1 ${*:3:6}\",\"peak_mib\":${mib:-null}}" | tee -a "$rows"
 }
+# Our step's 32,768 tokens as `split` micro-batches (1: all at once). Not yet measured on a GPU:
+# on the CPU (flex, mixed, 1 × 2,048) a step's resident memory peaked 1.5-2.5 GB above the
+# 4.5-5.5 GB held between steps (weights, gradients, AdamW), about 1 MB a token, so 30-45 GB at
+# 32,768 tokens: under an H100's 78 GiB unless CubeCL's memory pools add most of that again.
+# Should it fail all the same (any failure but a timeout, which a second try would repeat), the
+# training rows and the SFT run take the same tokens a step as two micro-batches of 4 × 4,096.
+split=1
 peak ours 150 train cuda paper mixed 8 4096 1 3
+case $? in
+    0 | 1 | 124) ;;  # measured, skipped for time, or timed out
+    *) split=2 && peak ours 150 train cuda paper mixed 4 4096 2 3 ;;
+esac
+micro=$((8 / split))
 peak theirs 90 train paper 8 4096 5
 peak theirs 150 compile paper 8 4096 5
 # The same step and decode with kernel fusion and autotune on (cached in target/environment);
 # read the first step's gradient norm beside the unfused row's (the script does not compare them).
-fused 150 train cuda paper mixed 8 4096 1 3
+fused 150 train cuda paper mixed "$micro" 4096 "$split" 3
 fused 60 decode cuda paper bf16 64 16 128 144 captured
-ours 90 parts cuda paper mixed 8 4096 2
+ours 90 parts cuda paper mixed "$micro" 4096 2
 # The same step with burn's own matmul in place of cuBLASLt: what the library buys.
-APR_CUBLASLT=off ours 90 train cuda paper mixed 8 4096 1 2
+APR_CUBLASLT=off ours 90 train cuda paper mixed "$micro" 4096 "$split" 2
 # The same step with burn's ops for attention in place of the flash kernels.
-APR_FLASH=off ours 90 train cuda paper mixed 8 4096 1 2
+APR_FLASH=off ours 90 train cuda paper mixed "$micro" 4096 "$split" 2
 # The same with every tensor in bf16 and with the micro-batches of before, for the record.
 ours 90 train cuda paper bf16 1 4096 8 2
 # Decode with capture off (issue 19's comparison), after training's rows.
@@ -236,7 +249,7 @@ if within "apr train sft (paper, cuda)"; then
     "$bin"/apr data traces --solver apr --problems "$work/sft-problems.jsonl" --out "$work/sft-traces.jsonl" >/dev/null 2>&1
     start=$SECONDS
     timeout 150 "$bin"/apr train sft --data "$work/sft-traces.jsonl" --view apr --preset paper --backend cuda \
-        --learner burn --precision bf16 --steps 200 --batch-tokens 32768 --context 4096 \
+        --learner burn --precision bf16 --steps 200 --batch-tokens $((32768 / split)) --accum "$split" --context 4096 \
         --checkpoint-every 1000 --out "$work/sft-paper" >"$out/sft-paper.log" 2>&1
     rc=$?
     cp "$work/sft-paper/metrics.jsonl" "$out/sft-paper-metrics.jsonl" 2>/dev/null
