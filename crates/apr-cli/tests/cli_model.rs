@@ -89,6 +89,46 @@ fn init_generate_export_train_eval() {
     assert_eq!(grpo["steps"], 1);
 }
 
+/// The native learner's matrix products are one fused multiply-add chain per element, so the
+/// portable kernel and the AVX ones give the same weights: what makes a training run the same
+/// on every CPU. Each available kernel trains two steps; the weights must match to the byte.
+#[test]
+fn training_gives_the_same_weights_with_every_gemm_kernel() {
+    let dir = tempfile::tempdir().unwrap();
+    let (_, traces) = common::problems_and_traces(dir.path(), 12, "apr");
+    let cfg = dir.path().join("cfg.json");
+    std::fs::write(&cfg, r#"{"vocab_size":57,"d_model":32,"n_layers":1,"n_heads":2,"d_ff":64,"max_seq_len":512,"rope_theta":10000.0,"norm_eps":1e-6,"init_std":0.02}"#).unwrap();
+    let mut runs = Vec::new();
+    for kernel in ["portable", "avx2", "avx512"] {
+        let run = dir.path().join(kernel);
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_apr"))
+            .args(["train", "sft", "--data", s(&traces), "--config", s(&cfg)])
+            .args(["--steps", "2", "--batch-tokens", "2048", "--context", "512"])
+            .args(["--learner", "native", "--out", s(&run)])
+            .env("APR_GEMM_KERNEL", kernel)
+            .output()
+            .unwrap();
+        ok(&out);
+        // A kernel this CPU lacks falls back to the default, with a warning; that run is then
+        // not a separate kernel.
+        if !String::from_utf8_lossy(&out.stderr).contains("is not available here") {
+            let weights = std::fs::read(run.join("checkpoint/model.safetensors")).unwrap();
+            runs.push((kernel, weights));
+        }
+    }
+    assert!(
+        runs.len() >= 2,
+        "the portable kernel and at least the default ran"
+    );
+    let (first, weights) = &runs[0];
+    for (kernel, other) in &runs[1..] {
+        assert!(
+            other == weights,
+            "{kernel} trained other weights than {first}"
+        );
+    }
+}
+
 #[test]
 fn builtin_tokenizers_by_name() {
     let dir = tempfile::tempdir().unwrap();

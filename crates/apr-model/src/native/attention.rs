@@ -7,7 +7,8 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::kernels::{exp, matmul, rows, softmax_in_place, split_rows};
+use super::gemm::{matmul, rows};
+use super::kernels::{exp, softmax_in_place, split_rows};
 use crate::invariant::dot;
 
 /// Causal attention of every (head, sequence): output `[h, n, hd]` and row log-sum-exps.

@@ -1,10 +1,10 @@
 //! The host kernels of the native model: a fast `exp`, lane-parallel reductions, RMSNorm and its
-//! backward, RoPE, and strided GEMM through the `gemm` crate. Every reduction has a fixed order,
+//! backward, and RoPE (the matrix products are in `gemm.rs`). Every reduction has a fixed order,
 //! so results do not depend on the number of threads.
 
-use gemm::{gemm, Parallelism};
 use rayon::prelude::*;
 
+use super::gemm::{matmul, rows};
 use crate::invariant::dot;
 
 /// Rotates one head (`x: [hd]`, halves rotated as HF's `rotate_half`) in place by RoPE at one
@@ -55,6 +55,44 @@ pub(super) fn exp(x: f32) -> f32 {
     p * f32::from_bits(((n_int + 127) as u32) << 23)
 }
 
+/// `ln x` in f32 without a libm call, for the same reason as [`exp`] and one more: libm's `logf`
+/// differs between C libraries (and glibc picks a build per CPU), while this is the same
+/// sequence of IEEE operations everywhere, so a training run does not depend on the machine.
+/// `x = 2ᵉ·m` with `m ∈ [√½, √2)`, `ln m = 2·atanh s` for `s = (m − 1)/(m + 1)` (`|s| < 0.172`)
+/// by its series to `s⁹` (truncation below 4·10⁻¹⁰). Zero gives `−∞`, a negative or NaN input
+/// NaN, `+∞` itself; subnormals are scaled up first.
+#[inline(always)]
+pub(super) fn ln(x: f32) -> f32 {
+    const LN2_HI: f32 = 0.693_359_4;
+    const LN2_LO: f32 = -2.121_944_4e-4;
+    if x.is_nan() || x < 0.0 {
+        return f32::NAN;
+    }
+    if x == 0.0 {
+        return f32::NEG_INFINITY;
+    }
+    if x == f32::INFINITY {
+        return x;
+    }
+    let (x, bias) = if x < f32::MIN_POSITIVE {
+        (x * (1u64 << 24) as f32, 24)
+    } else {
+        (x, 0)
+    };
+    let bits = x.to_bits();
+    let mut e = ((bits >> 23) & 0xff) as i32 - 127 - bias;
+    let mut m = f32::from_bits((bits & 0x007f_ffff) | 0x3f80_0000);
+    if m > std::f32::consts::SQRT_2 {
+        m *= 0.5;
+        e += 1;
+    }
+    let s = (m - 1.0) / (m + 1.0);
+    let s2 = s * s;
+    let series = s2 * (1.0 / 3.0 + s2 * (1.0 / 5.0 + s2 * (1.0 / 7.0 + s2 * (1.0 / 9.0))));
+    let e = e as f32;
+    e * LN2_HI + (2.0 * s + (2.0 * s * series + e * LN2_LO))
+}
+
 /// Partial results kept per reduction. The compiler may not reassociate f32 sums or maxima, so
 /// a plain `.sum()` adds one element at a time (and a scalar `exp` with it); eight independent
 /// partials vectorise. The order is fixed, so results stay deterministic.
@@ -103,7 +141,7 @@ pub(super) fn softmax_in_place(row: &mut [f32]) -> f32 {
     for z in row.iter_mut() {
         *z *= inv;
     }
-    max + sum.ln()
+    max + ln(sum)
 }
 
 /// Backward of a linear layer (`y = x · Wᵀ`) to its weight `W` at offset `w` of `grads`: `grads[w] += dyᵀ · x`.
@@ -203,106 +241,30 @@ pub(super) fn rms_backward(
     }
 }
 
-/// A strided matrix view.
-#[derive(Clone, Copy)]
-pub(super) struct Mat<'a> {
-    data: &'a [f32],
-    rows: usize,
-    cols: usize,
-    row_stride: usize,
-    col_stride: usize,
-}
-
-/// A row-major `rows × cols` view.
-pub(super) fn rows(data: &[f32], rows: usize, cols: usize) -> Mat<'_> {
-    Mat {
-        data,
-        rows,
-        cols,
-        row_stride: cols,
-        col_stride: 1,
-    }
-}
-
-impl Mat<'_> {
-    /// The transposed view (no copy).
-    pub(super) fn t(self) -> Self {
-        Mat {
-            rows: self.cols,
-            cols: self.rows,
-            row_stride: self.col_stride,
-            col_stride: self.row_stride,
-            ..self
-        }
-    }
-
-    fn fits(&self) -> bool {
-        self.rows == 0
-            || self.cols == 0
-            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
-                < self.data.len()
-    }
-}
-
-/// `out = scale · a · b`, or `out += scale · a · b` when `accumulate`; `out` is row-major.
-/// `parallel` lets gemm use the rayon pool (off inside per-head work that is already parallel).
-pub(super) fn matmul(
-    out: &mut [f32],
-    accumulate: bool,
-    a: Mat,
-    b: Mat,
-    scale: f32,
-    parallel: bool,
-) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && out.len() == m * n && a.fits() && b.fits(),
-        "matmul shapes"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
-    }
-    let parallelism = if parallel {
-        Parallelism::Rayon(rayon::current_num_threads())
-    } else {
-        Parallelism::None
-    };
-    // SAFETY: the asserts above keep every index gemm touches inside the three slices, and
-    // `out` is borrowed mutably, so it aliases neither input.
-    unsafe {
-        gemm(
-            m,
-            n,
-            k,
-            out.as_mut_ptr(),
-            1,
-            n as isize,
-            accumulate,
-            a.data.as_ptr(),
-            a.col_stride as isize,
-            a.row_stride as isize,
-            b.data.as_ptr(),
-            b.col_stride as isize,
-            b.row_stride as isize,
-            1.0,
-            scale,
-            false,
-            false,
-            false,
-            parallelism,
-        );
-    }
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{exp, max_of, rope_rotate, softmax_in_place, sum_exp_shifted};
+    use super::{exp, ln, max_of, rope_rotate, softmax_in_place, sum_exp_shifted};
+
+    #[test]
+    fn ln_is_within_two_ulps_of_the_true_logarithm() {
+        let mut worst = 0.0f64;
+        let mut x = 1e-44f32;
+        while x < 3e38 {
+            for y in [x, x * 1.000_123, x * 1.414_1, x * 1.414_4, x * 1.9999] {
+                let want = (y as f64).ln();
+                let got = ln(y) as f64;
+                let ulp = (want.abs() as f32).max(1e-30);
+                let ulp = (f32::from_bits(ulp.to_bits() + 1) - ulp) as f64;
+                worst = worst.max((got - want).abs() / ulp);
+            }
+            x *= 1.37;
+        }
+        assert!(worst <= 2.0, "worst error {worst} ulps");
+        assert_eq!(ln(1.0), 0.0);
+        assert_eq!(ln(0.0), f32::NEG_INFINITY);
+        assert_eq!(ln(f32::INFINITY), f32::INFINITY);
+        assert!(ln(-1.0).is_nan() && ln(f32::NAN).is_nan());
+    }
     use crate::invariant::dot;
 
     #[test]

@@ -8,9 +8,9 @@ use rayon::prelude::*;
 use super::attention;
 use super::batch::{BatchError, PackedBatch};
 use super::block::{block_forward, BlockActs, BlockOps};
+use super::gemm::{matmul, rows};
 use super::kernels::{
-    exp, matmul, max_of, rms_backward, rms_forward, rope_rotate, rows, sigmoid, sum_exp_shifted,
-    weight_grad,
+    exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sigmoid, sum_exp_shifted, weight_grad,
 };
 use super::layout::Layout;
 use crate::config::ModelConfig;
@@ -257,7 +257,7 @@ impl NativeModel {
             .for_each(|((row, (lp, ent)), &t)| {
                 let max = max_of(row);
                 let sum = sum_exp_shifted(row, max);
-                let lse = max + sum.ln();
+                let lse = max + ln(sum);
                 *lp = row[t as usize] - lse;
                 let mut h = 0.0;
                 for z in row.iter_mut() {

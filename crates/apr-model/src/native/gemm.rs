@@ -1,0 +1,675 @@
+//! Strided single-precision GEMM for the native learner, with the same bits on every CPU.
+//!
+//! Each output element is one chain of fused multiply-adds over the inner index in order:
+//! `c ← fma(scale·a[i][p], b[p][j], c)` for `p = 0, 1, …`, starting from the old value of `c`
+//! (accumulate) or from zero. Blocking, tile shape, vector width and thread count only decide
+//! which chains run side by side, never the order inside one, so the AVX-512 tile, the AVX2 tile
+//! and the portable one (`f32::mul_add`, a true fused multiply-add on every target) give
+//! identical results. The `gemm` crate this replaced sized its blocks from the cache sizes it
+//! detected and summed each block from zero, so its rounding, and with it a small model's whole
+//! training run, changed from one CPU to another.
+//!
+//! Layout is BLIS's: a block of `b` is packed into panels `NR` columns wide, a block of `a` into
+//! panels `MR` rows tall (scaled as it is packed), and a register tile of `MR × NR` chains runs
+//! over `KC` steps of the inner index before it is stored and the next block reloads it.
+
+use std::cell::RefCell;
+use std::ops::Range;
+use std::sync::OnceLock;
+
+use rayon::prelude::*;
+
+/// A strided matrix view.
+#[derive(Clone, Copy)]
+pub(super) struct Mat<'a> {
+    data: &'a [f32],
+    rows: usize,
+    cols: usize,
+    row_stride: usize,
+    col_stride: usize,
+}
+
+/// A row-major `rows × cols` view.
+pub(super) fn rows(data: &[f32], rows: usize, cols: usize) -> Mat<'_> {
+    Mat {
+        data,
+        rows,
+        cols,
+        row_stride: cols,
+        col_stride: 1,
+    }
+}
+
+impl Mat<'_> {
+    /// The transposed view (no copy).
+    pub(super) fn t(self) -> Self {
+        Mat {
+            rows: self.cols,
+            cols: self.rows,
+            row_stride: self.col_stride,
+            col_stride: self.row_stride,
+            ..self
+        }
+    }
+
+    fn fits(&self) -> bool {
+        self.rows == 0
+            || self.cols == 0
+            || (self.rows - 1) * self.row_stride + (self.cols - 1) * self.col_stride
+                < self.data.len()
+    }
+
+    /// Element `(r, c)` (the tests' definition reads through it).
+    #[cfg(test)]
+    fn at(&self, r: usize, c: usize) -> f32 {
+        self.data[r * self.row_stride + c * self.col_stride]
+    }
+}
+
+/// Steps of the inner index a tile runs between loads and stores of its outputs. Any value gives
+/// the same results; this one keeps a `b` panel (`KC × NR`) in L1.
+const KC: usize = 256;
+/// Rows and columns of output one parallel task owns at most (multiples of every `MR` / `NR`).
+const MC: usize = 96;
+const NC: usize = 256;
+/// Tasks per thread wanted before blocks are made smaller (helps load balance).
+const TASKS_PER_THREAD: usize = 4;
+
+/// A register-tile kernel: `c[i·ldc + j] (MR × NR) ← fma chains over kc packed steps`, loading
+/// `c` first when `load`, else starting from zero.
+///
+/// # Safety
+/// `a` holds `kc · MR` floats, `b` holds `kc · NR`, and `c` points at an `MR × NR` tile with row
+/// stride `ldc`, writable and aliasing neither; the CPU has the kernel's features.
+type TileFn =
+    unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, load: bool);
+
+/// Which register tile runs. Every one gives the same bits; they differ only in speed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GemmKernel {
+    /// `f32::mul_add` on `[f32; 16]` rows: any CPU (vectorised where the target has FMA).
+    Portable,
+    /// 6 × 16 tile of AVX2 FMA (x86-64 with AVX2 and FMA).
+    Avx2,
+    /// 8 × 32 tile of AVX-512F FMA.
+    Avx512,
+}
+
+impl GemmKernel {
+    /// Every kernel this CPU can run, portable first.
+    pub fn available() -> Vec<GemmKernel> {
+        let mut all = vec![GemmKernel::Portable];
+        #[cfg(target_arch = "x86_64")]
+        {
+            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
+                all.push(GemmKernel::Avx2);
+            }
+            if is_x86_feature_detected!("avx512f") {
+                all.push(GemmKernel::Avx512);
+            }
+        }
+        all
+    }
+
+    /// The name `APR_GEMM_KERNEL` takes.
+    pub fn name(self) -> &'static str {
+        match self {
+            GemmKernel::Portable => "portable",
+            GemmKernel::Avx2 => "avx2",
+            GemmKernel::Avx512 => "avx512",
+        }
+    }
+
+    /// The kernel the native learner uses: the fastest available, or the one `APR_GEMM_KERNEL`
+    /// names (`portable`, `avx2`, `avx512`: a check that results do not depend on it). A name this
+    /// CPU cannot run is a one-line warning, and the default.
+    pub fn chosen() -> GemmKernel {
+        static CHOSEN: OnceLock<GemmKernel> = OnceLock::new();
+        *CHOSEN.get_or_init(|| {
+            let available = Self::available();
+            let best = *available.last().expect("portable is always available");
+            match std::env::var("APR_GEMM_KERNEL") {
+                Ok(name) => {
+                    match available.iter().find(|k| k.name() == name) {
+                        Some(&k) => k,
+                        None => {
+                            eprintln!(
+                            "warning: APR_GEMM_KERNEL={name} is not available here (have: {}); \
+                             using {}",
+                            available.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
+                            best.name()
+                        );
+                            best
+                        }
+                    }
+                }
+                Err(_) => best,
+            }
+        })
+    }
+}
+
+/// `out = scale · a · b`, or `out += scale · a · b` when `accumulate`; `out` is row-major.
+/// `parallel` lets the rayon pool share the work (off inside per-head work that is already
+/// parallel). See the module docs for the exact arithmetic.
+pub(super) fn matmul(
+    out: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    matmul_with(GemmKernel::chosen(), out, accumulate, a, b, scale, parallel)
+}
+
+/// [`matmul`] with a given kernel.
+pub(super) fn matmul_with(
+    kernel: GemmKernel,
+    out: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: Mat,
+    scale: f32,
+    parallel: bool,
+) {
+    let (m, k, n) = (a.rows, a.cols, b.cols);
+    assert!(
+        b.rows == k && out.len() == m * n && a.fits() && b.fits(),
+        "matmul shapes"
+    );
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(0.0);
+        }
+        return;
+    }
+    let problem = Problem {
+        out: SendPtr(out.as_mut_ptr()),
+        accumulate,
+        a,
+        b,
+        scale,
+    };
+    match kernel {
+        GemmKernel::Portable => problem.run::<4, 16>(tile_portable, parallel),
+        #[cfg(target_arch = "x86_64")]
+        GemmKernel::Avx2 => problem.run::<6, 16>(tile_avx2, parallel),
+        #[cfg(target_arch = "x86_64")]
+        GemmKernel::Avx512 => problem.run::<8, 32>(tile_avx512, parallel),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only x86-64 lists the AVX kernels as available"),
+    }
+}
+
+#[derive(Clone, Copy)]
+struct SendPtr(*mut f32);
+// SAFETY: tasks write disjoint blocks through it (see `Problem::run`).
+unsafe impl Send for SendPtr {}
+unsafe impl Sync for SendPtr {}
+
+/// One product: `out` is the caller's `a.rows × b.cols` row-major slice, borrowed mutably for
+/// the whole call.
+struct Problem<'a> {
+    out: SendPtr,
+    accumulate: bool,
+    a: Mat<'a>,
+    b: Mat<'a>,
+    scale: f32,
+}
+
+thread_local! {
+    /// Each thread's packed `a` block, packed `b` block and scratch tile, reused across calls.
+    static PACKS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
+}
+
+impl Problem<'_> {
+    /// Splits the output into blocks, in parallel when asked, and runs each with `MR × NR`
+    /// tiles.
+    fn run<const MR: usize, const NR: usize>(&self, tile: TileFn, parallel: bool) {
+        let (m, n) = (self.a.rows, self.b.cols);
+        let threads = if parallel {
+            rayon::current_num_threads()
+        } else {
+            1
+        };
+        // Smaller blocks when there are too few for the threads; results do not depend on them.
+        let (mut mc, mut nc) = (MC, NC);
+        let tasks = |mc: usize, nc: usize| m.div_ceil(mc) * n.div_ceil(nc);
+        while tasks(mc, nc) < TASKS_PER_THREAD * threads && (mc > MR || nc > NR) {
+            if mc >= nc / 2 && mc > MR {
+                mc = (mc / 2).div_ceil(MR) * MR;
+            } else {
+                nc = (nc / 2).div_ceil(NR) * NR;
+            }
+        }
+        let blocks: Vec<Block> = (0..m)
+            .step_by(mc)
+            .flat_map(|i0| {
+                (0..n).step_by(nc).map(move |j0| Block {
+                    i0,
+                    i1: (i0 + mc).min(m),
+                    j0,
+                    j1: (j0 + nc).min(n),
+                })
+            })
+            .collect();
+        let run = |block: &Block| {
+            PACKS.with(|packs| match packs.try_borrow_mut() {
+                // SAFETY: the blocks partition the output, so no two tasks write the same
+                // element.
+                Ok(mut packs) => unsafe { self.block::<MR, NR>(*block, tile, &mut packs) },
+                Err(_) => unsafe { self.block::<MR, NR>(*block, tile, &mut Default::default()) },
+            })
+        };
+        if threads > 1 && blocks.len() > 1 {
+            blocks.par_iter().for_each(run);
+        } else {
+            blocks.iter().for_each(run);
+        }
+    }
+
+    /// Computes one block of the output over the whole inner dimension.
+    ///
+    /// # Safety
+    /// No one else touches the block meanwhile.
+    unsafe fn block<const MR: usize, const NR: usize>(
+        &self,
+        block: Block,
+        tile: TileFn,
+        [a_pack, b_pack, edge]: &mut [Vec<f32>; 3],
+    ) {
+        let (k, ldc) = (self.a.cols, self.b.cols);
+        let (rows, cols) = (block.i1 - block.i0, block.j1 - block.j0);
+        let (row_panels, col_panels) = (rows.div_ceil(MR), cols.div_ceil(NR));
+        let grow = |v: &mut Vec<f32>, len: usize| {
+            if v.len() < len {
+                v.resize(len, 0.0);
+            }
+        };
+        grow(a_pack, row_panels * MR * KC.min(k));
+        grow(b_pack, col_panels * NR * KC.min(k));
+        grow(edge, MR * NR);
+        for p0 in (0..k).step_by(KC) {
+            let kc = KC.min(k - p0);
+            pack_a::<MR>(a_pack, &self.a, block.i0..block.i1, p0..p0 + kc, self.scale);
+            pack_b::<NR>(b_pack, &self.b, p0..p0 + kc, block.j0..block.j1);
+            let load = self.accumulate || p0 > 0;
+            for jp in 0..col_panels {
+                let b_panel = b_pack[jp * NR * kc..].as_ptr();
+                let (j, width) = (block.j0 + jp * NR, NR.min(cols - jp * NR));
+                for ip in 0..row_panels {
+                    let a_panel = a_pack[ip * MR * kc..].as_ptr();
+                    let (i, height) = (block.i0 + ip * MR, MR.min(rows - ip * MR));
+                    let c = self.out.0.add(i * ldc + j);
+                    if height == MR && width == NR {
+                        tile(kc, a_panel, b_panel, c, ldc, load);
+                        continue;
+                    }
+                    // A partial tile runs on a full scratch tile; the padding's chains are
+                    // zeros and are dropped.
+                    for r in 0..height {
+                        for (q, e) in edge[r * NR..r * NR + width].iter_mut().enumerate() {
+                            *e = if load { *c.add(r * ldc + q) } else { 0.0 };
+                        }
+                    }
+                    tile(kc, a_panel, b_panel, edge.as_mut_ptr(), NR, load);
+                    for r in 0..height {
+                        for (q, e) in edge[r * NR..r * NR + width].iter().enumerate() {
+                            *c.add(r * ldc + q) = *e;
+                        }
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// Output rows `i0..i1` and columns `j0..j1`.
+#[derive(Clone, Copy)]
+struct Block {
+    i0: usize,
+    i1: usize,
+    j0: usize,
+    j1: usize,
+}
+
+/// Packs `scale · a[rows][inner]` as panels of `MR` rows, each stored inner step by inner step
+/// (`MR` values a step), zero-padded to whole panels.
+fn pack_a<const MR: usize>(
+    pack: &mut [f32],
+    a: &Mat,
+    rows: Range<usize>,
+    inner: Range<usize>,
+    scale: f32,
+) {
+    let kc = inner.len();
+    for (panel, dst) in pack.chunks_exact_mut(MR * kc).enumerate() {
+        let r0 = rows.start + panel * MR;
+        if r0 >= rows.end {
+            break;
+        }
+        let height = MR.min(rows.end - r0);
+        let (steps, _) = dst.as_chunks_mut::<MR>();
+        if a.row_stride == 1 {
+            // A transposed view: each inner step's rows are contiguous.
+            for (s, step) in steps.iter_mut().enumerate() {
+                let base = (inner.start + s) * a.col_stride + r0;
+                for (v, &x) in step.iter_mut().zip(&a.data[base..base + height]) {
+                    *v = scale * x;
+                }
+                step[height..].fill(0.0);
+            }
+            continue;
+        }
+        for r in 0..MR {
+            if r >= height {
+                steps.iter_mut().for_each(|step| step[r] = 0.0);
+                continue;
+            }
+            let base = (r0 + r) * a.row_stride + inner.start * a.col_stride;
+            let src = &a.data[base..];
+            if a.col_stride == 1 {
+                for (step, &v) in steps.iter_mut().zip(&src[..kc]) {
+                    step[r] = scale * v;
+                }
+            } else {
+                for (s, step) in steps.iter_mut().enumerate() {
+                    step[r] = scale * src[s * a.col_stride];
+                }
+            }
+        }
+    }
+}
+
+/// Packs `b[inner][cols]` as panels of `NR` columns, each stored inner step by inner step,
+/// zero-padded to whole panels.
+fn pack_b<const NR: usize>(pack: &mut [f32], b: &Mat, inner: Range<usize>, cols: Range<usize>) {
+    let kc = inner.len();
+    for (panel, dst) in pack.chunks_exact_mut(NR * kc).enumerate() {
+        let c0 = cols.start + panel * NR;
+        if c0 >= cols.end {
+            break;
+        }
+        let width = NR.min(cols.end - c0);
+        let (steps, _) = dst.as_chunks_mut::<NR>();
+        if b.row_stride == 1 && b.col_stride != 1 {
+            // A transposed view: each column is contiguous; read it whole.
+            for c in 0..NR {
+                if c >= width {
+                    steps.iter_mut().for_each(|step| step[c] = 0.0);
+                    continue;
+                }
+                let base = (c0 + c) * b.col_stride + inner.start;
+                for (step, &x) in steps.iter_mut().zip(&b.data[base..base + kc]) {
+                    step[c] = x;
+                }
+            }
+            continue;
+        }
+        for (s, step) in steps.iter_mut().enumerate() {
+            let base = (inner.start + s) * b.row_stride + c0 * b.col_stride;
+            if b.col_stride == 1 && width == NR {
+                step.copy_from_slice(&b.data[base..base + NR]);
+            } else {
+                for (c, v) in step.iter_mut().enumerate() {
+                    *v = if c < width {
+                        b.data[base + c * b.col_stride]
+                    } else {
+                        0.0
+                    };
+                }
+            }
+        }
+    }
+}
+
+/// The portable tile: 4 × 16 chains of `f32::mul_add`.
+///
+/// # Safety
+/// As [`TileFn`].
+unsafe fn tile_portable(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    const MR: usize = 4;
+    const NR: usize = 16;
+    let (a, b) = (
+        std::slice::from_raw_parts(a, kc * MR),
+        std::slice::from_raw_parts(b, kc * NR),
+    );
+    let mut acc = [[0.0f32; NR]; MR];
+    if load {
+        for (i, row) in acc.iter_mut().enumerate() {
+            row.copy_from_slice(std::slice::from_raw_parts(c.add(i * ldc), NR));
+        }
+    }
+    for (a_step, b_step) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
+        for (row, &ai) in acc.iter_mut().zip(a_step) {
+            for (acc, &bj) in row.iter_mut().zip(b_step) {
+                *acc = ai.mul_add(bj, *acc);
+            }
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        std::slice::from_raw_parts_mut(c.add(i * ldc), NR).copy_from_slice(row);
+    }
+}
+
+/// The AVX2 tile: 6 rows × 2 vectors of 8.
+///
+/// # Safety
+/// As [`TileFn`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2,fma")]
+unsafe fn tile_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, load: bool) {
+    use std::arch::x86_64::*;
+    const MR: usize = 6;
+    const NR: usize = 16;
+    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
+    if load {
+        for (i, row) in acc.iter_mut().enumerate() {
+            row[0] = _mm256_loadu_ps(c.add(i * ldc));
+            row[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+        }
+    }
+    for p in 0..kc {
+        let b0 = _mm256_loadu_ps(b.add(p * NR));
+        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm256_set1_ps(*a.add(p * MR + i));
+            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        _mm256_storeu_ps(c.add(i * ldc), row[0]);
+        _mm256_storeu_ps(c.add(i * ldc + 8), row[1]);
+    }
+}
+
+/// The AVX-512 tile: 8 rows × 2 vectors of 16.
+///
+/// # Safety
+/// As [`TileFn`].
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f")]
+unsafe fn tile_avx512(
+    kc: usize,
+    a: *const f32,
+    b: *const f32,
+    c: *mut f32,
+    ldc: usize,
+    load: bool,
+) {
+    use std::arch::x86_64::*;
+    const MR: usize = 8;
+    const NR: usize = 32;
+    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
+    if load {
+        for (i, row) in acc.iter_mut().enumerate() {
+            row[0] = _mm512_loadu_ps(c.add(i * ldc));
+            row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
+        }
+    }
+    for p in 0..kc {
+        let b0 = _mm512_loadu_ps(b.add(p * NR));
+        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
+        for (i, row) in acc.iter_mut().enumerate() {
+            let ai = _mm512_set1_ps(*a.add(p * MR + i));
+            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
+            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
+        }
+    }
+    for (i, row) in acc.iter().enumerate() {
+        _mm512_storeu_ps(c.add(i * ldc), row[0]);
+        _mm512_storeu_ps(c.add(i * ldc + 16), row[1]);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{matmul_with, rows, GemmKernel, Mat};
+
+    /// A small deterministic generator of values with full mantissas.
+    fn values(n: usize, seed: u64) -> Vec<f32> {
+        let mut s = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+        (0..n)
+            .map(|_| {
+                s ^= s << 13;
+                s ^= s >> 7;
+                s ^= s << 17;
+                ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
+            })
+            .collect()
+    }
+
+    /// The definition: one fused multiply-add chain per element, inner index in order.
+    fn reference(out: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+        for i in 0..a.rows {
+            for j in 0..b.cols {
+                let o = &mut out[i * b.cols + j];
+                let mut c = if accumulate { *o } else { 0.0 };
+                for p in 0..a.cols {
+                    c = (scale * a.at(i, p)).mul_add(b.at(p, j), c);
+                }
+                *o = c;
+            }
+        }
+    }
+
+    #[test]
+    fn every_kernel_gives_the_definitions_bits_at_every_shape_and_layout() {
+        let kernels = GemmKernel::available();
+        // Edges of every tile (4, 6, 8 rows; 16, 32 columns), the inner block (256) and the
+        // task blocks (96 × 256) crossed, with each operand row-major and transposed.
+        let shapes = [
+            (1, 1, 1),
+            (5, 7, 3),
+            (13, 33, 17),
+            (97, 40, 300),
+            (25, 257, 513),
+            (200, 31, 64),
+        ];
+        for &(m, n, k) in &shapes {
+            let (a_data, b_data) = (values(m * k, 1), values(k * n, 2));
+            let start = values(m * n, 3);
+            for (ta, tb) in [(false, false), (true, false), (false, true), (true, true)] {
+                let a = if ta {
+                    rows(&a_data, k, m).t()
+                } else {
+                    rows(&a_data, m, k)
+                };
+                let b = if tb {
+                    rows(&b_data, n, k).t()
+                } else {
+                    rows(&b_data, k, n)
+                };
+                for (accumulate, scale) in [(false, 1.0), (true, 1.0), (false, 0.176_776_7)] {
+                    let mut want = start.clone();
+                    reference(&mut want, accumulate, a, b, scale);
+                    for &kernel in &kernels {
+                        for parallel in [false, true] {
+                            let mut got = start.clone();
+                            matmul_with(kernel, &mut got, accumulate, a, b, scale, parallel);
+                            let same = got
+                                .iter()
+                                .zip(&want)
+                                .all(|(x, y)| x.to_bits() == y.to_bits());
+                            assert!(
+                                same,
+                                "{kernel:?} parallel={parallel} m={m} n={n} k={k} \
+                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}"
+                            );
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn the_result_does_not_depend_on_the_thread_count() {
+        let (m, n, k) = (300, 200, 600);
+        let (a, b) = (values(m * k, 4), values(k * n, 5));
+        let run = |threads: usize| {
+            let pool = rayon::ThreadPoolBuilder::new()
+                .num_threads(threads)
+                .build()
+                .unwrap();
+            let mut out = vec![0.0; m * n];
+            pool.install(|| {
+                matmul_with(
+                    GemmKernel::chosen(),
+                    &mut out,
+                    false,
+                    rows(&a, m, k),
+                    rows(&b, k, n),
+                    1.0,
+                    true,
+                )
+            });
+            out
+        };
+        let one = run(1);
+        for threads in [2, 3, 8] {
+            assert!(run(threads)
+                .iter()
+                .zip(&one)
+                .all(|(x, y)| x.to_bits() == y.to_bits()));
+        }
+    }
+
+    #[test]
+    fn an_empty_inner_dimension_zeroes_or_keeps_the_output() {
+        let (a, b) = (vec![], vec![]);
+        let mut out = vec![1.5; 6];
+        matmul_with(
+            GemmKernel::Portable,
+            &mut out,
+            true,
+            rows(&a, 2, 0),
+            rows(&b, 0, 3),
+            1.0,
+            true,
+        );
+        assert_eq!(out, vec![1.5; 6]);
+        matmul_with(
+            GemmKernel::Portable,
+            &mut out,
+            false,
+            rows(&a, 2, 0),
+            rows(&b, 0, 3),
+            1.0,
+            true,
+        );
+        assert_eq!(out, vec![0.0; 6]);
+    }
+}
