@@ -128,23 +128,19 @@ impl GemmKernel {
         *CHOSEN.get_or_init(|| {
             let available = Self::available();
             let best = *available.last().expect("portable is always available");
-            match std::env::var("APR_GEMM_KERNEL") {
-                Ok(name) => {
-                    match available.iter().find(|k| k.name() == name) {
-                        Some(&k) => k,
-                        None => {
-                            eprintln!(
-                            "warning: APR_GEMM_KERNEL={name} is not available here (have: {}); \
-                             using {}",
-                            available.iter().map(|k| k.name()).collect::<Vec<_>>().join(", "),
-                            best.name()
-                        );
-                            best
-                        }
-                    }
-                }
-                Err(_) => best,
+            let Ok(name) = std::env::var("APR_GEMM_KERNEL") else {
+                return best;
+            };
+            if let Some(&kernel) = available.iter().find(|k| k.name() == name) {
+                return kernel;
             }
+            let have: Vec<&str> = available.iter().map(|k| k.name()).collect();
+            eprintln!(
+                "warning: APR_GEMM_KERNEL={name} is not available here (have: {}); using {}",
+                have.join(", "),
+                best.name()
+            );
+            best
         })
     }
 }
