@@ -459,76 +459,62 @@ unsafe fn tile_portable(
     }
 }
 
-/// The AVX2 tile: 6 rows × 2 vectors of 8.
-///
-/// # Safety
-/// As [`TileFn`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2,fma")]
-unsafe fn tile_avx2(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, load: bool) {
-    use std::arch::x86_64::*;
-    const MR: usize = 6;
-    const NR: usize = 16;
-    let mut acc = [[_mm256_setzero_ps(); 2]; MR];
-    if load {
-        for (i, row) in acc.iter_mut().enumerate() {
-            row[0] = _mm256_loadu_ps(c.add(i * ldc));
-            row[1] = _mm256_loadu_ps(c.add(i * ldc + 8));
+/// An x86 tile of `$mr` rows × two vectors of `$lanes`, one fused multiply-add per accumulator
+/// and step: written once for both vector widths, with the width's intrinsics passed in.
+macro_rules! x86_tile {
+    ($(#[$doc:meta])* $name:ident, $features:literal, $mr:literal, $lanes:literal,
+     $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+        $(#[$doc])*
+        ///
+        /// # Safety
+        /// As [`TileFn`].
+        #[cfg(target_arch = "x86_64")]
+        #[target_feature(enable = $features)]
+        unsafe fn $name(
+            kc: usize,
+            a: *const f32,
+            b: *const f32,
+            c: *mut f32,
+            ldc: usize,
+            load: bool,
+        ) {
+            use std::arch::x86_64::*;
+            const MR: usize = $mr;
+            const NR: usize = 2 * $lanes;
+            let mut acc = [[$zero(); 2]; MR];
+            if load {
+                for (i, row) in acc.iter_mut().enumerate() {
+                    row[0] = $load(c.add(i * ldc));
+                    row[1] = $load(c.add(i * ldc + $lanes));
+                }
+            }
+            for p in 0..kc {
+                let b0 = $load(b.add(p * NR));
+                let b1 = $load(b.add(p * NR + $lanes));
+                for (i, row) in acc.iter_mut().enumerate() {
+                    let ai = $splat(*a.add(p * MR + i));
+                    row[0] = $fma(ai, b0, row[0]);
+                    row[1] = $fma(ai, b1, row[1]);
+                }
+            }
+            for (i, row) in acc.iter().enumerate() {
+                $store(c.add(i * ldc), row[0]);
+                $store(c.add(i * ldc + $lanes), row[1]);
+            }
         }
-    }
-    for p in 0..kc {
-        let b0 = _mm256_loadu_ps(b.add(p * NR));
-        let b1 = _mm256_loadu_ps(b.add(p * NR + 8));
-        for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm256_set1_ps(*a.add(p * MR + i));
-            row[0] = _mm256_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm256_fmadd_ps(ai, b1, row[1]);
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        _mm256_storeu_ps(c.add(i * ldc), row[0]);
-        _mm256_storeu_ps(c.add(i * ldc + 8), row[1]);
-    }
+    };
 }
 
-/// The AVX-512 tile: 8 rows × 2 vectors of 16.
-///
-/// # Safety
-/// As [`TileFn`].
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx512f")]
-unsafe fn tile_avx512(
-    kc: usize,
-    a: *const f32,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    load: bool,
-) {
-    use std::arch::x86_64::*;
-    const MR: usize = 8;
-    const NR: usize = 32;
-    let mut acc = [[_mm512_setzero_ps(); 2]; MR];
-    if load {
-        for (i, row) in acc.iter_mut().enumerate() {
-            row[0] = _mm512_loadu_ps(c.add(i * ldc));
-            row[1] = _mm512_loadu_ps(c.add(i * ldc + 16));
-        }
-    }
-    for p in 0..kc {
-        let b0 = _mm512_loadu_ps(b.add(p * NR));
-        let b1 = _mm512_loadu_ps(b.add(p * NR + 16));
-        for (i, row) in acc.iter_mut().enumerate() {
-            let ai = _mm512_set1_ps(*a.add(p * MR + i));
-            row[0] = _mm512_fmadd_ps(ai, b0, row[0]);
-            row[1] = _mm512_fmadd_ps(ai, b1, row[1]);
-        }
-    }
-    for (i, row) in acc.iter().enumerate() {
-        _mm512_storeu_ps(c.add(i * ldc), row[0]);
-        _mm512_storeu_ps(c.add(i * ldc + 16), row[1]);
-    }
-}
+x86_tile!(
+    /// The AVX2 tile: 6 rows × 2 vectors of 8.
+    tile_avx2, "avx2,fma", 6, 8,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps
+);
+x86_tile!(
+    /// The AVX-512 tile: 8 rows × 2 vectors of 16.
+    tile_avx512, "avx512f", 8, 16,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps
+);
 
 #[cfg(test)]
 mod tests {
