@@ -187,7 +187,9 @@ pub(super) fn attention_backward<B: FastOps>(
         let (kb, vb) = (rows::<B>(&k, 0..end), rows::<B>(&v, 0..end));
         let dv_part = B::fast_matmul(cast::<B>(p.clone(), dtype), dob.clone(), true, false);
         dv = add_rows::<B>(dv, f32::<B>(dv_part));
-        let dp = f32::<B>(B::fast_matmul(dob, vb, false, true));
+        // dP in f32, as the flash kernel keeps it: `dP − rowsum(dO ∘ O)` cancels (exactly, for a
+        // row that sees one key), and a dP rounded to bf16 left its rounding error in dS.
+        let dp = B::fast_matmul(f32::<B>(dob), f32::<B>(vb), false, true);
         let ds = B::float_mul(p, B::float_sub(dp, rows::<B>(&delta, range.clone())));
         let ds = cast::<B>(B::float_mul_scalar(ds, scale.into()), dtype);
         dqs.push(B::fast_matmul(ds.clone(), kb, false, false));
