@@ -333,6 +333,19 @@ struct Block {
     j1: usize,
 }
 
+/// The panels of `N` rows (or columns) covering `range`, each `kc` steps of `N` values in
+/// `pack`: (first index, how many are real, the steps).
+fn panels<const N: usize>(
+    pack: &mut [f32],
+    kc: usize,
+    range: Range<usize>,
+) -> impl Iterator<Item = (usize, usize, &mut [[f32; N]])> {
+    let end = range.end;
+    pack.chunks_exact_mut(N * kc)
+        .zip(range.step_by(N))
+        .map(move |(dst, start)| (start, N.min(end - start), dst.as_chunks_mut::<N>().0))
+}
+
 /// Packs `scale · a[rows][inner]` as panels of `MR` rows, each stored inner step by inner step
 /// (`MR` values a step), zero-padded to whole panels.
 fn pack_a<const MR: usize>(
@@ -343,13 +356,7 @@ fn pack_a<const MR: usize>(
     scale: f32,
 ) {
     let kc = inner.len();
-    for (panel, dst) in pack.chunks_exact_mut(MR * kc).enumerate() {
-        let r0 = rows.start + panel * MR;
-        if r0 >= rows.end {
-            break;
-        }
-        let height = MR.min(rows.end - r0);
-        let (steps, _) = dst.as_chunks_mut::<MR>();
+    for (r0, height, steps) in panels::<MR>(pack, kc, rows) {
         if a.row_stride == 1 {
             // A transposed view: each inner step's rows are contiguous.
             for (s, step) in steps.iter_mut().enumerate() {
@@ -385,13 +392,7 @@ fn pack_a<const MR: usize>(
 /// zero-padded to whole panels.
 fn pack_b<const NR: usize>(pack: &mut [f32], b: &Mat, inner: Range<usize>, cols: Range<usize>) {
     let kc = inner.len();
-    for (panel, dst) in pack.chunks_exact_mut(NR * kc).enumerate() {
-        let c0 = cols.start + panel * NR;
-        if c0 >= cols.end {
-            break;
-        }
-        let width = NR.min(cols.end - c0);
-        let (steps, _) = dst.as_chunks_mut::<NR>();
+    for (c0, width, steps) in panels::<NR>(pack, kc, cols) {
         if b.row_stride == 1 && b.col_stride != 1 {
             // A transposed view: each column is contiguous; read it whole.
             for c in 0..NR {
@@ -633,25 +634,10 @@ mod tests {
     fn an_empty_inner_dimension_zeroes_or_keeps_the_output() {
         let (a, b) = (vec![], vec![]);
         let mut out = vec![1.5; 6];
-        matmul_with(
-            GemmKernel::Portable,
-            &mut out,
-            true,
-            rows(&a, 2, 0),
-            rows(&b, 0, 3),
-            1.0,
-            true,
-        );
-        assert_eq!(out, vec![1.5; 6]);
-        matmul_with(
-            GemmKernel::Portable,
-            &mut out,
-            false,
-            rows(&a, 2, 0),
-            rows(&b, 0, 3),
-            1.0,
-            true,
-        );
-        assert_eq!(out, vec![0.0; 6]);
+        for (accumulate, want) in [(true, 1.5), (false, 0.0)] {
+            let (a, b) = (rows(&a, 2, 0), rows(&b, 0, 3));
+            matmul_with(GemmKernel::Portable, &mut out, accumulate, a, b, 1.0, true);
+            assert_eq!(out, vec![want; 6], "accumulate={accumulate}");
+        }
     }
 }
