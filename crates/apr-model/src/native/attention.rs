@@ -7,7 +7,7 @@ use std::ops::Range;
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, rows};
+use super::gemm::{matmul, matmul_packed, rows, PackedB};
 use super::kernels::{exp, softmax_in_place, split_rows};
 use crate::invariant::dot;
 
@@ -117,21 +117,32 @@ impl<'a> Unit<'a> {
         self.q.len() / self.hd
     }
 
-    /// Probabilities of query rows `i0..i1` over keys `0..i1` (`[i1 − i0, i1]`): softmax of the
-    /// scaled scores, from the row log-sum-exps when given, else computing them into `lse`.
-    fn probs(&self, i0: usize, i1: usize, lse: Result<&[f32], &mut [f32]>) -> Vec<f32> {
+    /// `kᵀ` or `vᵀ` packed once: every query block reads a prefix of its columns.
+    fn packed_t(&self, m: &[f32]) -> PackedB {
+        PackedB::new(rows(m, self.len(), self.hd).t())
+    }
+
+    /// A block's scratch rows, allocated once per unit: every element a product writes is
+    /// overwritten, so no block pays for zeroing its own.
+    fn scratch(&self) -> Vec<f32> {
+        vec![0.0; QUERY_BLOCK.min(self.len()) * self.len()]
+    }
+
+    /// Probabilities of query rows `i0..i1` over keys `0..i1` (`[i1 − i0, i1]`, into the front of
+    /// `scratch`): softmax of the scaled scores, from the row log-sum-exps when given, else
+    /// computing them into `lse`.
+    fn probs<'s>(
+        &self,
+        keys_t: &PackedB,
+        (i0, i1): (usize, usize),
+        lse: Result<&[f32], &mut [f32]>,
+        scratch: &'s mut [f32],
+    ) -> &'s mut [f32] {
         let hd = self.hd;
         let scale = 1.0 / (hd as f32).sqrt();
-        let mut p = vec![0.0; (i1 - i0) * i1];
+        let p = &mut scratch[..(i1 - i0) * i1];
         let queries = rows(&self.q[i0 * hd..i1 * hd], i1 - i0, hd);
-        matmul(
-            &mut p,
-            false,
-            queries,
-            rows(&self.k[..i1 * hd], i1, hd).t(),
-            scale,
-            false,
-        );
+        matmul_packed(p, false, queries, keys_t, i1, scale, false);
         let mut lse = lse;
         for (r, row) in p.chunks_mut(i1).enumerate() {
             let visible = i0 + r + 1;
@@ -152,14 +163,16 @@ impl<'a> Unit<'a> {
     /// `out = softmax(q kᵀ / √hd, causal) v` and the row log-sum-exps.
     fn forward(&self, out: &mut [f32], lse: &mut [f32]) {
         let (t, hd) = (self.len(), self.hd);
+        let keys_t = self.packed_t(self.k);
+        let mut scratch = self.scratch();
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
-            let p = self.probs(i0, i1, Err(&mut *lse));
+            let p = self.probs(&keys_t, (i0, i1), Err(&mut *lse), &mut scratch);
             let values = rows(&self.v[..i1 * hd], i1, hd);
             matmul(
                 &mut out[i0 * hd..i1 * hd],
                 false,
-                rows(&p, i1 - i0, i1),
+                rows(p, i1 - i0, i1),
                 values,
                 1.0,
                 false,
@@ -171,28 +184,23 @@ impl<'a> Unit<'a> {
     fn backward(&self, o: &[f32], d_o: &[f32], lse: &[f32], g: UnitGrads) {
         let (t, hd) = (self.len(), self.hd);
         let scale = 1.0 / (hd as f32).sqrt();
+        let (keys_t, values_t) = (self.packed_t(self.k), self.packed_t(self.v));
+        let (mut p_scratch, mut ds_scratch) = (self.scratch(), self.scratch());
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
             let b = i1 - i0;
-            let p = self.probs(i0, i1, Ok(lse));
+            let p = self.probs(&keys_t, (i0, i1), Ok(lse), &mut p_scratch);
             let d_out = rows(&d_o[i0 * hd..i1 * hd], b, hd);
             matmul(
                 &mut g.dv[..i1 * hd],
                 true,
-                rows(&p, b, i1).t(),
+                rows(p, b, i1).t(),
                 d_out,
                 1.0,
                 false,
             );
-            let mut ds = vec![0.0; b * i1];
-            matmul(
-                &mut ds,
-                false,
-                d_out,
-                rows(&self.v[..i1 * hd], i1, hd).t(),
-                1.0,
-                false,
-            );
+            let ds = &mut ds_scratch[..b * i1];
+            matmul_packed(ds, false, d_out, &values_t, i1, 1.0, false);
             for (r, (drow, prow)) in ds.chunks_mut(i1).zip(p.chunks(i1)).enumerate() {
                 let i = i0 + r;
                 let delta = dot(&d_o[i * hd..][..hd], &o[i * hd..][..hd]);
@@ -204,7 +212,7 @@ impl<'a> Unit<'a> {
             matmul(
                 &mut g.dq[i0 * hd..i1 * hd],
                 false,
-                rows(&ds, b, i1),
+                rows(ds, b, i1),
                 keys,
                 scale,
                 false,
@@ -213,7 +221,7 @@ impl<'a> Unit<'a> {
             matmul(
                 &mut g.dk[..i1 * hd],
                 true,
-                rows(&ds, b, i1).t(),
+                rows(ds, b, i1).t(),
                 queries,
                 scale,
                 false,

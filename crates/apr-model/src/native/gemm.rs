@@ -9,9 +9,12 @@
 //! detected and summed each block from zero, so its rounding, and with it a small model's whole
 //! training run, changed from one CPU to another.
 //!
-//! Layout is BLIS's: a block of `b` is packed into panels `NR` columns wide, a block of `a` into
-//! panels `MR` rows tall (scaled as it is packed), and a register tile of `MR × NR` chains runs
-//! over `KC` steps of the inner index before it is stored and the next block reloads it.
+//! Layout is BLIS's: a block of `b` is packed into panels `NR` columns wide (or packed once for
+//! many products, [`PackedB`]), and a register tile of `MR × NR` chains runs over `KC` steps of
+//! the inner index before it is stored and the next block reloads it. The tile reads `a` where it
+//! lies, any strides, broadcasting one element per row and step (scaling it in a register when
+//! `scale ≠ 1`); `a` is packed into panels `MR` rows tall (scaled as it is packed) only where that
+//! is cheaper (a scaled `a` against many column panels) or a panel is partial (zero-padded).
 
 use std::cell::RefCell;
 use std::ops::Range;
@@ -75,14 +78,31 @@ const NC: usize = 256;
 /// Tasks per thread wanted before blocks are made smaller (helps load balance).
 const TASKS_PER_THREAD: usize = 4;
 
-/// A register-tile kernel: `c[i·ldc + j] (MR × NR) ← fma chains over kc packed steps`, loading
-/// `c` first when `load`, else starting from zero.
+/// Where a tile reads its `MR` rows of `a`: element `(i, p)` at `ptr + i·row + p·step`, times
+/// `scale` when the tile is a scaling one.
+#[derive(Clone, Copy)]
+struct APanel {
+    ptr: *const f32,
+    row: usize,
+    step: usize,
+    scale: f32,
+}
+
+/// A register-tile kernel: `c[i·ldc + j] (MR × NR) ← fma chains over kc steps`, loading `c`
+/// first when `load`, else starting from zero. The scaling variant multiplies each element of
+/// `a` by `a.scale` before its chain uses it, as packing would have.
 ///
 /// # Safety
-/// `a` holds `kc · MR` floats, `b` holds `kc · NR`, and `c` points at an `MR × NR` tile with row
-/// stride `ldc`, writable and aliasing neither; the CPU has the kernel's features.
-type TileFn =
-    unsafe fn(kc: usize, a: *const f32, b: *const f32, c: *mut f32, ldc: usize, load: bool);
+/// `a` addresses `MR × kc` readable floats, `b` holds `kc · NR`, and `c` points at an `MR × NR`
+/// tile with row stride `ldc`, writable and aliasing neither; the CPU has the kernel's features.
+type TileFn = unsafe fn(kc: usize, a: APanel, b: *const f32, c: *mut f32, ldc: usize, load: bool);
+
+/// A kernel's two tiles: plain, and scaling `a` in registers.
+#[derive(Clone, Copy)]
+struct Tiles {
+    plain: TileFn,
+    scaled: TileFn,
+}
 
 /// Which register tile runs. Every one gives the same bits; they differ only in speed.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -109,6 +129,14 @@ impl GemmKernel {
             }
         }
         all
+    }
+
+    /// Columns of its register tile, the width [`PackedB`] packs for.
+    fn nr(self) -> usize {
+        match self {
+            GemmKernel::Portable | GemmKernel::Avx2 => 16,
+            GemmKernel::Avx512 => 32,
+        }
     }
 
     /// The name `APR_GEMM_KERNEL` takes.
@@ -169,36 +197,95 @@ pub(super) fn matmul_with(
     scale: f32,
     parallel: bool,
 ) {
-    let (m, k, n) = (a.rows, a.cols, b.cols);
-    assert!(
-        b.rows == k && out.len() == m * n && a.fits() && b.fits(),
-        "matmul shapes"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !accumulate {
-            out.fill(0.0);
-        }
-        return;
-    }
+    assert!(b.rows == a.cols && b.fits(), "matmul shapes");
     let problem = Problem {
-        out: SendPtr(out.as_mut_ptr()),
+        out,
         accumulate,
         a,
-        b,
+        b: BSource::View(b),
+        n: b.cols,
         scale,
     };
-    match kernel {
-        GemmKernel::Portable => problem.run::<4, 16>(tile_portable, parallel),
-        #[cfg(target_arch = "x86_64")]
-        GemmKernel::Avx2 => problem.run::<6, 16>(tile_avx2, parallel),
-        #[cfg(target_arch = "x86_64")]
-        GemmKernel::Avx512 => problem.run::<8, 32>(tile_avx512, parallel),
-        #[cfg(not(target_arch = "x86_64"))]
-        _ => unreachable!("only x86-64 lists the AVX kernels as available"),
+    problem.solve(kernel, parallel);
+}
+
+/// [`matmul`] against the first `cols` columns of a `b` packed beforehand: `out` is
+/// `a.rows × cols`. The same bits as [`matmul`] with the view `b` was packed from.
+pub(super) fn matmul_packed(
+    out: &mut [f32],
+    accumulate: bool,
+    a: Mat,
+    b: &PackedB,
+    cols: usize,
+    scale: f32,
+    parallel: bool,
+) {
+    assert!(b.rows == a.cols && cols <= b.cols, "matmul shapes");
+    let problem = Problem {
+        out,
+        accumulate,
+        a,
+        b: BSource::Packed(b),
+        n: cols,
+        scale,
+    };
+    problem.solve(b.kernel, parallel);
+}
+
+/// A `b` operand packed once for every product that reads it (attention's keys, which every
+/// block of queries reads a prefix of): each inner block's panels, `NR` columns wide for
+/// `kernel`, one after another.
+pub(super) struct PackedB {
+    kernel: GemmKernel,
+    data: Vec<f32>,
+    /// The inner dimension.
+    rows: usize,
+    cols: usize,
+}
+
+impl PackedB {
+    /// Packs `b` for the kernel [`matmul`] uses.
+    pub(super) fn new(b: Mat) -> Self {
+        Self::with(GemmKernel::chosen(), b)
     }
+
+    fn with(kernel: GemmKernel, b: Mat) -> Self {
+        assert!(b.fits(), "matmul shapes");
+        let nr = kernel.nr();
+        let panels = b.cols.div_ceil(nr);
+        let mut data = vec![0.0; panels * nr * b.rows];
+        for p0 in (0..b.rows).step_by(KC) {
+            let kc = KC.min(b.rows - p0);
+            let pack = &mut data[p0 * panels * nr..(p0 + kc) * panels * nr];
+            match nr {
+                16 => pack_b::<16>(pack, &b, p0..p0 + kc, 0..b.cols),
+                32 => pack_b::<32>(pack, &b, p0..p0 + kc, 0..b.cols),
+                _ => unreachable!("every kernel's NR is listed"),
+            }
+        }
+        PackedB {
+            kernel,
+            data,
+            rows: b.rows,
+            cols: b.cols,
+        }
+    }
+
+    /// The panels of the inner block `p0..p0 + kc`, from column panel `jp` on.
+    fn panels(&self, p0: usize, kc: usize, jp: usize) -> &[f32] {
+        let nr = self.kernel.nr();
+        let panels = self.cols.div_ceil(nr);
+        &self.data[p0 * panels * nr + jp * nr * kc..(p0 + kc) * panels * nr]
+    }
+}
+
+/// The `b` of a product.
+#[derive(Clone, Copy)]
+enum BSource<'a> {
+    /// Packed block by block as the product runs.
+    View(Mat<'a>),
+    /// Packed beforehand.
+    Packed(&'a PackedB),
 }
 
 #[derive(Clone, Copy)]
@@ -207,13 +294,26 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One product: `out` is the caller's `a.rows × b.cols` row-major slice, borrowed mutably for
-/// the whole call.
+/// One product, as the caller gave it.
 struct Problem<'a> {
+    out: &'a mut [f32],
+    accumulate: bool,
+    a: Mat<'a>,
+    b: BSource<'a>,
+    /// Columns of `out`.
+    n: usize,
+    scale: f32,
+}
+
+/// A product's blocks' shared view: `out` is the caller's `a.rows × n` row-major slice, borrowed
+/// mutably for the whole call.
+#[derive(Clone, Copy)]
+struct Blocks<'a> {
     out: SendPtr,
     accumulate: bool,
     a: Mat<'a>,
-    b: Mat<'a>,
+    b: BSource<'a>,
+    n: usize,
     scale: f32,
 }
 
@@ -223,10 +323,73 @@ thread_local! {
 }
 
 impl Problem<'_> {
+    /// Checks the shapes, handles the empty cases and runs the kernel's tiles.
+    fn solve(self, kernel: GemmKernel, parallel: bool) {
+        let (m, k, n) = (self.a.rows, self.a.cols, self.n);
+        assert!(self.out.len() == m * n && self.a.fits(), "matmul shapes");
+        if m == 0 || n == 0 {
+            return;
+        }
+        if k == 0 {
+            if !self.accumulate {
+                self.out.fill(0.0);
+            }
+            return;
+        }
+        let blocks = Blocks {
+            out: SendPtr(self.out.as_mut_ptr()),
+            accumulate: self.accumulate,
+            a: self.a,
+            b: self.b,
+            n,
+            scale: self.scale,
+        };
+        match kernel {
+            GemmKernel::Portable => blocks.run::<4, 16>(
+                kernel,
+                Tiles {
+                    plain: tile_portable::<false>,
+                    scaled: tile_portable::<true>,
+                },
+                parallel,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx2 => blocks.run::<6, 16>(
+                kernel,
+                Tiles {
+                    plain: tile_avx2::<false>,
+                    scaled: tile_avx2::<true>,
+                },
+                parallel,
+            ),
+            #[cfg(target_arch = "x86_64")]
+            GemmKernel::Avx512 => blocks.run::<8, 32>(
+                kernel,
+                Tiles {
+                    plain: tile_avx512::<false>,
+                    scaled: tile_avx512::<true>,
+                },
+                parallel,
+            ),
+            #[cfg(not(target_arch = "x86_64"))]
+            _ => unreachable!("only x86-64 lists the AVX kernels as available"),
+        }
+    }
+}
+
+impl Blocks<'_> {
     /// Splits the output into blocks, in parallel when asked, and runs each with `MR × NR`
     /// tiles.
-    fn run<const MR: usize, const NR: usize>(&self, tile: TileFn, parallel: bool) {
-        let (m, n) = (self.a.rows, self.b.cols);
+    fn run<const MR: usize, const NR: usize>(
+        &self,
+        kernel: GemmKernel,
+        tiles: Tiles,
+        parallel: bool,
+    ) {
+        let (m, n) = (self.a.rows, self.n);
+        if let BSource::Packed(b) = self.b {
+            assert_eq!(b.kernel.nr(), NR, "packed for another kernel");
+        }
         let threads = if parallel {
             rayon::current_num_threads()
         } else {
@@ -253,12 +416,25 @@ impl Problem<'_> {
                 })
             })
             .collect();
+        // Every row block would pack the same columns of `b` again (a transposed weight is a
+        // strided gather): pack it once for all of them.
+        let packed;
+        let this = match self.b {
+            BSource::View(b) if m > mc => {
+                packed = PackedB::with(kernel, b);
+                Blocks {
+                    b: BSource::Packed(&packed),
+                    ..*self
+                }
+            }
+            _ => *self,
+        };
         let run = |block: &Block| {
             PACKS.with(|packs| match packs.try_borrow_mut() {
                 // SAFETY: the blocks partition the output, so no two tasks write the same
                 // element.
-                Ok(mut packs) => unsafe { self.block::<MR, NR>(*block, tile, &mut packs) },
-                Err(_) => unsafe { self.block::<MR, NR>(*block, tile, &mut Default::default()) },
+                Ok(mut packs) => unsafe { this.block::<MR, NR>(*block, tiles, &mut packs) },
+                Err(_) => unsafe { this.block::<MR, NR>(*block, tiles, &mut Default::default()) },
             })
         };
         if threads > 1 && blocks.len() > 1 {
@@ -275,12 +451,15 @@ impl Problem<'_> {
     unsafe fn block<const MR: usize, const NR: usize>(
         &self,
         block: Block,
-        tile: TileFn,
+        tiles: Tiles,
         [a_pack, b_pack, edge]: &mut [Vec<f32>; 3],
     ) {
-        let (k, ldc) = (self.a.cols, self.b.cols);
+        let (a, k, ldc) = (&self.a, self.a.cols, self.n);
         let (rows, cols) = (block.i1 - block.i0, block.j1 - block.j0);
         let (row_panels, col_panels) = (rows.div_ceil(MR), cols.div_ceil(NR));
+        // Scaling `a` in the tile costs a multiply per element and column panel; packing it,
+        // about one move per element: pack when there are several column panels to share it.
+        let pack_all = self.scale != 1.0 && self.n > NR;
         let grow = |v: &mut Vec<f32>, len: usize| {
             if v.len() < len {
                 v.resize(len, 0.0);
@@ -291,18 +470,50 @@ impl Problem<'_> {
         grow(edge, MR * NR);
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            pack_a::<MR>(a_pack, &self.a, block.i0..block.i1, p0..p0 + kc, self.scale);
-            pack_b::<NR>(b_pack, &self.b, p0..p0 + kc, block.j0..block.j1);
+            // Partial row panels are packed (zero-padded) whatever the rest does.
+            let first_packed = if pack_all { 0 } else { rows / MR };
+            let packed_rows = block.i0 + first_packed * MR..block.i1;
+            pack_a::<MR>(a_pack, a, packed_rows, p0..p0 + kc, self.scale);
+            let b_panels: &[f32] = match self.b {
+                BSource::View(b) => {
+                    pack_b::<NR>(b_pack, &b, p0..p0 + kc, block.j0..block.j1);
+                    b_pack
+                }
+                BSource::Packed(b) => b.panels(p0, kc, block.j0 / NR),
+            };
             let load = self.accumulate || p0 > 0;
             for jp in 0..col_panels {
-                let b_panel = b_pack[jp * NR * kc..].as_ptr();
+                let b_panel = b_panels[jp * NR * kc..].as_ptr();
                 let (j, width) = (block.j0 + jp * NR, NR.min(cols - jp * NR));
                 for ip in 0..row_panels {
-                    let a_panel = a_pack[ip * MR * kc..].as_ptr();
                     let (i, height) = (block.i0 + ip * MR, MR.min(rows - ip * MR));
+                    let (panel, tile) = if ip >= first_packed {
+                        let packed = APanel {
+                            ptr: a_pack[(ip - first_packed) * MR * kc..].as_ptr(),
+                            row: 1,
+                            step: MR,
+                            scale: 1.0,
+                        };
+                        (packed, tiles.plain)
+                    } else {
+                        let direct = APanel {
+                            ptr: a.data[i * a.row_stride + p0 * a.col_stride..].as_ptr(),
+                            row: a.row_stride,
+                            step: a.col_stride,
+                            scale: self.scale,
+                        };
+                        (
+                            direct,
+                            if self.scale == 1.0 {
+                                tiles.plain
+                            } else {
+                                tiles.scaled
+                            },
+                        )
+                    };
                     let c = self.out.0.add(i * ldc + j);
                     if height == MR && width == NR {
-                        tile(kc, a_panel, b_panel, c, ldc, load);
+                        tile(kc, panel, b_panel, c, ldc, load);
                         continue;
                     }
                     // A partial tile runs on a full scratch tile; the padding's chains are
@@ -312,7 +523,7 @@ impl Problem<'_> {
                             *e = if load { *c.add(r * ldc + q) } else { 0.0 };
                         }
                     }
-                    tile(kc, a_panel, b_panel, edge.as_mut_ptr(), NR, load);
+                    tile(kc, panel, b_panel, edge.as_mut_ptr(), NR, load);
                     for r in 0..height {
                         for (q, e) in edge[r * NR..r * NR + width].iter().enumerate() {
                             *c.add(r * ldc + q) = *e;
@@ -428,9 +639,9 @@ fn pack_b<const NR: usize>(pack: &mut [f32], b: &Mat, inner: Range<usize>, cols:
 ///
 /// # Safety
 /// As [`TileFn`].
-unsafe fn tile_portable(
+unsafe fn tile_portable<const SCALED: bool>(
     kc: usize,
-    a: *const f32,
+    a: APanel,
     b: *const f32,
     c: *mut f32,
     ldc: usize,
@@ -438,18 +649,19 @@ unsafe fn tile_portable(
 ) {
     const MR: usize = 4;
     const NR: usize = 16;
-    let (a, b) = (
-        std::slice::from_raw_parts(a, kc * MR),
-        std::slice::from_raw_parts(b, kc * NR),
-    );
+    let b = std::slice::from_raw_parts(b, kc * NR);
     let mut acc = [[0.0f32; NR]; MR];
     if load {
         for (i, row) in acc.iter_mut().enumerate() {
             row.copy_from_slice(std::slice::from_raw_parts(c.add(i * ldc), NR));
         }
     }
-    for (a_step, b_step) in a.chunks_exact(MR).zip(b.chunks_exact(NR)) {
-        for (row, &ai) in acc.iter_mut().zip(a_step) {
+    for (p, b_step) in b.chunks_exact(NR).enumerate() {
+        for (i, row) in acc.iter_mut().enumerate() {
+            let mut ai = *a.ptr.add(i * a.row + p * a.step);
+            if SCALED {
+                ai *= a.scale;
+            }
             for (acc, &bj) in row.iter_mut().zip(b_step) {
                 *acc = ai.mul_add(bj, *acc);
             }
@@ -464,16 +676,16 @@ unsafe fn tile_portable(
 /// and step: written once for both vector widths, with the width's intrinsics passed in.
 macro_rules! x86_tile {
     ($(#[$doc:meta])* $name:ident, $features:literal, $mr:literal, $lanes:literal,
-     $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
+     $zero:ident, $load:ident, $store:ident, $splat:ident, $mul:ident, $fma:ident) => {
         $(#[$doc])*
         ///
         /// # Safety
         /// As [`TileFn`].
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name(
+        unsafe fn $name<const SCALED: bool>(
             kc: usize,
-            a: *const f32,
+            a: APanel,
             b: *const f32,
             c: *mut f32,
             ldc: usize,
@@ -489,11 +701,17 @@ macro_rules! x86_tile {
                     row[1] = $load(c.add(i * ldc + $lanes));
                 }
             }
+            let scale = $splat(a.scale);
+            let a_rows: [*const f32; MR] = std::array::from_fn(|i| a.ptr.add(i * a.row));
             for p in 0..kc {
                 let b0 = $load(b.add(p * NR));
                 let b1 = $load(b.add(p * NR + $lanes));
-                for (i, row) in acc.iter_mut().enumerate() {
-                    let ai = $splat(*a.add(p * MR + i));
+                let at = p * a.step;
+                for (row, a_row) in acc.iter_mut().zip(a_rows) {
+                    let mut ai = $splat(*a_row.add(at));
+                    if SCALED {
+                        ai = $mul(ai, scale);
+                    }
                     row[0] = $fma(ai, b0, row[0]);
                     row[1] = $fma(ai, b1, row[1]);
                 }
@@ -509,17 +727,19 @@ macro_rules! x86_tile {
 x86_tile!(
     /// The AVX2 tile: 6 rows × 2 vectors of 8.
     tile_avx2, "avx2,fma", 6, 8,
-    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_fmadd_ps
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_mul_ps,
+    _mm256_fmadd_ps
 );
 x86_tile!(
     /// The AVX-512 tile: 8 rows × 2 vectors of 16.
     tile_avx512, "avx512f", 8, 16,
-    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_fmadd_ps
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_mul_ps,
+    _mm512_fmadd_ps
 );
 
 #[cfg(test)]
 mod tests {
-    use super::{matmul_with, rows, GemmKernel, Mat};
+    use super::{matmul_packed, matmul_with, rows, GemmKernel, Mat, PackedB};
 
     /// A small deterministic generator of values with full mantissas.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -532,6 +752,10 @@ mod tests {
                 ((s >> 40) as f32 / (1u64 << 24) as f32 - 0.5) * 3.0
             })
             .collect()
+    }
+
+    fn same_bits(x: &[f32], y: &[f32]) -> bool {
+        x.len() == y.len() && x.iter().zip(y).all(|(x, y)| x.to_bits() == y.to_bits())
     }
 
     /// The definition: one fused multiply-add chain per element, inner index in order.
@@ -582,13 +806,22 @@ mod tests {
                         for parallel in [false, true] {
                             let mut got = start.clone();
                             matmul_with(kernel, &mut got, accumulate, a, b, scale, parallel);
-                            let same = got
-                                .iter()
-                                .zip(&want)
-                                .all(|(x, y)| x.to_bits() == y.to_bits());
                             assert!(
-                                same,
+                                same_bits(&got, &want),
                                 "{kernel:?} parallel={parallel} m={m} n={n} k={k} \
+                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}"
+                            );
+                        }
+                        // Packed once, then read whole or by a prefix of its columns.
+                        let packed = PackedB::with(kernel, b);
+                        for cols in [n, n.div_ceil(2), 1] {
+                            let mut want = start[..m * cols].to_vec();
+                            reference(&mut want, accumulate, a, Mat { cols, ..b }, scale);
+                            let mut got = start[..m * cols].to_vec();
+                            matmul_packed(&mut got, accumulate, a, &packed, cols, scale, true);
+                            assert!(
+                                same_bits(&got, &want),
+                                "{kernel:?} packed, {cols} of {n} columns: m={m} k={k} \
                                  transposed=({ta},{tb}) accumulate={accumulate} scale={scale}"
                             );
                         }
@@ -623,10 +856,7 @@ mod tests {
         };
         let one = run(1);
         for threads in [2, 3, 8] {
-            assert!(run(threads)
-                .iter()
-                .zip(&one)
-                .all(|(x, y)| x.to_bits() == y.to_bits()));
+            assert!(same_bits(&run(threads), &one));
         }
     }
 
