@@ -263,30 +263,74 @@ pub fn attend(
     heads: usize,
     softmax: impl Fn(&mut [f32]) + Sync,
 ) {
-    let hd = d / heads;
-    let scale = 1.0 / (hd as f32).sqrt();
     out.par_chunks_mut(d)
         .zip(q.par_chunks(d))
         .enumerate()
         .for_each(|(i, (o, qi))| {
-            let visible = start + i + 1;
-            let mut scores = vec![0.0f32; visible];
-            for h in 0..heads {
-                let span = h * hd..(h + 1) * hd;
-                let qh = &qi[span.clone()];
-                for (j, s) in scores.iter_mut().enumerate() {
-                    *s = dot(qh, &keys[j * d..][span.clone()]) * scale;
-                }
-                softmax(&mut scores);
-                let oh = &mut o[span.clone()];
-                oh.fill(0.0);
-                for (j, &p) in scores.iter().enumerate() {
-                    for (dst, &v) in oh.iter_mut().zip(&values[j * d..][span.clone()]) {
-                        *dst += p * v;
-                    }
-                }
+            let cache = Cache {
+                keys,
+                values,
+                visible: start + i + 1,
+                d,
+                heads,
+            };
+            #[cfg(target_arch = "x86_64")]
+            if std::arch::is_x86_feature_detected!("avx2") {
+                // SAFETY: the CPU has AVX2, the only feature `attend_row_avx2` is compiled for.
+                return unsafe { attend_row_avx2(o, qi, &cache, &softmax) };
             }
+            attend_row(o, qi, &cache, &softmax);
         });
+}
+
+/// The keys and values one query row attends over: the first `visible` rows of the cache.
+struct Cache<'a> {
+    keys: &'a [f32],
+    values: &'a [f32],
+    visible: usize,
+    d: usize,
+    heads: usize,
+}
+
+/// One query row of [`attend`]. Every head's scores come from one pass over the keys, and every
+/// head's output from one pass over the values (each cached row is read once, not once a head);
+/// each score and each output element is still summed in its fixed order.
+#[inline(always)]
+fn attend_row(o: &mut [f32], qi: &[f32], c: &Cache, softmax: &impl Fn(&mut [f32])) {
+    let (d, visible) = (c.d, c.visible);
+    let hd = d / c.heads;
+    let scale = 1.0 / (hd as f32).sqrt();
+    // Head-major: head h's scores are `scores[h · visible..][..visible]`.
+    let mut scores = vec![0.0f32; c.heads * visible];
+    for (j, key) in c.keys[..visible * d].chunks_exact(d).enumerate() {
+        for (h, (qh, kh)) in qi.chunks_exact(hd).zip(key.chunks_exact(hd)).enumerate() {
+            scores[h * visible + j] = dot(qh, kh) * scale;
+        }
+    }
+    for head in scores.chunks_exact_mut(visible) {
+        softmax(head);
+    }
+    o.fill(0.0);
+    for (j, value) in c.values[..visible * d].chunks_exact(d).enumerate() {
+        for (h, (oh, vh)) in o
+            .chunks_exact_mut(hd)
+            .zip(value.chunks_exact(hd))
+            .enumerate()
+        {
+            let p = scores[h * visible + j];
+            for (dst, &v) in oh.iter_mut().zip(vh) {
+                *dst += p * v;
+            }
+        }
+    }
+}
+
+/// [`attend_row`] compiled with AVX2: the same operations in the same order, eight lanes at a
+/// time (multiplies and adds stay separate, so the bits are the portable build's).
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx2")]
+unsafe fn attend_row_avx2(o: &mut [f32], qi: &[f32], c: &Cache, softmax: &impl Fn(&mut [f32])) {
+    attend_row(o, qi, c, softmax)
 }
 
 #[cfg(test)]
@@ -381,6 +425,40 @@ mod tests {
             let mut tail = vec![0.0; (len - split) * d];
             attend(&mut tail, &q[split * d..], &k, &v, split, d, heads, softmax);
             assert_eq!(&whole[split * d..], &tail[..], "prefix of {split}");
+        }
+    }
+
+    /// The AVX2 build of a row must give the portable build's bits, so that a CPU without AVX2
+    /// evaluates (and samples GRPO's rollouts) exactly as one with it.
+    #[cfg(target_arch = "x86_64")]
+    #[test]
+    fn an_attention_row_has_the_same_bits_with_and_without_avx2() {
+        if !std::arch::is_x86_feature_detected!("avx2") {
+            eprintln!("this CPU has no AVX2: only the portable row exists here");
+            return;
+        }
+        // A head width that is not a multiple of the eight lanes, and one that is.
+        for (d, heads, visible) in [(24, 2, 37), (128, 4, 300)] {
+            let (q, k, v) = (data(d, 7), data(visible * d, 8), data(visible * d, 9));
+            let cache = Cache {
+                keys: &k,
+                values: &v,
+                visible,
+                d,
+                heads,
+            };
+            let softmax = |row: &mut [f32]| {
+                let max = row.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+                row.iter_mut().for_each(|z| *z = (*z - max).exp());
+                let sum: f32 = row.iter().sum();
+                row.iter_mut().for_each(|z| *z /= sum);
+            };
+            let (mut portable, mut avx2) = (vec![0.0; d], vec![0.0; d]);
+            attend_row(&mut portable, &q, &cache, &softmax);
+            // SAFETY: the CPU has AVX2 (checked above).
+            unsafe { attend_row_avx2(&mut avx2, &q, &cache, &softmax) };
+            let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
+            assert_eq!(bits(&portable), bits(&avx2), "d {d}, {heads} heads");
         }
     }
 }

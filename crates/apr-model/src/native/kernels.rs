@@ -121,6 +121,7 @@ pub(super) fn reduce_lanes(
 }
 
 /// The largest element (`−∞` for none; NaN elements are skipped, as by `f32::max`).
+#[inline(always)]
 pub(super) fn max_of(xs: &[f32]) -> f32 {
     reduce_lanes(xs, f32::NEG_INFINITY, |x| x, f32::max)
 }
@@ -130,7 +131,9 @@ pub(super) fn sum_exp_shifted(xs: &[f32], shift: f32) -> f32 {
     reduce_lanes(xs, 0.0, |z| exp(z - shift), |a, b| a + b)
 }
 
-/// In place, the softmax of `row`; returns its log-sum-exp.
+/// In place, the softmax of `row`; returns its log-sum-exp. (Inlined, so that a caller compiled
+/// for wider vectors runs it with them.)
+#[inline(always)]
 pub(super) fn softmax_in_place(row: &mut [f32]) -> f32 {
     let max = max_of(row);
     for z in row.iter_mut() {
