@@ -1,10 +1,10 @@
 #!/usr/bin/env python3
 """Copies a finished `apr pipeline` run's three models into models/ with their cards.
 
-    python3 scripts/ship_models.py RUN_DIR PRESET SEED
+    python3 scripts/ship_models.py RUN_DIR PRESET SEED [COMMIT]
 
 RUN_DIR is the pipeline's output (runs/quick for `apr pipeline`), PRESET and SEED what it was
-run with. Each model gets model.safetensors, config.json, tokenizer.json and apr.json (no
+run with, COMMIT the commit of the `apr` binary that ran it (written on each card). Each model gets model.safetensors, config.json, tokenizer.json and apr.json (no
 optimizer state), a card.json the pipeline and the regression test read, and a README.md.
 Everything on a card is read from the run's own files.
 """
@@ -36,7 +36,7 @@ def greedy_first(records_path, n):
     return sum(r["correct"] for r in first) / n
 
 
-def main(run, preset, seed):
+def main(run, preset, seed, commit=None):
     run = Path(run)
     summary = load(run / "summary.json")
     timings = load(run / "timings.json")
@@ -89,6 +89,7 @@ def main(run, preset, seed):
             "context": 1024,
             "data": data_info,
             "command": command,
+            "commit": commit,
             "checkpoint": f"RUN_DIR/{ckpt}",
             "training_tokens": tokens,
             "wall_clock_s": round(seconds),
@@ -114,7 +115,9 @@ def main(run, preset, seed):
             f"# {name}\n\n{what}. `small` Llama (d 128, 4 layers, number tokens), "
             f"{data_info['numbers']}-number Countdown with targets up to {data_info['max_target']}.\n\n"
             f"- Reproduce: `{command}` (2-core CPU), then `{ckpt}` of its output directory "
-            f"(`scripts/ship_models.py` copies it here).\n"
+            f"(`scripts/ship_models.py` copies it here)"
+            + (f"; trained by the code of commit `{commit}`" if commit else "")
+            + ".\n"
             f"- Data: {data_info['train_problems']} training / {data_info['val_problems']} held-out "
             f"problems drawn from seed {seed} (`train_val_split`), solver traces from the same seed.\n"
             f"- Training tokens: {tokens:,}; wall clock of its training stages: {seconds:.0f} s "
@@ -130,6 +133,6 @@ def main(run, preset, seed):
 
 
 if __name__ == "__main__":
-    if len(sys.argv) != 4:
+    if len(sys.argv) not in (4, 5):
         sys.exit(__doc__)
-    main(sys.argv[1], sys.argv[2], int(sys.argv[3]))
+    main(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4] if len(sys.argv) == 5 else None)
