@@ -344,33 +344,21 @@ impl Problem<'_> {
             n,
             scale: self.scale,
         };
+        // A kernel's plain and scaling tiles.
+        macro_rules! tiles {
+            ($tile:ident) => {
+                Tiles {
+                    plain: $tile::<false>,
+                    scaled: $tile::<true>,
+                }
+            };
+        }
         match kernel {
-            GemmKernel::Portable => blocks.run::<4, 16>(
-                kernel,
-                Tiles {
-                    plain: tile_portable::<false>,
-                    scaled: tile_portable::<true>,
-                },
-                parallel,
-            ),
+            GemmKernel::Portable => blocks.run::<4, 16>(kernel, tiles!(tile_portable), parallel),
             #[cfg(target_arch = "x86_64")]
-            GemmKernel::Avx2 => blocks.run::<6, 16>(
-                kernel,
-                Tiles {
-                    plain: tile_avx2::<false>,
-                    scaled: tile_avx2::<true>,
-                },
-                parallel,
-            ),
+            GemmKernel::Avx2 => blocks.run::<6, 16>(kernel, tiles!(tile_avx2), parallel),
             #[cfg(target_arch = "x86_64")]
-            GemmKernel::Avx512 => blocks.run::<8, 32>(
-                kernel,
-                Tiles {
-                    plain: tile_avx512::<false>,
-                    scaled: tile_avx512::<true>,
-                },
-                parallel,
-            ),
+            GemmKernel::Avx512 => blocks.run::<8, 32>(kernel, tiles!(tile_avx512), parallel),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only x86-64 lists the AVX kernels as available"),
         }
