@@ -90,10 +90,10 @@ fn init_generate_export_train_eval() {
 }
 
 /// The native learner's matrix products are one fused multiply-add chain per element, so the
-/// portable kernel and the AVX ones give the same weights: what makes a training run the same
-/// on every CPU. Each available kernel trains two steps; the weights must match to the byte.
+/// portable build and the AVX ones give the same weights: what makes a training run the same
+/// on every CPU. Each available extension (`APR_SIMD`) trains two steps; the weights must match to the byte.
 #[test]
-fn training_gives_the_same_weights_with_every_gemm_kernel() {
+fn training_gives_the_same_weights_with_every_vector_extension() {
     let dir = tempfile::tempdir().unwrap();
     let (_, traces) = common::problems_and_traces(dir.path(), 12, "apr");
     let cfg = dir.path().join("cfg.json");
@@ -105,12 +105,12 @@ fn training_gives_the_same_weights_with_every_gemm_kernel() {
             .args(["train", "sft", "--data", s(&traces), "--config", s(&cfg)])
             .args(["--steps", "2", "--batch-tokens", "2048", "--context", "512"])
             .args(["--learner", "native", "--out", s(&run)])
-            .env("APR_GEMM_KERNEL", kernel)
+            .env("APR_SIMD", kernel)
             .output()
             .unwrap();
         ok(&out);
-        // A kernel this CPU lacks falls back to the default, with a warning; that run is then
-        // not a separate kernel.
+        // An extension this CPU lacks falls back to the default, with a warning; that run is then
+        // not a separate one.
         if !String::from_utf8_lossy(&out.stderr).contains("is not available here") {
             let weights = std::fs::read(run.join("checkpoint/model.safetensors")).unwrap();
             runs.push((kernel, weights));
@@ -118,7 +118,7 @@ fn training_gives_the_same_weights_with_every_gemm_kernel() {
     }
     assert!(
         runs.len() >= 2,
-        "the portable kernel and at least the default ran"
+        "the portable build and at least the default ran"
     );
     let (first, weights) = &runs[0];
     for (kernel, other) in &runs[1..] {

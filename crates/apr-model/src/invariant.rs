@@ -13,6 +13,8 @@
 
 use rayon::prelude::*;
 
+use crate::simd::{multiversion, Isa, Simd};
+
 /// Partial sums per dot product.
 pub const LANES: usize = 8;
 /// Rows of `x` that share each load of a weight row.
@@ -178,7 +180,7 @@ fn block(out: &mut [f32], stride: usize, accumulate: bool, x: &[f32], w: &[f32],
     }
 }
 
-/// [`block`], in the AVX2 build when the CPU has it (same bits: no fused multiply-adds).
+/// [`block`], in the AVX2 build when [`Simd::chosen`] has it (same bits: no fused multiply-adds).
 fn block_dispatch(
     out: &mut [f32],
     stride: usize,
@@ -188,8 +190,8 @@ fn block_dispatch(
     in_dim: usize,
 ) {
     #[cfg(target_arch = "x86_64")]
-    if std::arch::is_x86_feature_detected!("avx2") {
-        // SAFETY: the CPU has AVX2, the only feature `block_avx2` is compiled for.
+    if Simd::chosen().isa() >= Isa::Avx2 {
+        // SAFETY: a `Simd` names only extensions this CPU has; AVX2 is the one `block_avx2` needs.
         return unsafe { block_avx2(out, stride, accumulate, x, w, in_dim) };
     }
     block(out, stride, accumulate, x, w, in_dim)
@@ -263,6 +265,7 @@ pub fn attend(
     heads: usize,
     softmax: impl Fn(&mut [f32]) + Sync,
 ) {
+    let simd = Simd::chosen();
     out.par_chunks_mut(d)
         .zip(q.par_chunks(d))
         .enumerate()
@@ -274,12 +277,7 @@ pub fn attend(
                 d,
                 heads,
             };
-            #[cfg(target_arch = "x86_64")]
-            if std::arch::is_x86_feature_detected!("avx2") {
-                // SAFETY: the CPU has AVX2, the only feature `attend_row_avx2` is compiled for.
-                return unsafe { attend_row_avx2(o, qi, &cache, &softmax) };
-            }
-            attend_row(o, qi, &cache, &softmax);
+            attend_row(simd, o, qi, &cache, &softmax);
         });
 }
 
@@ -292,45 +290,38 @@ struct Cache<'a> {
     heads: usize,
 }
 
-/// One query row of [`attend`]. Every head's scores come from one pass over the keys, and every
-/// head's output from one pass over the values (each cached row is read once, not once a head);
-/// each score and each output element is still summed in its fixed order.
-#[inline(always)]
-fn attend_row(o: &mut [f32], qi: &[f32], c: &Cache, softmax: &impl Fn(&mut [f32])) {
-    let (d, visible) = (c.d, c.visible);
-    let hd = d / c.heads;
-    let scale = 1.0 / (hd as f32).sqrt();
-    // Head-major: head h's scores are `scores[h · visible..][..visible]`.
-    let mut scores = vec![0.0f32; c.heads * visible];
-    for (j, key) in c.keys[..visible * d].chunks_exact(d).enumerate() {
-        for (h, (qh, kh)) in qi.chunks_exact(hd).zip(key.chunks_exact(hd)).enumerate() {
-            scores[h * visible + j] = dot(qh, kh) * scale;
+multiversion! {
+    /// One query row of [`attend`]. Every head's scores come from one pass over the keys, and every
+    /// head's output from one pass over the values (each cached row is read once, not once a head);
+    /// each score and each output element is still summed in its fixed order.
+    fn attend_row(simd, o: &mut [f32], qi: &[f32], c: &Cache, softmax: &impl Fn(&mut [f32])) {
+        let (d, visible) = (c.d, c.visible);
+        let hd = d / c.heads;
+        let scale = 1.0 / (hd as f32).sqrt();
+        // Head-major: head h's scores are `scores[h · visible..][..visible]`.
+        let mut scores = vec![0.0f32; c.heads * visible];
+        for (j, key) in c.keys[..visible * d].chunks_exact(d).enumerate() {
+            for (h, (qh, kh)) in qi.chunks_exact(hd).zip(key.chunks_exact(hd)).enumerate() {
+                scores[h * visible + j] = dot(qh, kh) * scale;
+            }
         }
-    }
-    for head in scores.chunks_exact_mut(visible) {
-        softmax(head);
-    }
-    o.fill(0.0);
-    for (j, value) in c.values[..visible * d].chunks_exact(d).enumerate() {
-        for (h, (oh, vh)) in o
-            .chunks_exact_mut(hd)
-            .zip(value.chunks_exact(hd))
-            .enumerate()
-        {
-            let p = scores[h * visible + j];
-            for (dst, &v) in oh.iter_mut().zip(vh) {
-                *dst += p * v;
+        for head in scores.chunks_exact_mut(visible) {
+            softmax(head);
+        }
+        o.fill(0.0);
+        for (j, value) in c.values[..visible * d].chunks_exact(d).enumerate() {
+            for (h, (oh, vh)) in o
+                .chunks_exact_mut(hd)
+                .zip(value.chunks_exact(hd))
+                .enumerate()
+            {
+                let p = scores[h * visible + j];
+                for (dst, &v) in oh.iter_mut().zip(vh) {
+                    *dst += p * v;
+                }
             }
         }
     }
-}
-
-/// [`attend_row`] compiled with AVX2: the same operations in the same order, eight lanes at a
-/// time (multiplies and adds stay separate, so the bits are the portable build's).
-#[cfg(target_arch = "x86_64")]
-#[target_feature(enable = "avx2")]
-unsafe fn attend_row_avx2(o: &mut [f32], qi: &[f32], c: &Cache, softmax: &impl Fn(&mut [f32])) {
-    attend_row(o, qi, c, softmax)
 }
 
 #[cfg(test)]
@@ -428,15 +419,10 @@ mod tests {
         }
     }
 
-    /// The AVX2 build of a row must give the portable build's bits, so that a CPU without AVX2
-    /// evaluates (and samples GRPO's rollouts) exactly as one with it.
-    #[cfg(target_arch = "x86_64")]
+    /// Every vector extension's build of a row must give the portable build's bits, so that
+    /// any CPU evaluates (and samples GRPO's rollouts) exactly as another.
     #[test]
-    fn an_attention_row_has_the_same_bits_with_and_without_avx2() {
-        if !std::arch::is_x86_feature_detected!("avx2") {
-            eprintln!("this CPU has no AVX2: only the portable row exists here");
-            return;
-        }
+    fn an_attention_row_has_the_same_bits_with_every_vector_extension() {
         // A head width that is not a multiple of the eight lanes, and one that is.
         for (d, heads, visible) in [(24, 2, 37), (128, 4, 300)] {
             let (q, k, v) = (data(d, 7), data(visible * d, 8), data(visible * d, 9));
@@ -453,12 +439,19 @@ mod tests {
                 let sum: f32 = row.iter().sum();
                 row.iter_mut().for_each(|z| *z /= sum);
             };
-            let (mut portable, mut avx2) = (vec![0.0; d], vec![0.0; d]);
-            attend_row(&mut portable, &q, &cache, &softmax);
-            // SAFETY: the CPU has AVX2 (checked above).
-            unsafe { attend_row_avx2(&mut avx2, &q, &cache, &softmax) };
             let bits = |x: &[f32]| x.iter().map(|v| v.to_bits()).collect::<Vec<_>>();
-            assert_eq!(bits(&portable), bits(&avx2), "d {d}, {heads} heads");
+            let mut portable = vec![0.0; d];
+            attend_row(Simd::PORTABLE, &mut portable, &q, &cache, &softmax);
+            for simd in Simd::available() {
+                let mut wide = vec![0.0; d];
+                attend_row(simd, &mut wide, &q, &cache, &softmax);
+                assert_eq!(
+                    bits(&portable),
+                    bits(&wide),
+                    "{}: d {d}, {heads} heads",
+                    simd.name()
+                );
+            }
         }
     }
 }

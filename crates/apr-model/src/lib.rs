@@ -16,6 +16,7 @@ pub mod model;
 pub mod native;
 pub mod optim;
 pub mod params;
+pub mod simd;
 pub mod static_step;
 pub mod tokenizer;
 
@@ -26,4 +27,5 @@ pub use engine::{DecodePath, Engine};
 pub use fast_ops::Precision;
 pub use learner::{Learner, LearnerKind};
 pub use model::{init_weights, HostTensor, Llama, Model, Weights};
+pub use simd::Simd;
 pub use tokenizer::AprTokenizer;

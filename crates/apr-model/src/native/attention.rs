@@ -8,8 +8,9 @@ use std::ops::Range;
 use rayon::prelude::*;
 
 use super::gemm::{matmul, matmul_packed, rows, PackedB};
-use super::kernels::{exp, softmax_in_place, split_rows};
+use super::kernels::{exp, softmax_in_place, split_rows, zeros};
 use crate::invariant::dot;
+use crate::simd::{multiversion, Simd};
 
 /// Causal attention of every (head, sequence): output `[h, n, hd]` and row log-sum-exps.
 pub(super) fn forward(
@@ -20,7 +21,7 @@ pub(super) fn forward(
     hd: usize,
 ) -> (Vec<f32>, Vec<f32>) {
     let n = *bounds.last().unwrap_or(&0);
-    let mut out = vec![0.0; q.len()];
+    let mut out = zeros(q.len());
     let mut lse = vec![0.0; q.len() / hd.max(1)];
     out.par_chunks_mut(n * hd)
         .zip(lse.par_chunks_mut(n))
@@ -52,9 +53,9 @@ pub(super) fn backward(
     hd: usize,
 ) -> (Vec<f32>, Vec<f32>, Vec<f32>) {
     let n = *bounds.last().unwrap_or(&0);
-    let mut dq = vec![0.0; q.len()];
-    let mut dk = vec![0.0; q.len()];
-    let mut dv = vec![0.0; q.len()];
+    let mut dq = zeros(q.len());
+    let mut dk = zeros(q.len());
+    let mut dv = zeros(q.len());
     dq.par_chunks_mut(n * hd)
         .zip(dk.par_chunks_mut(n * hd))
         .zip(dv.par_chunks_mut(n * hd))
@@ -143,20 +144,7 @@ impl<'a> Unit<'a> {
         let p = &mut scratch[..(i1 - i0) * i1];
         let queries = rows(&self.q[i0 * hd..i1 * hd], i1 - i0, hd);
         matmul_packed(p, false, queries, keys_t, i1, scale, false);
-        let mut lse = lse;
-        for (r, row) in p.chunks_mut(i1).enumerate() {
-            let visible = i0 + r + 1;
-            match &mut lse {
-                Ok(saved) => {
-                    let log_norm = saved[i0 + r];
-                    for z in &mut row[..visible] {
-                        *z = exp(*z - log_norm);
-                    }
-                }
-                Err(out) => out[i0 + r] = softmax_in_place(&mut row[..visible]),
-            }
-            row[visible..].fill(0.0);
-        }
+        normalise(Simd::chosen(), p, i1, i0, lse);
         p
     }
 
@@ -186,6 +174,11 @@ impl<'a> Unit<'a> {
         let scale = 1.0 / (hd as f32).sqrt();
         let (keys_t, values_t) = (self.packed_t(self.k), self.packed_t(self.v));
         let (mut p_scratch, mut ds_scratch) = (self.scratch(), self.scratch());
+        let delta: Vec<f32> = d_o
+            .chunks(hd)
+            .zip(o.chunks(hd))
+            .map(|(g, y)| dot(g, y))
+            .collect();
         for i0 in (0..t).step_by(QUERY_BLOCK) {
             let i1 = (i0 + QUERY_BLOCK).min(t);
             let b = i1 - i0;
@@ -201,13 +194,7 @@ impl<'a> Unit<'a> {
             );
             let ds = &mut ds_scratch[..b * i1];
             matmul_packed(ds, false, d_out, &values_t, i1, 1.0, false);
-            for (r, (drow, prow)) in ds.chunks_mut(i1).zip(p.chunks(i1)).enumerate() {
-                let i = i0 + r;
-                let delta = dot(&d_o[i * hd..][..hd], &o[i * hd..][..hd]);
-                for (dz, &pz) in drow.iter_mut().zip(prow) {
-                    *dz = pz * (*dz - delta);
-                }
-            }
+            score_grads(Simd::chosen(), ds, p, i1, &delta[i0..i1]);
             let keys = rows(&self.k[..i1 * hd], i1, hd);
             matmul(
                 &mut g.dq[i0 * hd..i1 * hd],
@@ -226,6 +213,41 @@ impl<'a> Unit<'a> {
                 scale,
                 false,
             );
+        }
+    }
+}
+
+multiversion! {
+    /// Scaled scores → probabilities, in place, for the `[rows, width]` block `p` whose row `r`
+    /// is query `i0 + r` and sees keys `0..=i0 + r`: each visible score exponentiated against the
+    /// saved log-sum-exp (`Ok`), or soft-maxed with its log-sum-exp written (`Err`); masked
+    /// scores become 0.
+    fn normalise(simd, p: &mut [f32], width: usize, i0: usize, lse: Result<&[f32], &mut [f32]>) {
+        let mut lse = lse;
+        for (r, row) in p.chunks_mut(width).enumerate() {
+            let visible = i0 + r + 1;
+            match &mut lse {
+                Ok(saved) => {
+                    let log_norm = saved[i0 + r];
+                    for z in &mut row[..visible] {
+                        *z = exp(*z - log_norm);
+                    }
+                }
+                Err(out) => out[i0 + r] = softmax_in_place(&mut row[..visible]),
+            }
+            row[visible..].fill(0.0);
+        }
+    }
+}
+
+multiversion! {
+    /// `dS = P ∘ (dP − δ)` in place of `dP`, for the `[rows, width]` blocks `ds` and `p`, with
+    /// each row's `δ = dO · O`.
+    fn score_grads(simd, ds: &mut [f32], p: &[f32], width: usize, delta: &[f32]) {
+        for ((drow, prow), &d) in ds.chunks_mut(width).zip(p.chunks(width)).zip(delta) {
+            for (dz, &pz) in drow.iter_mut().zip(prow) {
+                *dz = pz * (*dz - d);
+            }
         }
     }
 }

@@ -4,9 +4,7 @@
 //! over packed sequences and keeps a tape; the engine runs the batch-invariant kernels and
 //! attends over each slot's KV cache.
 
-use rayon::prelude::*;
-
-use super::kernels::{rms_forward, silu};
+use super::kernels::{copy_of, rms_forward, swiglu, zeros};
 use super::layout::BlockOffsets;
 use crate::config::ModelConfig;
 
@@ -55,30 +53,23 @@ pub(super) fn block_forward<O: BlockOps>(
     let n = x.len() / d;
     let (inv_rms1, xn1) = rms_forward(&x, w(o.attn_norm, d), d, eps);
     let project = |offset: usize| {
-        let mut out = vec![0.0; n * d];
+        let mut out = zeros(n * d);
         ops.linear(&mut out, false, &xn1, w(offset, d * d), d);
         out
     };
     let (q, k, v) = (project(o.q), project(o.k), project(o.v));
     let (att, saved) = ops.attention(q, k, v);
-    let mut x_mid = x.clone();
+    let mut x_mid = copy_of(&x);
     ops.linear(&mut x_mid, true, &att, w(o.o, d * d), d);
 
     let (inv_rms2, xn2) = rms_forward(&x_mid, w(o.mlp_norm, d), d, eps);
-    let mut gate = vec![0.0; n * f];
-    let mut up = vec![0.0; n * f];
+    let mut gate = zeros(n * f);
+    let mut up = zeros(n * f);
     ops.linear(&mut gate, false, &xn2, w(o.gate, f * d), d);
     ops.linear(&mut up, false, &xn2, w(o.up, f * d), d);
-    let mut hidden = vec![0.0; n * f];
-    hidden
-        .par_chunks_mut(f)
-        .zip(gate.par_chunks(f).zip(up.par_chunks(f)))
-        .for_each(|(h, (g, u))| {
-            for j in 0..f {
-                h[j] = silu(g[j]) * u[j];
-            }
-        });
-    let mut x_next = x_mid.clone();
+    let mut hidden = zeros(n * f);
+    swiglu(&mut hidden, &gate, &up, f);
+    let mut x_next = copy_of(&x_mid);
     ops.linear(&mut x_next, true, &hidden, w(o.down, d * f), f);
     let acts = BlockActs {
         x,

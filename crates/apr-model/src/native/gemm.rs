@@ -18,9 +18,10 @@
 
 use std::cell::RefCell;
 use std::ops::Range;
-use std::sync::OnceLock;
 
 use rayon::prelude::*;
+
+use crate::simd::{Isa, Simd};
 
 /// A strided matrix view.
 #[derive(Clone, Copy)]
@@ -104,72 +105,11 @@ struct Tiles {
     scaled: TileFn,
 }
 
-/// Which register tile runs. Every one gives the same bits; they differ only in speed.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum GemmKernel {
-    /// `f32::mul_add` on `[f32; 16]` rows: any CPU (vectorised where the target has FMA).
-    Portable,
-    /// 6 × 16 tile of AVX2 FMA (x86-64 with AVX2 and FMA).
-    Avx2,
-    /// 8 × 32 tile of AVX-512F FMA.
-    Avx512,
-}
-
-impl GemmKernel {
-    /// Every kernel this CPU can run, portable first.
-    pub fn available() -> Vec<GemmKernel> {
-        let mut all = vec![GemmKernel::Portable];
-        #[cfg(target_arch = "x86_64")]
-        {
-            if is_x86_feature_detected!("avx2") && is_x86_feature_detected!("fma") {
-                all.push(GemmKernel::Avx2);
-            }
-            if is_x86_feature_detected!("avx512f") {
-                all.push(GemmKernel::Avx512);
-            }
-        }
-        all
-    }
-
-    /// Columns of its register tile, the width [`PackedB`] packs for.
-    fn nr(self) -> usize {
-        match self {
-            GemmKernel::Portable | GemmKernel::Avx2 => 16,
-            GemmKernel::Avx512 => 32,
-        }
-    }
-
-    /// The name `APR_GEMM_KERNEL` takes.
-    pub fn name(self) -> &'static str {
-        match self {
-            GemmKernel::Portable => "portable",
-            GemmKernel::Avx2 => "avx2",
-            GemmKernel::Avx512 => "avx512",
-        }
-    }
-
-    /// The kernel the native learner uses: the fastest available, or the one `APR_GEMM_KERNEL`
-    /// names (`portable`, `avx2`, `avx512`: a check that results do not depend on it). A name this
-    /// CPU cannot run is a one-line warning, and the default.
-    pub fn chosen() -> GemmKernel {
-        static CHOSEN: OnceLock<GemmKernel> = OnceLock::new();
-        *CHOSEN.get_or_init(|| {
-            let available = Self::available();
-            let best = *available.last().expect("portable is always available");
-            let Ok(name) = std::env::var("APR_GEMM_KERNEL") else {
-                return best;
-            };
-            if let Some(&kernel) = available.iter().find(|k| k.name() == name) {
-                return kernel;
-            }
-            let have: Vec<&str> = available.iter().map(|k| k.name()).collect();
-            eprintln!(
-                "warning: APR_GEMM_KERNEL={name} is not available here (have: {}); using {}",
-                have.join(", "),
-                best.name()
-            );
-            best
-        })
+/// Columns of `simd`'s register tile, the width [`PackedB`] packs for.
+fn nr(simd: Simd) -> usize {
+    match simd.isa() {
+        Isa::Portable | Isa::Avx2 => 16,
+        Isa::Avx512 => 32,
     }
 }
 
@@ -184,12 +124,12 @@ pub(super) fn matmul(
     scale: f32,
     parallel: bool,
 ) {
-    matmul_with(GemmKernel::chosen(), out, accumulate, a, b, scale, parallel)
+    matmul_with(Simd::chosen(), out, accumulate, a, b, scale, parallel)
 }
 
-/// [`matmul`] with a given kernel.
+/// [`matmul`] with the register tile of a given extension.
 pub(super) fn matmul_with(
-    kernel: GemmKernel,
+    simd: Simd,
     out: &mut [f32],
     accumulate: bool,
     a: Mat,
@@ -206,7 +146,7 @@ pub(super) fn matmul_with(
         n: b.cols,
         scale,
     };
-    problem.solve(kernel, parallel);
+    problem.solve(simd, parallel);
 }
 
 /// [`matmul`] against the first `cols` columns of a `b` packed beforehand: `out` is
@@ -229,14 +169,14 @@ pub(super) fn matmul_packed(
         n: cols,
         scale,
     };
-    problem.solve(b.kernel, parallel);
+    problem.solve(b.simd, parallel);
 }
 
 /// A `b` operand packed once for every product that reads it (attention's keys, which every
 /// block of queries reads a prefix of): each inner block's panels, `NR` columns wide for
-/// `kernel`, one after another.
+/// `simd`, one after another.
 pub(super) struct PackedB {
-    kernel: GemmKernel,
+    simd: Simd,
     data: Vec<f32>,
     /// The inner dimension.
     rows: usize,
@@ -246,12 +186,12 @@ pub(super) struct PackedB {
 impl PackedB {
     /// Packs `b` for the kernel [`matmul`] uses.
     pub(super) fn new(b: Mat) -> Self {
-        Self::with(GemmKernel::chosen(), b)
+        Self::with(Simd::chosen(), b)
     }
 
-    fn with(kernel: GemmKernel, b: Mat) -> Self {
+    fn with(simd: Simd, b: Mat) -> Self {
         assert!(b.fits(), "matmul shapes");
-        let nr = kernel.nr();
+        let nr = nr(simd);
         let panels = b.cols.div_ceil(nr);
         let mut data = vec![0.0; panels * nr * b.rows];
         for p0 in (0..b.rows).step_by(KC) {
@@ -264,7 +204,7 @@ impl PackedB {
             }
         }
         PackedB {
-            kernel,
+            simd,
             data,
             rows: b.rows,
             cols: b.cols,
@@ -273,7 +213,7 @@ impl PackedB {
 
     /// The panels of the inner block `p0..p0 + kc`, from column panel `jp` on.
     fn panels(&self, p0: usize, kc: usize, jp: usize) -> &[f32] {
-        let nr = self.kernel.nr();
+        let nr = nr(self.simd);
         let panels = self.cols.div_ceil(nr);
         &self.data[p0 * panels * nr + jp * nr * kc..(p0 + kc) * panels * nr]
     }
@@ -324,7 +264,7 @@ thread_local! {
 
 impl Problem<'_> {
     /// Checks the shapes, handles the empty cases and runs the kernel's tiles.
-    fn solve(self, kernel: GemmKernel, parallel: bool) {
+    fn solve(self, simd: Simd, parallel: bool) {
         let (m, k, n) = (self.a.rows, self.a.cols, self.n);
         assert!(self.out.len() == m * n && self.a.fits(), "matmul shapes");
         if m == 0 || n == 0 {
@@ -353,12 +293,12 @@ impl Problem<'_> {
                 }
             };
         }
-        match kernel {
-            GemmKernel::Portable => blocks.run::<4, 16>(kernel, tiles!(tile_portable), parallel),
+        match simd.isa() {
+            Isa::Portable => blocks.run::<4, 16>(simd, tiles!(tile_portable), parallel),
             #[cfg(target_arch = "x86_64")]
-            GemmKernel::Avx2 => blocks.run::<6, 16>(kernel, tiles!(tile_avx2), parallel),
+            Isa::Avx2 => blocks.run::<6, 16>(simd, tiles!(tile_avx2), parallel),
             #[cfg(target_arch = "x86_64")]
-            GemmKernel::Avx512 => blocks.run::<8, 32>(kernel, tiles!(tile_avx512), parallel),
+            Isa::Avx512 => blocks.run::<8, 32>(simd, tiles!(tile_avx512), parallel),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only x86-64 lists the AVX kernels as available"),
         }
@@ -368,15 +308,10 @@ impl Problem<'_> {
 impl Blocks<'_> {
     /// Splits the output into blocks, in parallel when asked, and runs each with `MR × NR`
     /// tiles.
-    fn run<const MR: usize, const NR: usize>(
-        &self,
-        kernel: GemmKernel,
-        tiles: Tiles,
-        parallel: bool,
-    ) {
+    fn run<const MR: usize, const NR: usize>(&self, simd: Simd, tiles: Tiles, parallel: bool) {
         let (m, n) = (self.a.rows, self.n);
         if let BSource::Packed(b) = self.b {
-            assert_eq!(b.kernel.nr(), NR, "packed for another kernel");
+            assert_eq!(nr(b.simd), NR, "packed for another kernel");
         }
         let threads = if parallel {
             rayon::current_num_threads()
@@ -409,7 +344,7 @@ impl Blocks<'_> {
         let packed;
         let this = match self.b {
             BSource::View(b) if m > mc => {
-                packed = PackedB::with(kernel, b);
+                packed = PackedB::with(simd, b);
                 Blocks {
                     b: BSource::Packed(&packed),
                     ..*self
@@ -727,7 +662,8 @@ x86_tile!(
 
 #[cfg(test)]
 mod tests {
-    use super::{matmul_packed, matmul_with, rows, GemmKernel, Mat, PackedB};
+    use super::{matmul_packed, matmul_with, rows, Mat, PackedB};
+    use crate::simd::Simd;
 
     /// A small deterministic generator of values with full mantissas.
     fn values(n: usize, seed: u64) -> Vec<f32> {
@@ -761,8 +697,8 @@ mod tests {
     }
 
     #[test]
-    fn every_kernel_gives_the_definitions_bits_at_every_shape_and_layout() {
-        let kernels = GemmKernel::available();
+    fn every_extensions_tile_gives_the_definitions_bits_at_every_shape_and_layout() {
+        let extensions = Simd::available();
         // Edges of every tile (4, 6, 8 rows; 16, 32 columns), the inner block (256) and the
         // task blocks (96 × 256) crossed, with each operand row-major and transposed.
         let shapes = [
@@ -790,18 +726,19 @@ mod tests {
                 for (accumulate, scale) in [(false, 1.0), (true, 1.0), (false, 0.176_776_7)] {
                     let mut want = start.clone();
                     reference(&mut want, accumulate, a, b, scale);
-                    for &kernel in &kernels {
+                    for &simd in &extensions {
                         for parallel in [false, true] {
                             let mut got = start.clone();
-                            matmul_with(kernel, &mut got, accumulate, a, b, scale, parallel);
+                            matmul_with(simd, &mut got, accumulate, a, b, scale, parallel);
                             assert!(
                                 same_bits(&got, &want),
-                                "{kernel:?} parallel={parallel} m={m} n={n} k={k} \
-                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}"
+                                "{} parallel={parallel} m={m} n={n} k={k} \
+                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}",
+                                simd.name()
                             );
                         }
                         // Packed once, then read whole or by a prefix of its columns.
-                        let packed = PackedB::with(kernel, b);
+                        let packed = PackedB::with(simd, b);
                         for cols in [n, n.div_ceil(2), 1] {
                             let mut want = start[..m * cols].to_vec();
                             reference(&mut want, accumulate, a, Mat { cols, ..b }, scale);
@@ -809,8 +746,9 @@ mod tests {
                             matmul_packed(&mut got, accumulate, a, &packed, cols, scale, true);
                             assert!(
                                 same_bits(&got, &want),
-                                "{kernel:?} packed, {cols} of {n} columns: m={m} k={k} \
-                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}"
+                                "{} packed, {cols} of {n} columns: m={m} k={k} \
+                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}",
+                                simd.name()
                             );
                         }
                     }
@@ -831,7 +769,7 @@ mod tests {
             let mut out = vec![0.0; m * n];
             pool.install(|| {
                 matmul_with(
-                    GemmKernel::chosen(),
+                    Simd::chosen(),
                     &mut out,
                     false,
                     rows(&a, m, k),
@@ -854,7 +792,7 @@ mod tests {
         let mut out = vec![1.5; 6];
         for (accumulate, want) in [(true, 1.5), (false, 0.0)] {
             let (a, b) = (rows(&a, 2, 0), rows(&b, 0, 3));
-            matmul_with(GemmKernel::Portable, &mut out, accumulate, a, b, 1.0, true);
+            matmul_with(Simd::PORTABLE, &mut out, accumulate, a, b, 1.0, true);
             assert_eq!(out, vec![want; 6], "accumulate={accumulate}");
         }
     }

@@ -15,7 +15,7 @@
 //!
 //! * `batch`: [`PackedBatch`], what a training step takes;
 //! * `kernels`: exp, reductions, RMSNorm, RoPE;
-//! * `gemm`: strided matrix products, [`GemmKernel`] for which register tile runs;
+//! * `gemm`: strided matrix products, one register tile per [`crate::Simd`];
 //! * `layout`: where each parameter sits in the flat vector;
 //! * `attention`: causal attention over packed sequences, forward and backward;
 //! * `block`: one decoder block, written once for training and the engine;
@@ -35,6 +35,5 @@ mod sample;
 
 pub use batch::{BatchError, PackedBatch};
 pub use engine::NativeEngine;
-pub use gemm::GemmKernel;
 pub use model::{Forward, NativeModel};
 pub use sample::sample;

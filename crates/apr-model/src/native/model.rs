@@ -10,7 +10,8 @@ use super::batch::{BatchError, PackedBatch};
 use super::block::{block_forward, BlockActs, BlockOps};
 use super::gemm::{matmul, rows};
 use super::kernels::{
-    exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sigmoid, sum_exp_shifted, weight_grad,
+    exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sum_exp_shifted, swiglu_backward,
+    weight_grad, zeros,
 };
 use super::layout::Layout;
 use crate::config::ModelConfig;
@@ -228,7 +229,7 @@ impl NativeModel {
         let positions = batch.positions();
 
         let embed = self.p(self.layout.embed, v * d);
-        let mut x = vec![0.0f32; n * d];
+        let mut x = zeros(n * d);
         x.par_chunks_mut(d)
             .zip(batch.inputs.par_iter())
             .for_each(|(row, &t)| row.copy_from_slice(&embed[t as usize * d..][..d]));
@@ -246,7 +247,7 @@ impl NativeModel {
         }
 
         let (inv_rms_final, xn_final) = rms_forward(&x, self.p(self.layout.norm, d), d, eps);
-        let mut probs = vec![0.0; n * v];
+        let mut probs = zeros(n * v);
         self.linear(&mut probs, false, &xn_final, self.layout.head, v, d);
         let mut logprobs = vec![0.0; n];
         let mut entropy = vec![0.0; n];
@@ -300,10 +301,10 @@ impl NativeModel {
                 row[t as usize] += g;
             });
         weight_grad(grads, self.layout.head, &dlogits, &fwd.xn_final, v, d);
-        let mut dxn = vec![0.0; n * d];
+        let mut dxn = zeros(n * d);
         self.input_grad(&mut dxn, false, &dlogits, self.layout.head, v, d);
         drop(dlogits);
-        let mut dx = vec![0.0; n * d];
+        let mut dx = zeros(n * d);
         rms_backward(
             &fwd.x_final,
             &fwd.inv_rms_final,
@@ -316,27 +317,16 @@ impl NativeModel {
 
         for (o, t) in self.layout.blocks.iter().zip(fwd.blocks).rev() {
             // MLP branch: x_next = x_mid + down(silu(gate) · up).
-            let mut d_hidden = vec![0.0; n * f];
+            let mut d_hidden = zeros(n * f);
             weight_grad(grads, o.down, &dx, &t.acts.hidden, d, f);
             self.input_grad(&mut d_hidden, false, &dx, o.down, d, f);
             drop(t.acts.hidden);
             let mut d_gate = t.acts.gate;
             let mut d_up = t.acts.up;
-            d_gate
-                .par_chunks_mut(f)
-                .zip(d_up.par_chunks_mut(f))
-                .zip(d_hidden.par_chunks(f))
-                .for_each(|((g, u), dh)| {
-                    for j in 0..f {
-                        let s = sigmoid(g[j]);
-                        let a = g[j];
-                        g[j] = dh[j] * u[j] * s * (1.0 + a * (1.0 - s));
-                        u[j] = dh[j] * a * s;
-                    }
-                });
+            swiglu_backward(&mut d_gate, &mut d_up, &d_hidden, f);
             weight_grad(grads, o.gate, &d_gate, &t.acts.xn2, f, d);
             weight_grad(grads, o.up, &d_up, &t.acts.xn2, f, d);
-            let mut dxn2 = vec![0.0; n * d];
+            let mut dxn2 = zeros(n * d);
             self.input_grad(&mut dxn2, false, &d_gate, o.gate, f, d);
             self.input_grad(&mut dxn2, true, &d_up, o.up, f, d);
             rms_backward(
@@ -351,7 +341,7 @@ impl NativeModel {
 
             // Attention branch: x_mid = x + o_proj(attention(q, k, v)).
             weight_grad(grads, o.o, &dx, &t.acts.att, d, d);
-            let mut d_att = vec![0.0; n * d];
+            let mut d_att = zeros(n * d);
             self.input_grad(&mut d_att, false, &dx, o.o, d, d);
             let d_att = self.split_heads(&d_att, &fwd.positions, false);
             let att = self.split_heads(&t.acts.att, &fwd.positions, false);
@@ -369,7 +359,7 @@ impl NativeModel {
             let dq = self.merge_heads(&dq, &fwd.positions, true);
             let dk = self.merge_heads(&dk, &fwd.positions, true);
             let dv = self.merge_heads(&dv, &fwd.positions, false);
-            let mut dxn1 = vec![0.0; n * d];
+            let mut dxn1 = zeros(n * d);
             for (w, dy) in [(o.q, &dq), (o.k, &dk), (o.v, &dv)] {
                 weight_grad(grads, w, dy, &t.acts.xn1, d, d);
                 self.input_grad(&mut dxn1, true, dy, w, d, d);
@@ -407,7 +397,7 @@ impl NativeModel {
     fn split_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
         let (d, hd) = (self.config.d_model, self.config.head_dim());
         let n = positions.len();
-        let mut out = vec![0.0; n * d];
+        let mut out = zeros(n * d);
         out.par_chunks_mut(n * hd)
             .enumerate()
             .for_each(|(head, plane)| {
@@ -427,7 +417,7 @@ impl NativeModel {
     fn merge_heads(&self, x: &[f32], positions: &[usize], rope: bool) -> Vec<f32> {
         let (d, hd) = (self.config.d_model, self.config.head_dim());
         let n = positions.len();
-        let mut out = vec![0.0; n * d];
+        let mut out = zeros(n * d);
         out.par_chunks_mut(d)
             .zip(positions.par_iter())
             .enumerate()
