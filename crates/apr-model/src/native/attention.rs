@@ -89,8 +89,15 @@ fn span(head: usize, n: usize, hd: usize, w: &[usize]) -> Range<usize> {
 const QUERY_BLOCK: usize = 64;
 
 /// One head of one sequence: `[t, hd]` queries, keys and values.
+///
+/// The score scale `1/√hd` is applied where a product's tile would apply it, to an operand
+/// before its multiply-adds, but once: to the queries here, and to `dS` as it is computed.
+/// The bits are those of the scaling tile (`fma(scale·a, b, c)`), without a multiply per
+/// broadcast.
 struct Unit<'a> {
     q: &'a [f32],
+    /// `q · 1/√hd`.
+    q_scaled: Vec<f32>,
     k: &'a [f32],
     v: &'a [f32],
     hd: usize,
@@ -106,12 +113,19 @@ struct UnitGrads<'a> {
 impl<'a> Unit<'a> {
     /// The unit at `part` of head-major `q`, `k`, `v` (see [`span`]).
     fn at(q: &'a [f32], k: &'a [f32], v: &'a [f32], part: Range<usize>, hd: usize) -> Self {
+        let q = &q[part.clone()];
+        let scale = Unit::scale(hd);
         Unit {
-            q: &q[part.clone()],
+            q,
+            q_scaled: q.iter().map(|&x| x * scale).collect(),
             k: &k[part.clone()],
             v: &v[part],
             hd,
         }
+    }
+
+    fn scale(hd: usize) -> f32 {
+        1.0 / (hd as f32).sqrt()
     }
 
     fn len(&self) -> usize {
@@ -140,10 +154,9 @@ impl<'a> Unit<'a> {
         scratch: &'s mut [f32],
     ) -> &'s mut [f32] {
         let hd = self.hd;
-        let scale = 1.0 / (hd as f32).sqrt();
         let p = &mut scratch[..(i1 - i0) * i1];
-        let queries = rows(&self.q[i0 * hd..i1 * hd], i1 - i0, hd);
-        matmul_packed(p, false, queries, keys_t, i1, scale, false);
+        let queries = rows(&self.q_scaled[i0 * hd..i1 * hd], i1 - i0, hd);
+        matmul_packed(p, false, queries, keys_t, i1, 1.0, false);
         normalise(Simd::chosen(), p, i1, i0, lse);
         p
     }
@@ -171,7 +184,7 @@ impl<'a> Unit<'a> {
     /// Gradients given the output `o`, its gradient `d_o` and the saved log-sum-exps.
     fn backward(&self, o: &[f32], d_o: &[f32], lse: &[f32], g: UnitGrads) {
         let (t, hd) = (self.len(), self.hd);
-        let scale = 1.0 / (hd as f32).sqrt();
+        let scale = Unit::scale(hd);
         let (keys_t, values_t) = (self.packed_t(self.k), self.packed_t(self.v));
         let (mut p_scratch, mut ds_scratch) = (self.scratch(), self.scratch());
         let delta: Vec<f32> = d_o
@@ -194,14 +207,14 @@ impl<'a> Unit<'a> {
             );
             let ds = &mut ds_scratch[..b * i1];
             matmul_packed(ds, false, d_out, &values_t, i1, 1.0, false);
-            score_grads(Simd::chosen(), ds, p, i1, &delta[i0..i1]);
+            score_grads(Simd::chosen(), ds, p, i1, &delta[i0..i1], scale);
             let keys = rows(&self.k[..i1 * hd], i1, hd);
             matmul(
                 &mut g.dq[i0 * hd..i1 * hd],
                 false,
                 rows(ds, b, i1),
                 keys,
-                scale,
+                1.0,
                 false,
             );
             let queries = rows(&self.q[i0 * hd..i1 * hd], b, hd);
@@ -210,7 +223,7 @@ impl<'a> Unit<'a> {
                 true,
                 rows(ds, b, i1).t(),
                 queries,
-                scale,
+                1.0,
                 false,
             );
         }
@@ -241,12 +254,13 @@ multiversion! {
 }
 
 multiversion! {
-    /// `dS = P ∘ (dP − δ)` in place of `dP`, for the `[rows, width]` blocks `ds` and `p`, with
-    /// each row's `δ = dO · O`.
-    fn score_grads(simd, ds: &mut [f32], p: &[f32], width: usize, delta: &[f32]) {
+    /// `dS · scale = P ∘ (dP − δ) · scale` in place of `dP`, for the `[rows, width]` blocks
+    /// `ds` and `p`, with each row's `δ = dO · O` (`dS` rounded before it is scaled, as a
+    /// scaling tile would read it).
+    fn score_grads(simd, ds: &mut [f32], p: &[f32], width: usize, delta: &[f32], scale: f32) {
         for ((drow, prow), &d) in ds.chunks_mut(width).zip(p.chunks(width)).zip(delta) {
             for (dz, &pz) in drow.iter_mut().zip(prow) {
-                *dz = pz * (*dz - d);
+                *dz = pz * (*dz - d) * scale;
             }
         }
     }

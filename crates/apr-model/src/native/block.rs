@@ -16,6 +16,13 @@ pub(super) trait BlockOps {
     /// `out = x · Wᵀ` (or `+=` when `accumulate`) for the `[w.len() / in_dim, in_dim]` weight.
     fn linear(&self, out: &mut [f32], accumulate: bool, x: &[f32], w: &[f32], in_dim: usize);
 
+    /// `x · Wᵀ` as a new `[n, w.len() / in_dim]` buffer.
+    fn project(&self, x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
+        let mut out = zeros(x.len() / in_dim * (w.len() / in_dim));
+        self.linear(&mut out, false, x, w, in_dim);
+        out
+    }
+
     /// Causal attention of the block's `[n, d]` queries, keys and values (before RoPE):
     /// `[n, d]` rows, heads merged.
     fn attention(&mut self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> (Vec<f32>, Self::Saved);
@@ -52,21 +59,15 @@ pub(super) fn block_forward<O: BlockOps>(
     let (d, f, eps) = (c.d_model, c.d_ff, c.norm_eps as f32);
     let n = x.len() / d;
     let (inv_rms1, xn1) = rms_forward(&x, w(o.attn_norm, d), d, eps);
-    let project = |offset: usize| {
-        let mut out = zeros(n * d);
-        ops.linear(&mut out, false, &xn1, w(offset, d * d), d);
-        out
-    };
+    let project = |offset: usize| ops.project(&xn1, w(offset, d * d), d);
     let (q, k, v) = (project(o.q), project(o.k), project(o.v));
     let (att, saved) = ops.attention(q, k, v);
     let mut x_mid = copy_of(&x);
     ops.linear(&mut x_mid, true, &att, w(o.o, d * d), d);
 
     let (inv_rms2, xn2) = rms_forward(&x_mid, w(o.mlp_norm, d), d, eps);
-    let mut gate = zeros(n * f);
-    let mut up = zeros(n * f);
-    ops.linear(&mut gate, false, &xn2, w(o.gate, f * d), d);
-    ops.linear(&mut up, false, &xn2, w(o.up, f * d), d);
+    let gate = ops.project(&xn2, w(o.gate, f * d), d);
+    let up = ops.project(&xn2, w(o.up, f * d), d);
     let mut hidden = zeros(n * f);
     swiglu(&mut hidden, &gate, &up, f);
     let mut x_next = copy_of(&x_mid);

@@ -17,6 +17,7 @@
 //! is cheaper (a scaled `a` against many column panels) or a panel is partial (zero-padded).
 
 use std::cell::RefCell;
+use std::mem::MaybeUninit;
 use std::ops::Range;
 
 use rayon::prelude::*;
@@ -139,7 +140,7 @@ pub(super) fn matmul_with(
 ) {
     assert!(b.rows == a.cols && b.fits(), "matmul shapes");
     let problem = Problem {
-        out,
+        out: as_uninit(out),
         accumulate,
         a,
         b: BSource::View(b),
@@ -147,6 +148,27 @@ pub(super) fn matmul_with(
         scale,
     };
     problem.solve(simd, parallel);
+}
+
+/// `scale · a · b` as a new row-major vector: [`matmul`] without `accumulate`, into memory that
+/// is written once instead of being zeroed first.
+pub(super) fn product(a: Mat, b: Mat, scale: f32, parallel: bool) -> Vec<f32> {
+    assert!(b.rows == a.cols && b.fits(), "matmul shapes");
+    let len = a.rows * b.cols;
+    let mut out = Vec::with_capacity(len);
+    let problem = Problem {
+        out: &mut out.spare_capacity_mut()[..len],
+        accumulate: false,
+        a,
+        b: BSource::View(b),
+        n: b.cols,
+        scale,
+    };
+    problem.solve(Simd::chosen(), parallel);
+    // SAFETY: a product that does not accumulate writes every element of `out` (the gemm test
+    // starts each such product from garbage and compares every element with the definition).
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// [`matmul`] against the first `cols` columns of a `b` packed beforehand: `out` is
@@ -162,7 +184,7 @@ pub(super) fn matmul_packed(
 ) {
     assert!(b.rows == a.cols && cols <= b.cols, "matmul shapes");
     let problem = Problem {
-        out,
+        out: as_uninit(out),
         accumulate,
         a,
         b: BSource::Packed(b),
@@ -234,9 +256,17 @@ struct SendPtr(*mut f32);
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// One product, as the caller gave it.
+/// An initialised output seen as the possibly uninitialised memory [`Problem`] writes.
+fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
+    // SAFETY: same layout; a `Problem` only ever writes initialised `f32`s through it, and reads
+    // only elements that were initialised (the caller's, when accumulating, or its own writes).
+    unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
+}
+
+/// One product, as the caller gave it: `out` is initialised when `accumulate`, and may not be
+/// otherwise (every element is then written before it is read).
 struct Problem<'a> {
-    out: &'a mut [f32],
+    out: &'a mut [MaybeUninit<f32>],
     accumulate: bool,
     a: Mat<'a>,
     b: BSource<'a>,
@@ -272,12 +302,12 @@ impl Problem<'_> {
         }
         if k == 0 {
             if !self.accumulate {
-                self.out.fill(0.0);
+                self.out.fill(MaybeUninit::new(0.0));
             }
             return;
         }
         let blocks = Blocks {
-            out: SendPtr(self.out.as_mut_ptr()),
+            out: SendPtr(self.out.as_mut_ptr().cast()),
             accumulate: self.accumulate,
             a: self.a,
             b: self.b,
@@ -662,7 +692,7 @@ x86_tile!(
 
 #[cfg(test)]
 mod tests {
-    use super::{matmul_packed, matmul_with, rows, Mat, PackedB};
+    use super::{matmul_packed, matmul_with, product, rows, Mat, PackedB};
     use crate::simd::Simd;
 
     /// A small deterministic generator of values with full mantissas.
@@ -735,6 +765,13 @@ mod tests {
                                 "{} parallel={parallel} m={m} n={n} k={k} \
                                  transposed=({ta},{tb}) accumulate={accumulate} scale={scale}",
                                 simd.name()
+                            );
+                        }
+                        if !accumulate && simd == Simd::chosen() {
+                            let got = product(a, b, scale, true);
+                            assert!(
+                                same_bits(&got, &want),
+                                "product m={m} n={n} k={k} transposed=({ta},{tb}) scale={scale}"
                             );
                         }
                         // Packed once, then read whole or by a prefix of its columns.

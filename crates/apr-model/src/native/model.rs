@@ -8,7 +8,7 @@ use rayon::prelude::*;
 use super::attention;
 use super::batch::{BatchError, PackedBatch};
 use super::block::{block_forward, BlockActs, BlockOps};
-use super::gemm::{matmul, rows};
+use super::gemm::{matmul, product, rows};
 use super::kernels::{
     exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sum_exp_shifted, swiglu_backward,
     weight_grad, zeros,
@@ -52,6 +52,11 @@ impl BlockOps for TrainOps<'_> {
             1.0,
             true,
         );
+    }
+
+    fn project(&self, x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
+        let weight = rows(w, w.len() / in_dim, in_dim);
+        product(rows(x, x.len() / in_dim, in_dim), weight.t(), 1.0, true)
     }
 
     fn attention(&mut self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> (Vec<f32>, AttentionTape) {
@@ -189,34 +194,29 @@ impl NativeModel {
         &self.params[offset..offset + len]
     }
 
-    /// `out = x · Wᵀ` (or `+=` when `accumulate`) for the `[out_dim, in_dim]` weight at `w`.
-    fn linear(
-        &self,
-        out: &mut [f32],
-        accumulate: bool,
-        x: &[f32],
-        w: usize,
-        out_dim: usize,
-        in_dim: usize,
-    ) {
-        let n = x.len() / in_dim;
+    /// `x · Wᵀ` for the `[out_dim, in_dim]` weight at `w`.
+    fn linear(&self, x: &[f32], w: usize, out_dim: usize, in_dim: usize) -> Vec<f32> {
         let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
-        matmul(out, accumulate, rows(x, n, in_dim), weight.t(), 1.0, true);
+        product(rows(x, x.len() / in_dim, in_dim), weight.t(), 1.0, true)
     }
 
-    /// Backward of [`NativeModel::linear`] to its input: `dx = dy · W` (or `+=`).
-    fn input_grad(
-        &self,
-        dx: &mut [f32],
-        accumulate: bool,
-        dy: &[f32],
-        w: usize,
-        out_dim: usize,
-        in_dim: usize,
-    ) {
-        let n = dy.len() / out_dim;
+    /// Backward of [`NativeModel::linear`] to its input: `dx = dy · W`.
+    fn input_grad(&self, dy: &[f32], w: usize, out_dim: usize, in_dim: usize) -> Vec<f32> {
         let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
-        matmul(dx, accumulate, rows(dy, n, out_dim), weight, 1.0, true);
+        product(rows(dy, dy.len() / out_dim, out_dim), weight, 1.0, true)
+    }
+
+    /// [`NativeModel::input_grad`] added into `dx`.
+    fn add_input_grad(&self, dx: &mut [f32], dy: &[f32], w: usize, out_dim: usize, in_dim: usize) {
+        let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
+        matmul(
+            dx,
+            true,
+            rows(dy, dy.len() / out_dim, out_dim),
+            weight,
+            1.0,
+            true,
+        );
     }
 
     /// The forward pass: per-position log-probabilities of the targets, entropies, and the tape
@@ -247,8 +247,7 @@ impl NativeModel {
         }
 
         let (inv_rms_final, xn_final) = rms_forward(&x, self.p(self.layout.norm, d), d, eps);
-        let mut probs = zeros(n * v);
-        self.linear(&mut probs, false, &xn_final, self.layout.head, v, d);
+        let mut probs = self.linear(&xn_final, self.layout.head, v, d);
         let mut logprobs = vec![0.0; n];
         let mut entropy = vec![0.0; n];
         probs
@@ -301,8 +300,7 @@ impl NativeModel {
                 row[t as usize] += g;
             });
         weight_grad(grads, self.layout.head, &dlogits, &fwd.xn_final, v, d);
-        let mut dxn = zeros(n * d);
-        self.input_grad(&mut dxn, false, &dlogits, self.layout.head, v, d);
+        let dxn = self.input_grad(&dlogits, self.layout.head, v, d);
         drop(dlogits);
         let mut dx = zeros(n * d);
         rms_backward(
@@ -317,18 +315,16 @@ impl NativeModel {
 
         for (o, t) in self.layout.blocks.iter().zip(fwd.blocks).rev() {
             // MLP branch: x_next = x_mid + down(silu(gate) · up).
-            let mut d_hidden = zeros(n * f);
             weight_grad(grads, o.down, &dx, &t.acts.hidden, d, f);
-            self.input_grad(&mut d_hidden, false, &dx, o.down, d, f);
+            let d_hidden = self.input_grad(&dx, o.down, d, f);
             drop(t.acts.hidden);
             let mut d_gate = t.acts.gate;
             let mut d_up = t.acts.up;
             swiglu_backward(&mut d_gate, &mut d_up, &d_hidden, f);
             weight_grad(grads, o.gate, &d_gate, &t.acts.xn2, f, d);
             weight_grad(grads, o.up, &d_up, &t.acts.xn2, f, d);
-            let mut dxn2 = zeros(n * d);
-            self.input_grad(&mut dxn2, false, &d_gate, o.gate, f, d);
-            self.input_grad(&mut dxn2, true, &d_up, o.up, f, d);
+            let mut dxn2 = self.input_grad(&d_gate, o.gate, f, d);
+            self.add_input_grad(&mut dxn2, &d_up, o.up, f, d);
             rms_backward(
                 &t.acts.x_mid,
                 &t.acts.inv_rms2,
@@ -341,8 +337,7 @@ impl NativeModel {
 
             // Attention branch: x_mid = x + o_proj(attention(q, k, v)).
             weight_grad(grads, o.o, &dx, &t.acts.att, d, d);
-            let mut d_att = zeros(n * d);
-            self.input_grad(&mut d_att, false, &dx, o.o, d, d);
+            let d_att = self.input_grad(&dx, o.o, d, d);
             let d_att = self.split_heads(&d_att, &fwd.positions, false);
             let att = self.split_heads(&t.acts.att, &fwd.positions, false);
             let bounds = &fwd.batch.bounds;
@@ -359,10 +354,11 @@ impl NativeModel {
             let dq = self.merge_heads(&dq, &fwd.positions, true);
             let dk = self.merge_heads(&dk, &fwd.positions, true);
             let dv = self.merge_heads(&dv, &fwd.positions, false);
-            let mut dxn1 = zeros(n * d);
+            let mut dxn1 = self.input_grad(&dq, o.q, d, d);
+            self.add_input_grad(&mut dxn1, &dk, o.k, d, d);
+            self.add_input_grad(&mut dxn1, &dv, o.v, d, d);
             for (w, dy) in [(o.q, &dq), (o.k, &dk), (o.v, &dv)] {
                 weight_grad(grads, w, dy, &t.acts.xn1, d, d);
-                self.input_grad(&mut dxn1, true, dy, w, d, d);
             }
             rms_backward(
                 &t.acts.x,
