@@ -90,10 +90,8 @@ const QUERY_BLOCK: usize = 64;
 
 /// One head of one sequence: `[t, hd]` queries, keys and values.
 ///
-/// The score scale `1/√hd` is applied where a product's tile would apply it, to an operand
-/// before its multiply-adds, but once: to the queries here, and to `dS` as it is computed.
-/// The bits are those of the scaling tile (`fma(scale·a, b, c)`), without a multiply per
-/// broadcast.
+/// The score scale `1/√hd` belongs to an operand of the products: it multiplies the queries
+/// once, and `dS` as it is computed (the bits of scaling each element as a product reads it).
 struct Unit<'a> {
     q: &'a [f32],
     /// `q · 1/√hd`.
@@ -156,7 +154,7 @@ impl<'a> Unit<'a> {
         let hd = self.hd;
         let p = &mut scratch[..(i1 - i0) * i1];
         let queries = rows(&self.q_scaled[i0 * hd..i1 * hd], i1 - i0, hd);
-        matmul_packed(p, false, queries, keys_t, i1, 1.0, false);
+        matmul_packed(p, false, queries, keys_t, i1, false);
         normalise(Simd::chosen(), p, i1, i0, lse);
         p
     }
@@ -175,7 +173,6 @@ impl<'a> Unit<'a> {
                 false,
                 rows(p, i1 - i0, i1),
                 values,
-                1.0,
                 false,
             );
         }
@@ -197,16 +194,9 @@ impl<'a> Unit<'a> {
             let b = i1 - i0;
             let p = self.probs(&keys_t, (i0, i1), Ok(lse), &mut p_scratch);
             let d_out = rows(&d_o[i0 * hd..i1 * hd], b, hd);
-            matmul(
-                &mut g.dv[..i1 * hd],
-                true,
-                rows(p, b, i1).t(),
-                d_out,
-                1.0,
-                false,
-            );
+            matmul(&mut g.dv[..i1 * hd], true, rows(p, b, i1).t(), d_out, false);
             let ds = &mut ds_scratch[..b * i1];
-            matmul_packed(ds, false, d_out, &values_t, i1, 1.0, false);
+            matmul_packed(ds, false, d_out, &values_t, i1, false);
             score_grads(Simd::chosen(), ds, p, i1, &delta[i0..i1], scale);
             let keys = rows(&self.k[..i1 * hd], i1, hd);
             matmul(
@@ -214,7 +204,6 @@ impl<'a> Unit<'a> {
                 false,
                 rows(ds, b, i1),
                 keys,
-                1.0,
                 false,
             );
             let queries = rows(&self.q[i0 * hd..i1 * hd], b, hd);
@@ -223,7 +212,6 @@ impl<'a> Unit<'a> {
                 true,
                 rows(ds, b, i1).t(),
                 queries,
-                1.0,
                 false,
             );
         }
@@ -255,8 +243,7 @@ multiversion! {
 
 multiversion! {
     /// `dS · scale = P ∘ (dP − δ) · scale` in place of `dP`, for the `[rows, width]` blocks
-    /// `ds` and `p`, with each row's `δ = dO · O` (`dS` rounded before it is scaled, as a
-    /// scaling tile would read it).
+    /// `ds` and `p`, with each row's `δ = dO · O` (`dS` rounded before it is scaled).
     fn score_grads(simd, ds: &mut [f32], p: &[f32], width: usize, delta: &[f32], scale: f32) {
         for ((drow, prow), &d) in ds.chunks_mut(width).zip(p.chunks(width)).zip(delta) {
             for (dz, &pz) in drow.iter_mut().zip(prow) {

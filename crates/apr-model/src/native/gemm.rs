@@ -1,7 +1,7 @@
 //! Strided single-precision GEMM for the native learner, with the same bits on every CPU.
 //!
 //! Each output element is one chain of fused multiply-adds over the inner index in order:
-//! `c ← fma(scale·a[i][p], b[p][j], c)` for `p = 0, 1, …`, starting from the old value of `c`
+//! `c ← fma(a[i][p], b[p][j], c)` for `p = 0, 1, …`, starting from the old value of `c`
 //! (accumulate) or from zero. Blocking, tile shape, vector width and thread count only decide
 //! which chains run side by side, never the order inside one, so the AVX-512 tile, the AVX2 tile
 //! and the portable one (`f32::mul_add`, a true fused multiply-add on every target) give
@@ -12,9 +12,9 @@
 //! Layout is BLIS's: a block of `b` is packed into panels `NR` columns wide (or packed once for
 //! many products, [`PackedB`]), and a register tile of `MR × NR` chains runs over `KC` steps of
 //! the inner index before it is stored and the next block reloads it. The tile reads `a` where it
-//! lies, any strides, broadcasting one element per row and step (scaling it in a register when
-//! `scale ≠ 1`); `a` is packed into panels `MR` rows tall (scaled as it is packed) only where that
-//! is cheaper (a scaled `a` against many column panels) or a panel is partial (zero-padded).
+//! lies, any strides, broadcasting one element per row and step; `a` is packed into panels `MR`
+//! rows tall only where a panel is partial (zero-padded). (A scale belongs to an operand: the
+//! caller applies it where it computes that operand, as attention does.)
 
 use std::cell::RefCell;
 use std::mem::MaybeUninit;
@@ -80,31 +80,21 @@ const NC: usize = 256;
 /// Tasks per thread wanted before blocks are made smaller (helps load balance).
 const TASKS_PER_THREAD: usize = 4;
 
-/// Where a tile reads its `MR` rows of `a`: element `(i, p)` at `ptr + i·row + p·step`, times
-/// `scale` when the tile is a scaling one.
+/// Where a tile reads its `MR` rows of `a`: element `(i, p)` at `ptr + i·row + p·step`.
 #[derive(Clone, Copy)]
 struct APanel {
     ptr: *const f32,
     row: usize,
     step: usize,
-    scale: f32,
 }
 
 /// A register-tile kernel: `c[i·ldc + j] (MR × NR) ← fma chains over kc steps`, loading `c`
-/// first when `load`, else starting from zero. The scaling variant multiplies each element of
-/// `a` by `a.scale` before its chain uses it, as packing would have.
+/// first when `load`, else starting from zero.
 ///
 /// # Safety
 /// `a` addresses `MR × kc` readable floats, `b` holds `kc · NR`, and `c` points at an `MR × NR`
 /// tile with row stride `ldc`, writable and aliasing neither; the CPU has the kernel's features.
 type TileFn = unsafe fn(kc: usize, a: APanel, b: *const f32, c: *mut f32, ldc: usize, load: bool);
-
-/// A kernel's two tiles: plain, and scaling `a` in registers.
-#[derive(Clone, Copy)]
-struct Tiles {
-    plain: TileFn,
-    scaled: TileFn,
-}
 
 /// Columns of `simd`'s register tile, the width [`PackedB`] packs for.
 fn nr(simd: Simd) -> usize {
@@ -114,18 +104,11 @@ fn nr(simd: Simd) -> usize {
     }
 }
 
-/// `out = scale · a · b`, or `out += scale · a · b` when `accumulate`; `out` is row-major.
+/// `out = a · b`, or `out += a · b` when `accumulate`; `out` is row-major.
 /// `parallel` lets the rayon pool share the work (off inside per-head work that is already
 /// parallel). See the module docs for the exact arithmetic.
-pub(super) fn matmul(
-    out: &mut [f32],
-    accumulate: bool,
-    a: Mat,
-    b: Mat,
-    scale: f32,
-    parallel: bool,
-) {
-    matmul_with(Simd::chosen(), out, accumulate, a, b, scale, parallel)
+pub(super) fn matmul(out: &mut [f32], accumulate: bool, a: Mat, b: Mat, parallel: bool) {
+    matmul_with(Simd::chosen(), out, accumulate, a, b, parallel)
 }
 
 /// [`matmul`] with the register tile of a given extension.
@@ -135,7 +118,6 @@ pub(super) fn matmul_with(
     accumulate: bool,
     a: Mat,
     b: Mat,
-    scale: f32,
     parallel: bool,
 ) {
     assert!(b.rows == a.cols && b.fits(), "matmul shapes");
@@ -145,14 +127,13 @@ pub(super) fn matmul_with(
         a,
         b: BSource::View(b),
         n: b.cols,
-        scale,
     };
     problem.solve(simd, parallel);
 }
 
-/// `scale · a · b` as a new row-major vector: [`matmul`] without `accumulate`, into memory that
+/// `a · b` as a new row-major vector: [`matmul`] without `accumulate`, into memory that
 /// is written once instead of being zeroed first.
-pub(super) fn product(a: Mat, b: Mat, scale: f32, parallel: bool) -> Vec<f32> {
+pub(super) fn product(a: Mat, b: Mat, parallel: bool) -> Vec<f32> {
     assert!(b.rows == a.cols && b.fits(), "matmul shapes");
     let len = a.rows * b.cols;
     let mut out = Vec::with_capacity(len);
@@ -162,7 +143,6 @@ pub(super) fn product(a: Mat, b: Mat, scale: f32, parallel: bool) -> Vec<f32> {
         a,
         b: BSource::View(b),
         n: b.cols,
-        scale,
     };
     problem.solve(Simd::chosen(), parallel);
     // SAFETY: a product that does not accumulate writes every element of `out` (the gemm test
@@ -179,7 +159,6 @@ pub(super) fn matmul_packed(
     a: Mat,
     b: &PackedB,
     cols: usize,
-    scale: f32,
     parallel: bool,
 ) {
     assert!(b.rows == a.cols && cols <= b.cols, "matmul shapes");
@@ -189,7 +168,6 @@ pub(super) fn matmul_packed(
         a,
         b: BSource::Packed(b),
         n: cols,
-        scale,
     };
     problem.solve(b.simd, parallel);
 }
@@ -272,7 +250,6 @@ struct Problem<'a> {
     b: BSource<'a>,
     /// Columns of `out`.
     n: usize,
-    scale: f32,
 }
 
 /// A product's blocks' shared view: `out` is the caller's `a.rows × n` row-major slice, borrowed
@@ -284,7 +261,6 @@ struct Blocks<'a> {
     a: Mat<'a>,
     b: BSource<'a>,
     n: usize,
-    scale: f32,
 }
 
 thread_local! {
@@ -312,23 +288,13 @@ impl Problem<'_> {
             a: self.a,
             b: self.b,
             n,
-            scale: self.scale,
         };
-        // A kernel's plain and scaling tiles.
-        macro_rules! tiles {
-            ($tile:ident) => {
-                Tiles {
-                    plain: $tile::<false>,
-                    scaled: $tile::<true>,
-                }
-            };
-        }
         match simd.isa() {
-            Isa::Portable => blocks.run::<4, 16>(simd, tiles!(tile_portable), parallel),
+            Isa::Portable => blocks.run::<4, 16>(simd, tile_portable, parallel),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => blocks.run::<6, 16>(simd, tiles!(tile_avx2), parallel),
+            Isa::Avx2 => blocks.run::<6, 16>(simd, tile_avx2, parallel),
             #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => blocks.run::<8, 32>(simd, tiles!(tile_avx512), parallel),
+            Isa::Avx512 => blocks.run::<8, 32>(simd, tile_avx512, parallel),
             #[cfg(not(target_arch = "x86_64"))]
             _ => unreachable!("only x86-64 lists the AVX kernels as available"),
         }
@@ -338,7 +304,7 @@ impl Problem<'_> {
 impl Blocks<'_> {
     /// Splits the output into blocks, in parallel when asked, and runs each with `MR × NR`
     /// tiles.
-    fn run<const MR: usize, const NR: usize>(&self, simd: Simd, tiles: Tiles, parallel: bool) {
+    fn run<const MR: usize, const NR: usize>(&self, simd: Simd, tile: TileFn, parallel: bool) {
         let (m, n) = (self.a.rows, self.n);
         if let BSource::Packed(b) = self.b {
             assert_eq!(nr(b.simd), NR, "packed for another kernel");
@@ -386,8 +352,8 @@ impl Blocks<'_> {
             PACKS.with(|packs| match packs.try_borrow_mut() {
                 // SAFETY: the blocks partition the output, so no two tasks write the same
                 // element.
-                Ok(mut packs) => unsafe { this.block::<MR, NR>(*block, tiles, &mut packs) },
-                Err(_) => unsafe { this.block::<MR, NR>(*block, tiles, &mut Default::default()) },
+                Ok(mut packs) => unsafe { this.block::<MR, NR>(*block, tile, &mut packs) },
+                Err(_) => unsafe { this.block::<MR, NR>(*block, tile, &mut Default::default()) },
             })
         };
         if threads > 1 && blocks.len() > 1 {
@@ -404,15 +370,12 @@ impl Blocks<'_> {
     unsafe fn block<const MR: usize, const NR: usize>(
         &self,
         block: Block,
-        tiles: Tiles,
+        tile: TileFn,
         [a_pack, b_pack, edge]: &mut [Vec<f32>; 3],
     ) {
         let (a, k, ldc) = (&self.a, self.a.cols, self.n);
         let (rows, cols) = (block.i1 - block.i0, block.j1 - block.j0);
         let (row_panels, col_panels) = (rows.div_ceil(MR), cols.div_ceil(NR));
-        // Scaling `a` in the tile costs a multiply per element and column panel; packing it,
-        // about one move per element: pack when there are several column panels to share it.
-        let pack_all = self.scale != 1.0 && self.n > NR;
         let grow = |v: &mut Vec<f32>, len: usize| {
             if v.len() < len {
                 v.resize(len, 0.0);
@@ -423,10 +386,10 @@ impl Blocks<'_> {
         grow(edge, MR * NR);
         for p0 in (0..k).step_by(KC) {
             let kc = KC.min(k - p0);
-            // Partial row panels are packed (zero-padded) whatever the rest does.
-            let first_packed = if pack_all { 0 } else { rows / MR };
+            // Only a partial row panel is packed (zero-padded).
+            let first_packed = rows / MR;
             let packed_rows = block.i0 + first_packed * MR..block.i1;
-            pack_a::<MR>(a_pack, a, packed_rows, p0..p0 + kc, self.scale);
+            pack_a::<MR>(a_pack, a, packed_rows, p0..p0 + kc);
             let b_panels: &[f32] = match self.b {
                 BSource::View(b) => {
                     pack_b::<NR>(b_pack, &b, p0..p0 + kc, block.j0..block.j1);
@@ -440,29 +403,18 @@ impl Blocks<'_> {
                 let (j, width) = (block.j0 + jp * NR, NR.min(cols - jp * NR));
                 for ip in 0..row_panels {
                     let (i, height) = (block.i0 + ip * MR, MR.min(rows - ip * MR));
-                    let (panel, tile) = if ip >= first_packed {
-                        let packed = APanel {
+                    let panel = if ip >= first_packed {
+                        APanel {
                             ptr: a_pack[(ip - first_packed) * MR * kc..].as_ptr(),
                             row: 1,
                             step: MR,
-                            scale: 1.0,
-                        };
-                        (packed, tiles.plain)
+                        }
                     } else {
-                        let direct = APanel {
+                        APanel {
                             ptr: a.data[i * a.row_stride + p0 * a.col_stride..].as_ptr(),
                             row: a.row_stride,
                             step: a.col_stride,
-                            scale: self.scale,
-                        };
-                        (
-                            direct,
-                            if self.scale == 1.0 {
-                                tiles.plain
-                            } else {
-                                tiles.scaled
-                            },
-                        )
+                        }
                     };
                     let c = self.out.0.add(i * ldc + j);
                     if height == MR && width == NR {
@@ -510,24 +462,16 @@ fn panels<const N: usize>(
         .map(move |(dst, start)| (start, N.min(end - start), dst.as_chunks_mut::<N>().0))
 }
 
-/// Packs `scale · a[rows][inner]` as panels of `MR` rows, each stored inner step by inner step
+/// Packs `a[rows][inner]` as panels of `MR` rows, each stored inner step by inner step
 /// (`MR` values a step), zero-padded to whole panels.
-fn pack_a<const MR: usize>(
-    pack: &mut [f32],
-    a: &Mat,
-    rows: Range<usize>,
-    inner: Range<usize>,
-    scale: f32,
-) {
+fn pack_a<const MR: usize>(pack: &mut [f32], a: &Mat, rows: Range<usize>, inner: Range<usize>) {
     let kc = inner.len();
     for (r0, height, steps) in panels::<MR>(pack, kc, rows) {
         if a.row_stride == 1 {
             // A transposed view: each inner step's rows are contiguous.
             for (s, step) in steps.iter_mut().enumerate() {
                 let base = (inner.start + s) * a.col_stride + r0;
-                for (v, &x) in step.iter_mut().zip(&a.data[base..base + height]) {
-                    *v = scale * x;
-                }
+                step[..height].copy_from_slice(&a.data[base..base + height]);
                 step[height..].fill(0.0);
             }
             continue;
@@ -541,11 +485,11 @@ fn pack_a<const MR: usize>(
             let src = &a.data[base..];
             if a.col_stride == 1 {
                 for (step, &v) in steps.iter_mut().zip(&src[..kc]) {
-                    step[r] = scale * v;
+                    step[r] = v;
                 }
             } else {
                 for (s, step) in steps.iter_mut().enumerate() {
-                    step[r] = scale * src[s * a.col_stride];
+                    step[r] = src[s * a.col_stride];
                 }
             }
         }
@@ -592,14 +536,7 @@ fn pack_b<const NR: usize>(pack: &mut [f32], b: &Mat, inner: Range<usize>, cols:
 ///
 /// # Safety
 /// As [`TileFn`].
-unsafe fn tile_portable<const SCALED: bool>(
-    kc: usize,
-    a: APanel,
-    b: *const f32,
-    c: *mut f32,
-    ldc: usize,
-    load: bool,
-) {
+unsafe fn tile_portable(kc: usize, a: APanel, b: *const f32, c: *mut f32, ldc: usize, load: bool) {
     const MR: usize = 4;
     const NR: usize = 16;
     let b = std::slice::from_raw_parts(b, kc * NR);
@@ -611,10 +548,7 @@ unsafe fn tile_portable<const SCALED: bool>(
     }
     for (p, b_step) in b.chunks_exact(NR).enumerate() {
         for (i, row) in acc.iter_mut().enumerate() {
-            let mut ai = *a.ptr.add(i * a.row + p * a.step);
-            if SCALED {
-                ai *= a.scale;
-            }
+            let ai = *a.ptr.add(i * a.row + p * a.step);
             for (acc, &bj) in row.iter_mut().zip(b_step) {
                 *acc = ai.mul_add(bj, *acc);
             }
@@ -629,14 +563,14 @@ unsafe fn tile_portable<const SCALED: bool>(
 /// and step: written once for both vector widths, with the width's intrinsics passed in.
 macro_rules! x86_tile {
     ($(#[$doc:meta])* $name:ident, $features:literal, $mr:literal, $lanes:literal,
-     $zero:ident, $load:ident, $store:ident, $splat:ident, $mul:ident, $fma:ident) => {
+     $zero:ident, $load:ident, $store:ident, $splat:ident, $fma:ident) => {
         $(#[$doc])*
         ///
         /// # Safety
         /// As [`TileFn`].
         #[cfg(target_arch = "x86_64")]
         #[target_feature(enable = $features)]
-        unsafe fn $name<const SCALED: bool>(
+        unsafe fn $name(
             kc: usize,
             a: APanel,
             b: *const f32,
@@ -654,17 +588,13 @@ macro_rules! x86_tile {
                     row[1] = $load(c.add(i * ldc + $lanes));
                 }
             }
-            let scale = $splat(a.scale);
             let a_rows: [*const f32; MR] = std::array::from_fn(|i| a.ptr.add(i * a.row));
             for p in 0..kc {
                 let b0 = $load(b.add(p * NR));
                 let b1 = $load(b.add(p * NR + $lanes));
                 let at = p * a.step;
                 for (row, a_row) in acc.iter_mut().zip(a_rows) {
-                    let mut ai = $splat(*a_row.add(at));
-                    if SCALED {
-                        ai = $mul(ai, scale);
-                    }
+                    let ai = $splat(*a_row.add(at));
                     row[0] = $fma(ai, b0, row[0]);
                     row[1] = $fma(ai, b1, row[1]);
                 }
@@ -680,13 +610,13 @@ macro_rules! x86_tile {
 x86_tile!(
     /// The AVX2 tile: 6 rows × 2 vectors of 8.
     tile_avx2, "avx2,fma", 6, 8,
-    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps, _mm256_mul_ps,
+    _mm256_setzero_ps, _mm256_loadu_ps, _mm256_storeu_ps, _mm256_set1_ps,
     _mm256_fmadd_ps
 );
 x86_tile!(
     /// The AVX-512 tile: 8 rows × 2 vectors of 16.
     tile_avx512, "avx512f", 8, 16,
-    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps, _mm512_mul_ps,
+    _mm512_setzero_ps, _mm512_loadu_ps, _mm512_storeu_ps, _mm512_set1_ps,
     _mm512_fmadd_ps
 );
 
@@ -713,13 +643,13 @@ mod tests {
     }
 
     /// The definition: one fused multiply-add chain per element, inner index in order.
-    fn reference(out: &mut [f32], accumulate: bool, a: Mat, b: Mat, scale: f32) {
+    fn reference(out: &mut [f32], accumulate: bool, a: Mat, b: Mat) {
         for i in 0..a.rows {
             for j in 0..b.cols {
                 let o = &mut out[i * b.cols + j];
                 let mut c = if accumulate { *o } else { 0.0 };
                 for p in 0..a.cols {
-                    c = (scale * a.at(i, p)).mul_add(b.at(p, j), c);
+                    c = a.at(i, p).mul_add(b.at(p, j), c);
                 }
                 *o = c;
             }
@@ -753,38 +683,38 @@ mod tests {
                 } else {
                     rows(&b_data, k, n)
                 };
-                for (accumulate, scale) in [(false, 1.0), (true, 1.0), (false, 0.176_776_7)] {
+                for accumulate in [false, true] {
                     let mut want = start.clone();
-                    reference(&mut want, accumulate, a, b, scale);
+                    reference(&mut want, accumulate, a, b);
                     for &simd in &extensions {
                         for parallel in [false, true] {
                             let mut got = start.clone();
-                            matmul_with(simd, &mut got, accumulate, a, b, scale, parallel);
+                            matmul_with(simd, &mut got, accumulate, a, b, parallel);
                             assert!(
                                 same_bits(&got, &want),
                                 "{} parallel={parallel} m={m} n={n} k={k} \
-                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}",
+                                 transposed=({ta},{tb}) accumulate={accumulate}",
                                 simd.name()
                             );
                         }
                         if !accumulate && simd == Simd::chosen() {
-                            let got = product(a, b, scale, true);
+                            let got = product(a, b, true);
                             assert!(
                                 same_bits(&got, &want),
-                                "product m={m} n={n} k={k} transposed=({ta},{tb}) scale={scale}"
+                                "product m={m} n={n} k={k} transposed=({ta},{tb})"
                             );
                         }
                         // Packed once, then read whole or by a prefix of its columns.
                         let packed = PackedB::with(simd, b);
                         for cols in [n, n.div_ceil(2), 1] {
                             let mut want = start[..m * cols].to_vec();
-                            reference(&mut want, accumulate, a, Mat { cols, ..b }, scale);
+                            reference(&mut want, accumulate, a, Mat { cols, ..b });
                             let mut got = start[..m * cols].to_vec();
-                            matmul_packed(&mut got, accumulate, a, &packed, cols, scale, true);
+                            matmul_packed(&mut got, accumulate, a, &packed, cols, true);
                             assert!(
                                 same_bits(&got, &want),
                                 "{} packed, {cols} of {n} columns: m={m} k={k} \
-                                 transposed=({ta},{tb}) accumulate={accumulate} scale={scale}",
+                                 transposed=({ta},{tb}) accumulate={accumulate}",
                                 simd.name()
                             );
                         }
@@ -811,7 +741,6 @@ mod tests {
                     false,
                     rows(&a, m, k),
                     rows(&b, k, n),
-                    1.0,
                     true,
                 )
             });
@@ -829,7 +758,7 @@ mod tests {
         let mut out = vec![1.5; 6];
         for (accumulate, want) in [(true, 1.5), (false, 0.0)] {
             let (a, b) = (rows(&a, 2, 0), rows(&b, 0, 3));
-            matmul_with(Simd::PORTABLE, &mut out, accumulate, a, b, 1.0, true);
+            matmul_with(Simd::PORTABLE, &mut out, accumulate, a, b, true);
             assert_eq!(out, vec![want; 6], "accumulate={accumulate}");
         }
     }

@@ -165,7 +165,6 @@ pub(super) fn weight_grad(
         true,
         rows(dy, n, out_dim).t(),
         rows(x, n, in_dim),
-        1.0,
         true,
     );
 }

@@ -49,14 +49,13 @@ impl BlockOps for TrainOps<'_> {
             accumulate,
             rows(x, x.len() / in_dim, in_dim),
             weight.t(),
-            1.0,
             true,
         );
     }
 
     fn project(&self, x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
         let weight = rows(w, w.len() / in_dim, in_dim);
-        product(rows(x, x.len() / in_dim, in_dim), weight.t(), 1.0, true)
+        product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
     }
 
     fn attention(&mut self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> (Vec<f32>, AttentionTape) {
@@ -197,13 +196,13 @@ impl NativeModel {
     /// `x · Wᵀ` for the `[out_dim, in_dim]` weight at `w`.
     fn linear(&self, x: &[f32], w: usize, out_dim: usize, in_dim: usize) -> Vec<f32> {
         let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
-        product(rows(x, x.len() / in_dim, in_dim), weight.t(), 1.0, true)
+        product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
     }
 
     /// Backward of [`NativeModel::linear`] to its input: `dx = dy · W`.
     fn input_grad(&self, dy: &[f32], w: usize, out_dim: usize, in_dim: usize) -> Vec<f32> {
         let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
-        product(rows(dy, dy.len() / out_dim, out_dim), weight, 1.0, true)
+        product(rows(dy, dy.len() / out_dim, out_dim), weight, true)
     }
 
     /// [`NativeModel::input_grad`] added into `dx`.
@@ -214,7 +213,6 @@ impl NativeModel {
             true,
             rows(dy, dy.len() / out_dim, out_dim),
             weight,
-            1.0,
             true,
         );
     }
