@@ -121,14 +121,16 @@ pub(super) fn matmul_with(
     parallel: bool,
 ) {
     assert!(b.rows == a.cols && b.fits(), "matmul shapes");
-    let problem = Problem {
-        out: as_uninit(out),
+    let n = b.cols;
+    solve(
+        as_uninit(out),
         accumulate,
         a,
-        b: BSource::View(b),
-        n: b.cols,
-    };
-    problem.solve(simd, parallel);
+        BSource::View(b),
+        n,
+        simd,
+        parallel,
+    );
 }
 
 /// `a · b` as a new row-major vector: [`matmul`] without `accumulate`, into memory that
@@ -137,14 +139,16 @@ pub(super) fn product(a: Mat, b: Mat, parallel: bool) -> Vec<f32> {
     assert!(b.rows == a.cols && b.fits(), "matmul shapes");
     let len = a.rows * b.cols;
     let mut out = Vec::with_capacity(len);
-    let problem = Problem {
-        out: &mut out.spare_capacity_mut()[..len],
-        accumulate: false,
+    let fresh = &mut out.spare_capacity_mut()[..len];
+    solve(
+        fresh,
+        false,
         a,
-        b: BSource::View(b),
-        n: b.cols,
-    };
-    problem.solve(Simd::chosen(), parallel);
+        BSource::View(b),
+        b.cols,
+        Simd::chosen(),
+        parallel,
+    );
     // SAFETY: a product that does not accumulate writes every element of `out` (the gemm test
     // starts each such product from garbage and compares every element with the definition).
     unsafe { out.set_len(len) };
@@ -162,14 +166,15 @@ pub(super) fn matmul_packed(
     parallel: bool,
 ) {
     assert!(b.rows == a.cols && cols <= b.cols, "matmul shapes");
-    let problem = Problem {
-        out: as_uninit(out),
+    solve(
+        as_uninit(out),
         accumulate,
         a,
-        b: BSource::Packed(b),
-        n: cols,
-    };
-    problem.solve(b.simd, parallel);
+        BSource::Packed(b),
+        cols,
+        b.simd,
+        parallel,
+    );
 }
 
 /// A `b` operand packed once for every product that reads it (attention's keys, which every
@@ -230,30 +235,19 @@ enum BSource<'a> {
 
 #[derive(Clone, Copy)]
 struct SendPtr(*mut f32);
-// SAFETY: tasks write disjoint blocks through it (see `Problem::run`).
+// SAFETY: tasks write disjoint blocks through it (see `Blocks::run`).
 unsafe impl Send for SendPtr {}
 unsafe impl Sync for SendPtr {}
 
-/// An initialised output seen as the possibly uninitialised memory [`Problem`] writes.
+/// An initialised output seen as the possibly uninitialised memory [`solve`] writes.
 fn as_uninit(out: &mut [f32]) -> &mut [MaybeUninit<f32>] {
-    // SAFETY: same layout; a `Problem` only ever writes initialised `f32`s through it, and reads
+    // SAFETY: same layout; `solve` only ever writes initialised `f32`s through it, and reads
     // only elements that were initialised (the caller's, when accumulating, or its own writes).
     unsafe { &mut *(out as *mut [f32] as *mut [MaybeUninit<f32>]) }
 }
 
-/// One product, as the caller gave it: `out` is initialised when `accumulate`, and may not be
-/// otherwise (every element is then written before it is read).
-struct Problem<'a> {
-    out: &'a mut [MaybeUninit<f32>],
-    accumulate: bool,
-    a: Mat<'a>,
-    b: BSource<'a>,
-    /// Columns of `out`.
-    n: usize,
-}
-
 /// A product's blocks' shared view: `out` is the caller's `a.rows × n` row-major slice, borrowed
-/// mutably for the whole call.
+/// mutably for the whole call (see [`solve`]).
 #[derive(Clone, Copy)]
 struct Blocks<'a> {
     out: SendPtr,
@@ -268,36 +262,44 @@ thread_local! {
     static PACKS: RefCell<[Vec<f32>; 3]> = const { RefCell::new([Vec::new(), Vec::new(), Vec::new()]) };
 }
 
-impl Problem<'_> {
-    /// Checks the shapes, handles the empty cases and runs the kernel's tiles.
-    fn solve(self, simd: Simd, parallel: bool) {
-        let (m, k, n) = (self.a.rows, self.a.cols, self.n);
-        assert!(self.out.len() == m * n && self.a.fits(), "matmul shapes");
-        if m == 0 || n == 0 {
-            return;
+/// One product: checks the shapes, handles the empty cases and runs `simd`'s tiles. `out` is
+/// `a.rows × n`, row-major; initialised when `accumulate`, and possibly not otherwise (every
+/// element is then written before it is read).
+fn solve(
+    out: &mut [MaybeUninit<f32>],
+    accumulate: bool,
+    a: Mat,
+    b: BSource,
+    n: usize,
+    simd: Simd,
+    parallel: bool,
+) {
+    let (m, k) = (a.rows, a.cols);
+    assert!(out.len() == m * n && a.fits(), "matmul shapes");
+    if m == 0 || n == 0 {
+        return;
+    }
+    if k == 0 {
+        if !accumulate {
+            out.fill(MaybeUninit::new(0.0));
         }
-        if k == 0 {
-            if !self.accumulate {
-                self.out.fill(MaybeUninit::new(0.0));
-            }
-            return;
-        }
-        let blocks = Blocks {
-            out: SendPtr(self.out.as_mut_ptr().cast()),
-            accumulate: self.accumulate,
-            a: self.a,
-            b: self.b,
-            n,
-        };
-        match simd.isa() {
-            Isa::Portable => blocks.run::<4, 16>(simd, tile_portable, parallel),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx2 => blocks.run::<6, 16>(simd, tile_avx2, parallel),
-            #[cfg(target_arch = "x86_64")]
-            Isa::Avx512 => blocks.run::<8, 32>(simd, tile_avx512, parallel),
-            #[cfg(not(target_arch = "x86_64"))]
-            _ => unreachable!("only x86-64 lists the AVX kernels as available"),
-        }
+        return;
+    }
+    let blocks = Blocks {
+        out: SendPtr(out.as_mut_ptr().cast()),
+        accumulate,
+        a,
+        b,
+        n,
+    };
+    match simd.isa() {
+        Isa::Portable => blocks.run::<4, 16>(simd, tile_portable, parallel),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx2 => blocks.run::<6, 16>(simd, tile_avx2, parallel),
+        #[cfg(target_arch = "x86_64")]
+        Isa::Avx512 => blocks.run::<8, 32>(simd, tile_avx512, parallel),
+        #[cfg(not(target_arch = "x86_64"))]
+        _ => unreachable!("only x86-64 lists the AVX kernels as available"),
     }
 }
 
