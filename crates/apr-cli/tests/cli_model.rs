@@ -99,13 +99,13 @@ fn training_gives_the_same_weights_with_every_vector_extension() {
     let cfg = dir.path().join("cfg.json");
     std::fs::write(&cfg, r#"{"vocab_size":57,"d_model":32,"n_layers":1,"n_heads":2,"d_ff":64,"max_seq_len":512,"rope_theta":10000.0,"norm_eps":1e-6,"init_std":0.02}"#).unwrap();
     let mut runs = Vec::new();
-    for kernel in ["portable", "avx2", "avx512"] {
-        let run = dir.path().join(kernel);
+    for simd in ["portable", "avx2", "avx512"] {
+        let run = dir.path().join(simd);
         let out = std::process::Command::new(env!("CARGO_BIN_EXE_apr"))
             .args(["train", "sft", "--data", s(&traces), "--config", s(&cfg)])
             .args(["--steps", "2", "--batch-tokens", "2048", "--context", "512"])
             .args(["--learner", "native", "--out", s(&run)])
-            .env("APR_SIMD", kernel)
+            .env("APR_SIMD", simd)
             .output()
             .unwrap();
         ok(&out);
@@ -113,7 +113,7 @@ fn training_gives_the_same_weights_with_every_vector_extension() {
         // not a separate one.
         if !String::from_utf8_lossy(&out.stderr).contains("is not available here") {
             let weights = std::fs::read(run.join("checkpoint/model.safetensors")).unwrap();
-            runs.push((kernel, weights));
+            runs.push((simd, weights));
         }
     }
     assert!(
@@ -121,10 +121,10 @@ fn training_gives_the_same_weights_with_every_vector_extension() {
         "the portable build and at least the default ran"
     );
     let (first, weights) = &runs[0];
-    for (kernel, other) in &runs[1..] {
+    for (simd, other) in &runs[1..] {
         assert!(
             other == weights,
-            "{kernel} trained other weights than {first}"
+            "{simd} trained other weights than {first}"
         );
     }
 }

@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, rows};
+use super::gemm::{matmul, product, rows};
 use crate::invariant::dot;
 use crate::simd::{multiversion, Simd};
 
@@ -148,6 +148,13 @@ pub(super) fn softmax_in_place(row: &mut [f32]) -> f32 {
         *z *= inv;
     }
     max + ln(sum)
+}
+
+/// A linear layer into a new buffer: `x · Wᵀ` for the row-major `[w.len() / in_dim, in_dim]`
+/// weight `w`.
+pub(super) fn linear(x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
+    let weight = rows(w, w.len() / in_dim, in_dim);
+    product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
 }
 
 /// Backward of a linear layer (`y = x · Wᵀ`) to its weight `W` at offset `w` of `grads`: `grads[w] += dyᵀ · x`.

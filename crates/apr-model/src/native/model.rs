@@ -9,6 +9,7 @@ use super::attention;
 use super::batch::{BatchError, PackedBatch};
 use super::block::{block_forward, BlockActs, BlockOps};
 use super::gemm::{matmul, product, rows};
+use super::kernels;
 use super::kernels::{
     exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sum_exp_shifted, swiglu_backward,
     weight_grad, zeros,
@@ -54,8 +55,7 @@ impl BlockOps for TrainOps<'_> {
     }
 
     fn project(&self, x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
-        let weight = rows(w, w.len() / in_dim, in_dim);
-        product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
+        kernels::linear(x, w, in_dim)
     }
 
     fn attention(&mut self, q: Vec<f32>, k: Vec<f32>, v: Vec<f32>) -> (Vec<f32>, AttentionTape) {
@@ -195,8 +195,7 @@ impl NativeModel {
 
     /// `x · Wᵀ` for the `[out_dim, in_dim]` weight at `w`.
     fn linear(&self, x: &[f32], w: usize, out_dim: usize, in_dim: usize) -> Vec<f32> {
-        let weight = rows(self.p(w, out_dim * in_dim), out_dim, in_dim);
-        product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
+        kernels::linear(x, self.p(w, out_dim * in_dim), in_dim)
     }
 
     /// Backward of [`NativeModel::linear`] to its input: `dx = dy · W`.
