@@ -132,7 +132,7 @@ impl<'a> Unit<'a> {
 
     /// `kᵀ` or `vᵀ` packed once: every query block reads a prefix of its columns.
     fn packed_t(&self, m: &[f32]) -> PackedB {
-        PackedB::new(rows(m, self.len(), self.hd).t())
+        PackedB::new(rows(m, self.len(), self.hd).t(), false)
     }
 
     /// A block's scratch rows, allocated once per unit: every element a product writes is

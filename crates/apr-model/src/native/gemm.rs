@@ -189,23 +189,32 @@ pub(super) struct PackedB {
 }
 
 impl PackedB {
-    /// Packs `b` for the kernel [`matmul`] uses.
-    pub(super) fn new(b: Mat) -> Self {
-        Self::with(Simd::chosen(), b)
+    /// Packs `b` for the kernel [`matmul`] uses; `parallel` as for [`matmul`].
+    pub(super) fn new(b: Mat, parallel: bool) -> Self {
+        Self::with(Simd::chosen(), b, parallel)
     }
 
-    fn with(simd: Simd, b: Mat) -> Self {
+    fn with(simd: Simd, b: Mat, parallel: bool) -> Self {
         assert!(b.fits(), "matmul shapes");
         let nr = nr(simd);
         let panels = b.cols.div_ceil(nr);
         let mut data = vec![0.0; panels * nr * b.rows];
-        for p0 in (0..b.rows).step_by(KC) {
-            let kc = KC.min(b.rows - p0);
-            let pack = &mut data[p0 * panels * nr..(p0 + kc) * panels * nr];
+        // Inner blocks are packed independently: a large `b` (a weight gradient's activations)
+        // would otherwise be copied by one thread while the pool waits.
+        let block_len = KC * panels * nr;
+        let pack = |(i, pack): (usize, &mut [f32])| {
+            let inner = i * KC..i * KC + pack.len() / (panels * nr);
             match nr {
-                16 => pack_b::<16>(pack, &b, p0..p0 + kc, 0..b.cols),
-                32 => pack_b::<32>(pack, &b, p0..p0 + kc, 0..b.cols),
+                16 => pack_b::<16>(pack, &b, inner, 0..b.cols),
+                32 => pack_b::<32>(pack, &b, inner, 0..b.cols),
                 _ => unreachable!("every kernel's NR is listed"),
+            }
+        };
+        if block_len > 0 {
+            if parallel && data.len() > block_len {
+                data.par_chunks_mut(block_len).enumerate().for_each(pack);
+            } else {
+                data.chunks_mut(block_len).enumerate().for_each(pack);
             }
         }
         PackedB {
@@ -342,7 +351,7 @@ impl Blocks<'_> {
         let packed;
         let this = match self.b {
             BSource::View(b) if m > mc => {
-                packed = PackedB::with(simd, b);
+                packed = PackedB::with(simd, b, threads > 1);
                 Blocks {
                     b: BSource::Packed(&packed),
                     ..*self
@@ -706,8 +715,11 @@ mod tests {
                                 "product m={m} n={n} k={k} transposed=({ta},{tb})"
                             );
                         }
-                        // Packed once, then read whole or by a prefix of its columns.
-                        let packed = PackedB::with(simd, b);
+                        // Packed once (by the pool or by one thread: the same panels), then
+                        // read whole or by a prefix of its columns.
+                        let packed = PackedB::with(simd, b, true);
+                        let serial = PackedB::with(simd, b, false);
+                        assert!(same_bits(&packed.data, &serial.data), "packed in parallel");
                         for cols in [n, n.div_ceil(2), 1] {
                             let mut want = start[..m * cols].to_vec();
                             reference(&mut want, accumulate, a, Mat { cols, ..b });

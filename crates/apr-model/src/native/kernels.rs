@@ -4,7 +4,7 @@
 
 use rayon::prelude::*;
 
-use super::gemm::{matmul, product, rows};
+use super::gemm::{matmul_packed, product, rows, PackedB};
 use crate::invariant::dot;
 use crate::simd::{multiversion, Simd};
 
@@ -157,23 +157,27 @@ pub(super) fn linear(x: &[f32], w: &[f32], in_dim: usize) -> Vec<f32> {
     product(rows(x, x.len() / in_dim, in_dim), weight.t(), true)
 }
 
-/// Backward of a linear layer (`y = x · Wᵀ`) to its weight `W` at offset `w` of `grads`: `grads[w] += dyᵀ · x`.
-pub(super) fn weight_grad(
+/// Backward of linear layers that read the same input (`y = x · Wᵀ`) to their weights:
+/// `grads[w..] += dyᵀ · x` for each `(w, dy, out_dim)`. `x` is packed once for all of them (q, k
+/// and v share it, as do gate and up); the bits are those of one product per layer.
+pub(super) fn weight_grads(
     grads: &mut [f32],
-    w: usize,
-    dy: &[f32],
     x: &[f32],
-    out_dim: usize,
     in_dim: usize,
+    layers: &[(usize, &[f32], usize)],
 ) {
     let n = x.len() / in_dim;
-    matmul(
-        &mut grads[w..][..out_dim * in_dim],
-        true,
-        rows(dy, n, out_dim).t(),
-        rows(x, n, in_dim),
-        true,
-    );
+    let x = PackedB::new(rows(x, n, in_dim), true);
+    for &(w, dy, out_dim) in layers {
+        matmul_packed(
+            &mut grads[w..][..out_dim * in_dim],
+            true,
+            rows(dy, n, out_dim).t(),
+            &x,
+            in_dim,
+            true,
+        );
+    }
 }
 
 /// Splits a `[n, width]` buffer into the rows of each sequence.

@@ -12,7 +12,7 @@ use super::gemm::{matmul, product, rows};
 use super::kernels;
 use super::kernels::{
     exp, ln, max_of, rms_backward, rms_forward, rope_rotate, sum_exp_shifted, swiglu_backward,
-    weight_grad, zeros,
+    weight_grads, zeros,
 };
 use super::layout::Layout;
 use crate::config::ModelConfig;
@@ -296,7 +296,7 @@ impl NativeModel {
                 }
                 row[t as usize] += g;
             });
-        weight_grad(grads, self.layout.head, &dlogits, &fwd.xn_final, v, d);
+        weight_grads(grads, &fwd.xn_final, d, &[(self.layout.head, &dlogits, v)]);
         let dxn = self.input_grad(&dlogits, self.layout.head, v, d);
         drop(dlogits);
         let mut dx = zeros(n * d);
@@ -312,14 +312,18 @@ impl NativeModel {
 
         for (o, t) in self.layout.blocks.iter().zip(fwd.blocks).rev() {
             // MLP branch: x_next = x_mid + down(silu(gate) · up).
-            weight_grad(grads, o.down, &dx, &t.acts.hidden, d, f);
+            weight_grads(grads, &t.acts.hidden, f, &[(o.down, &dx, d)]);
             let d_hidden = self.input_grad(&dx, o.down, d, f);
             drop(t.acts.hidden);
             let mut d_gate = t.acts.gate;
             let mut d_up = t.acts.up;
             swiglu_backward(&mut d_gate, &mut d_up, &d_hidden, f);
-            weight_grad(grads, o.gate, &d_gate, &t.acts.xn2, f, d);
-            weight_grad(grads, o.up, &d_up, &t.acts.xn2, f, d);
+            weight_grads(
+                grads,
+                &t.acts.xn2,
+                d,
+                &[(o.gate, &d_gate, f), (o.up, &d_up, f)],
+            );
             let mut dxn2 = self.input_grad(&d_gate, o.gate, f, d);
             self.add_input_grad(&mut dxn2, &d_up, o.up, f, d);
             rms_backward(
@@ -333,7 +337,7 @@ impl NativeModel {
             );
 
             // Attention branch: x_mid = x + o_proj(attention(q, k, v)).
-            weight_grad(grads, o.o, &dx, &t.acts.att, d, d);
+            weight_grads(grads, &t.acts.att, d, &[(o.o, &dx, d)]);
             let d_att = self.input_grad(&dx, o.o, d, d);
             let d_att = self.split_heads(&d_att, &fwd.positions, false);
             let att = self.split_heads(&t.acts.att, &fwd.positions, false);
@@ -354,9 +358,8 @@ impl NativeModel {
             let mut dxn1 = self.input_grad(&dq, o.q, d, d);
             self.add_input_grad(&mut dxn1, &dk, o.k, d, d);
             self.add_input_grad(&mut dxn1, &dv, o.v, d, d);
-            for (w, dy) in [(o.q, &dq), (o.k, &dk), (o.v, &dv)] {
-                weight_grad(grads, w, dy, &t.acts.xn1, d, d);
-            }
+            let qkv = [(o.q, &dq[..], d), (o.k, &dk[..], d), (o.v, &dv[..], d)];
+            weight_grads(grads, &t.acts.xn1, d, &qkv);
             rms_backward(
                 &t.acts.x,
                 &t.acts.inv_rms1,
